@@ -1,0 +1,287 @@
+"""The ``cxr-mq`` command line.
+
+Settings come from flags, then ``CXR_MQ_*`` environment variables, then a TOML file
+(``--config``). Configuration and input errors print one line naming the key or file and
+exit with code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, Settings, load_settings, validate_hospital_id
+
+EXIT_USAGE = 2
+
+
+class Context:
+    def __init__(self, config_path, log_level, log_format):
+        self.config_path, self.log_level, self.log_format = config_path, log_level, log_format
+
+    def settings(self, **flags) -> Settings:
+        settings = load_settings(flags={"log_level": self.log_level, "log_format": self.log_format,
+                                        **flags}, config_path=self.config_path)
+        from .log import configure_logging
+        configure_logging(settings.log_level, settings.log_format)
+        return settings
+
+
+def _fail(message: str, code: int = EXIT_USAGE):
+    click.echo(f"cxr-mq: error: {message}", err=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    """Turn the errors a user can fix into one line and exit code 2."""
+
+    def invoke(self, ctx):
+        from .crypto import CodecError
+        from .data import DataError
+        from .storage.base import StoreError
+        from .transport.base import TransportError
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            _fail(str(exc))
+        except DataError as exc:
+            _fail(str(exc))
+        except CodecError as exc:
+            _fail(f"crypto: {exc}")
+        except StoreError as exc:
+            _fail(f"store: {exc}", 1)
+        except TransportError as exc:
+            _fail(f"broker: {exc}", 1)
+
+
+@click.group(cls=_Group)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML settings file (default: $CXR_MQ_CONFIG or /etc/cxr-mq/config.toml).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+@click.option("--log-format", type=click.Choice(["json", "console"]), default=None)
+@click.pass_context
+def main(ctx, config_path, log_level, log_format):
+    """Privacy-preserving federated learning for chest X-rays over RabbitMQ and S3."""
+    ctx.obj = Context(config_path, log_level, log_format)
+
+
+# -- keys -------------------------------------------------------------------------------------
+@main.group()
+def keys():
+    """Key authority: create the CKKS contexts."""
+
+
+@keys.command("init")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for secret.ctx (hospitals only) and public.ctx.")
+@click.option("--profile", type=click.Choice(["compact", "seed"]), default=None,
+              help="Codec profile (default: compact).")
+@click.option("--upload/--no-upload", default=True,
+              help="Upload the public context to the bucket (keys/public-context).")
+@click.option("--force", is_flag=True, help="Overwrite existing key files.")
+@click.pass_obj
+def keys_init(obj: Context, out_dir, profile, upload, force):
+    """Create a key pair: DIR/secret.ctx and DIR/public.ctx, and publish the public one."""
+    from . import crypto
+    from .runtime import make_store
+
+    settings = obj.settings(codec_profile=profile)
+    out = Path(out_dir)
+    secret_path, public_path = out / "secret.ctx", out / "public.ctx"
+    if not force and (secret_path.exists() or public_path.exists()):
+        _fail(f"{out}: key files exist already (use --force to replace them)")
+    store = make_store(settings) if upload else None
+    pair = crypto.generate_keys(settings.codec_profile)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pair.secret)
+    public_path.write_bytes(pair.public)
+    codec = crypto.load_context(pair.public)
+    result = {"secret_context": str(secret_path), "public_context": str(public_path),
+              "profile": codec.profile, "fingerprint": codec.fingerprint}
+    if store is not None:
+        info = store.put_bytes(settings.public_context_key, pair.public)
+        result["uploaded"] = f"{settings.public_context_key} sha256={info.sha256}"
+    click.echo(json.dumps(result, indent=1))
+
+
+# -- workers ----------------------------------------------------------------------------------
+def _serve_metrics(port):
+    if port:
+        from prometheus_client import start_http_server
+        start_http_server(port, addr="127.0.0.1")
+
+
+@main.command()
+@click.option("--id", "hospital_id", required=True, help="This hospital's id (letters, digits, - and _).")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="COVIDx-format directory: a label file and the images.")
+@click.option("--secret-context", type=click.Path(dir_okay=False), default=None,
+              help="Path of the secret CKKS context (or CXR_MQ_SECRET_CONTEXT).")
+@click.option("--skip-bad", is_flag=True, help="Skip malformed label lines and missing images.")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.pass_obj
+def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port):
+    """Run a hospital worker (long-running)."""
+    from workers.hospital import HospitalWorker
+
+    from .runtime import load_secret_codec, make_broker, make_store
+
+    validate_hospital_id(hospital_id)
+    settings = obj.settings(secret_context=secret_context)
+    codec = load_secret_codec(settings)
+    store, broker = make_store(settings), make_broker(settings.require("amqp_url"))
+    _serve_metrics(metrics_port)
+    worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
+                            skip_bad=skip_bad)
+    worker.install_signal_handlers()
+    try:
+        worker.run()
+    finally:
+        broker.close()
+
+
+@main.command()
+@click.option("--public-context", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Public CKKS context file (default: keys/public-context from the bucket).")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.pass_obj
+def aggregator(obj: Context, public_context, metrics_port):
+    """Run the aggregator worker (long-running; public context only)."""
+    from workers.aggregator import AggregatorWorker
+
+    from .runtime import load_public_codec, make_broker, make_store
+
+    settings = obj.settings()
+    store = make_store(settings)
+    codec = load_public_codec(store, settings, public_context)
+    broker = make_broker(settings.require("amqp_url"))
+    _serve_metrics(metrics_port)
+    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals)
+    worker.install_signal_handlers()
+    try:
+        worker.run()
+    finally:
+        broker.close()
+
+
+# -- controller -------------------------------------------------------------------------------
+def _training_options(f):
+    for option in reversed([
+        click.option("--model", default="small-cnn", show_default=True, help="Model name."),
+        click.option("--image-size", type=int, default=64, show_default=True),
+        click.option("--classes", type=click.Choice(["binary", "3class"]), default="binary",
+                     show_default=True),
+        click.option("--epochs", type=int, default=1, show_default=True),
+        click.option("--lr", type=float, default=1e-3, show_default=True),
+        click.option("--batch-size", type=int, default=16, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]):
+        f = option(f)
+    return f
+
+
+@main.command("start-round")
+@click.option("--quorum", type=int, default=None,
+              help="Updates that complete the round (default: number of configured hospitals, or 1).")
+@click.option("--min-clients", type=int, default=None,
+              help="Fewest updates accepted at the deadline (default: the quorum).")
+@click.option("--deadline", type=float, default=3600.0, show_default=True,
+              help="Seconds the aggregator waits for the quorum.")
+@click.option("--hospital", "hospitals", multiple=True,
+              help="Expected participant (repeatable; default: the configured hospitals).")
+@_training_options
+@click.option("--wait", is_flag=True, help="Block until the round completes or aborts.")
+@click.option("--timeout", type=float, default=None,
+              help="With --wait: give up after this many seconds (default: deadline + 60).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
+                epochs, lr, batch_size, seed, wait, timeout, as_json):
+    """Open a round: write its record and publish round_start."""
+    from . import controller, training
+    from .runtime import load_public_codec, make_broker, make_store
+
+    settings = obj.settings(hospitals=tuple(hospitals) or None)
+    try:
+        params = training.TrainingParams(model=model, image_size=image_size, classes=classes,
+                                         epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    except ValueError as exc:
+        _fail(str(exc))
+    quorum = quorum or max(1, len(settings.hospitals))
+    request = controller.RoundRequest(quorum=quorum, min_clients=min_clients or quorum,
+                                      deadline_seconds=deadline, training=params,
+                                      hospitals=settings.hospitals)
+    if request.min_clients > request.quorum or request.quorum < 1 or deadline <= 0:
+        _fail("--min-clients must be between 1 and --quorum, and --deadline positive")
+    store = make_store(settings)
+    codec = load_public_codec(store, settings)
+    with make_broker(settings.require("amqp_url")) as broker:
+        broker.declare_topology(settings.hospitals)
+        queue = broker.temporary_queue(["model_ready", "round_aborted"]) if wait else None
+        start = controller.open_round(broker, store, codec, request)
+        if not wait:
+            result = {"round": start["round"], "status": "started",
+                      "base_model_key": start["base_model_key"]}
+            click.echo(json.dumps(result) if as_json else f"round {start['round']} started")
+            return
+        try:
+            outcome = controller.wait_for_round(broker, queue, start["round"],
+                                                timeout or deadline + 60)
+        except controller.RoundTimeout as exc:
+            _fail(str(exc), 1)
+    result = controller.round_result(start, outcome)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"round {result['round']}: {result['status']}; contributors "
+                   f"{', '.join(result['contributors']) or '-'}; samples {result['total_samples']}"
+                   + (f"; reason: {result['reason']}" if result["reason"] else ""))
+    sys.exit(0 if result["status"] == "complete" else 1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def status(obj: Context, as_json):
+    """List rounds with their state, contributors and refusals."""
+    from . import controller
+    from .runtime import make_store
+
+    rows = controller.status(make_store(obj.settings()))
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo("no rounds yet")
+    for row in rows:
+        click.echo(f"round {row['round']:>4}  {row['state']:<9} contributors: "
+                   f"{', '.join(row['contributors']) or '-'}  samples: {row['total_samples']}"
+                   + (f"  reason: {row['reason']}" if row["reason"] else ""))
+        for refusal in row["refused"]:
+            click.echo(f"      refused {refusal['hospital']}: {refusal['reason']}")
+
+
+# -- data -------------------------------------------------------------------------------------
+@main.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--n", "n", type=int, default=200, show_default=True, help="Number of images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--classes", type=click.Choice(["binary", "3class"]), default="binary", show_default=True)
+@click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels.")
+def synth(out_dir, n, seed, classes, size):
+    """Write a COVIDx-format directory of synthetic chest X-rays."""
+    from .synth import write_synthetic
+
+    if n < 1 or size < 16:
+        _fail("--n must be at least 1 and --size at least 16")
+    label_file = write_synthetic(out_dir, n=n, seed=seed, classes=classes, size=size)
+    click.echo(str(label_file))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,141 @@
+"""Settings: CLI flags, then environment (``CXR_MQ_*``), then an optional TOML file.
+
+Secrets (credentials, the AMQP password inside the URL) are read from the environment or
+the file only, never from flags. A missing or invalid setting raises :class:`ConfigError`
+naming the key; the CLI turns it into a one-line message and exit code 2.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Mapping
+
+ENV_PREFIX = "CXR_MQ_"
+DEFAULT_CONFIG_PATH = Path("/etc/cxr-mq/config.toml")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,62}$")
+
+
+class ConfigError(Exception):
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Settings:
+    amqp_url: str | None = None
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    kms_key_id: str | None = None
+    secret_context: str | None = None
+    aws_region: str | None = None
+    namespace: str = "cxr"
+    hospitals: tuple[str, ...] = ()
+    public_context_key: str = "keys/public-context"
+    codec_profile: str = "compact"
+    log_level: str = "info"
+    log_format: str = "json"
+    work_dir: str = field(default_factory=lambda: str(Path.home() / ".cxr-mq"))
+
+    # -- requirements, checked by the commands that need them ------------------------------
+    def require(self, *names: str) -> "Settings":
+        for name in names:
+            if getattr(self, name) in (None, "", ()):
+                raise ConfigError(env_name(name), "is required but not set "
+                                  f"(set {env_name(name)} or '{name}' in the config file)")
+        return self
+
+    def secret_context_path(self) -> Path:
+        self.require("secret_context")
+        path = Path(self.secret_context)
+        if not path.is_file():
+            raise ConfigError(env_name("secret_context"), f"no such file: {path}")
+        return path
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _split_list(value) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+def _validate(s: Settings) -> Settings:
+    if s.amqp_url and not re.match(r"^amqps?://", s.amqp_url):
+        raise ConfigError(env_name("amqp_url"), f"must start with amqp:// or amqps://, got {_redact(s.amqp_url)!r}")
+    if s.s3_endpoint_url and not re.match(r"^https?://[^/]+", s.s3_endpoint_url):
+        raise ConfigError(env_name("s3_endpoint_url"), f"must be an http(s) URL, got {s.s3_endpoint_url!r}")
+    if s.s3_bucket and not _BUCKET_RE.match(s.s3_bucket):
+        raise ConfigError(env_name("s3_bucket"), f"is not a valid S3 bucket name: {s.s3_bucket!r}")
+    if not _ID_RE.match(s.namespace):
+        raise ConfigError(env_name("namespace"), f"must be letters, digits, '-' or '_', got {s.namespace!r}")
+    for hospital in s.hospitals:
+        if not _ID_RE.match(hospital):
+            raise ConfigError(env_name("hospitals"), f"invalid hospital id {hospital!r}")
+    if s.codec_profile not in ("seed", "compact"):
+        raise ConfigError(env_name("codec_profile"), f"must be 'seed' or 'compact', got {s.codec_profile!r}")
+    if s.log_format not in ("json", "console"):
+        raise ConfigError(env_name("log_format"), f"must be 'json' or 'console', got {s.log_format!r}")
+    if s.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(env_name("log_level"), f"must be debug, info, warning or error, got {s.log_level!r}")
+    return s
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):([^@]+)@", r"//\1:***@", url)
+
+
+def validate_hospital_id(hospital_id: str) -> str:
+    if not _ID_RE.match(hospital_id or ""):
+        raise ConfigError("--id", f"invalid hospital id {hospital_id!r} (letters, digits, '-', '_')")
+    return hospital_id
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    data = data.get("cxr_mq", data)
+    known = {f.name for f in fields(Settings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError("--config", f"{path}: unknown key(s) {', '.join(unknown)}")
+    return data
+
+
+def load_settings(flags: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None,
+                  config_path: str | Path | None = None) -> Settings:
+    """Merge the three sources, highest precedence first: flags, environment, TOML file."""
+    env = os.environ if env is None else env
+    path = config_path or env.get(ENV_PREFIX + "CONFIG")
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    values: dict[str, object] = _read_toml(Path(path)) if path else {}
+    for f in fields(Settings):
+        if env.get(env_name(f.name)):
+            values[f.name] = env[env_name(f.name)]
+    if not values.get("aws_region"):
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if region:
+            values["aws_region"] = region
+    for name, value in (flags or {}).items():
+        if value not in (None, ()):
+            values[name] = value
+    if "hospitals" in values:
+        values["hospitals"] = _split_list(values["hospitals"])
+    for key, value in values.items():
+        if key != "hospitals" and value is not None and not isinstance(value, str):
+            raise ConfigError(env_name(key), f"must be a string, got {type(value).__name__}")
+    return _validate(replace(Settings(), **values))

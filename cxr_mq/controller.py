@@ -1,0 +1,132 @@
+"""The round controller: opens rounds and reports on them. It holds no secret key.
+
+``start_round`` writes the round record, then publishes ``round_start``; with ``wait`` it
+listens (on a queue declared before publishing, so nothing is missed) for the round's
+``model_ready`` or ``round_aborted``.
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import messages, rounds, training
+from .log import get_logger
+from .rounds import ABORTED, COMPLETE, RoundState
+from .storage.base import ObjectStore
+from .transport.base import Broker
+
+
+class RoundTimeout(Exception):
+    pass
+
+
+@dataclass
+class RoundRequest:
+    quorum: int
+    min_clients: int
+    deadline_seconds: float
+    training: training.TrainingParams
+    hospitals: tuple[str, ...] = ()
+
+
+def latest_complete(store: ObjectStore) -> RoundState | None:
+    for round_no in reversed(rounds.list_rounds(store)):
+        state = RoundState.load(store, round_no)
+        if state is not None and state.status == COMPLETE:
+            return state
+    return None
+
+
+def _initial_model(store: ObjectStore, round_no: int, params: training.TrainingParams):
+    weights = training.flat_weights(training.build_model(params)).astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, weights, allow_pickle=False)
+    info = store.put_bytes(rounds.base_key(round_no), buf.getvalue())
+    return info, int(weights.size)
+
+
+def open_round(broker: Broker, store: ObjectStore, codec, request: RoundRequest,
+               clock=time.time) -> dict:
+    """Write the round record and publish ``round_start``; returns the message."""
+    if request.min_clients > request.quorum:
+        raise ValueError(f"--min-clients ({request.min_clients}) cannot exceed --quorum ({request.quorum})")
+    existing = rounds.list_rounds(store)
+    round_no = (existing[-1] + 1) if existing else 1
+    base = latest_complete(store)
+    if base is None:
+        info, n_params = _initial_model(store, round_no, request.training)
+        base_fields = {"base_model_key": info.key, "base_model_sha256": info.sha256,
+                       "base_model_encrypted": False, "base_total_samples": 0}
+    else:
+        n_params = base.n_params
+        base_fields = {"base_model_key": base.model_key, "base_model_sha256": base.model_sha256,
+                       "base_model_encrypted": True, "base_total_samples": base.total_samples}
+    now = clock()
+    message = messages.make(
+        "round_start", round=round_no, **base_fields, quorum=request.quorum,
+        min_clients=request.min_clients, deadline=now + request.deadline_seconds,
+        training=request.training.to_dict(), key_fingerprint=codec.fingerprint,
+        codec_profile=codec.profile, n_params=n_params, hospitals=list(request.hospitals),
+        issued_at=now)
+    rounds.write_json(store, rounds.round_key(round_no), message)
+    broker.publish("round_start", messages.encode(message), message_id=f"round_start:{round_no}")
+    get_logger(role="controller").info("round_started", round=round_no,
+                                       base_model_key=base_fields["base_model_key"])
+    return message
+
+
+def wait_for_round(broker: Broker, queue: str, round_no: int, timeout: float) -> dict:
+    """Block until the round's ``model_ready`` or ``round_aborted`` arrives on ``queue``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        delivery = broker.get(queue, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        if delivery is None:
+            continue
+        try:
+            message = messages.decode(delivery.body)
+        except messages.MessageError:
+            continue
+        if message.get("round") == round_no:
+            return message
+    raise RoundTimeout(f"round {round_no}: no model_ready or round_aborted within {timeout:.0f}s")
+
+
+def round_result(start: dict, outcome: dict) -> dict:
+    complete = outcome["schema"] == "model_ready"
+    return {
+        "round": start["round"],
+        "status": COMPLETE if complete else ABORTED,
+        "contributors": outcome.get("contributors", []),
+        "total_samples": outcome.get("total_samples", 0),
+        "base_model_key": start["base_model_key"],
+        "model_key": outcome.get("key") if complete else None,
+        "model_sha256": outcome.get("sha256") if complete else None,
+        "reason": None if complete else outcome.get("reason"),
+        "metrics": outcome.get("metrics", {}),
+    }
+
+
+def status(store: ObjectStore) -> list[dict]:
+    """Every round with its state, contributors, refusals and timings."""
+    rows = []
+    for round_no in rounds.list_rounds(store):
+        record = rounds.read_json(store, rounds.round_key(round_no)) or {}
+        state = RoundState.load(store, round_no)
+        rows.append({
+            "round": round_no,
+            "state": state.status if state else "started",
+            "quorum": record.get("quorum"), "min_clients": record.get("min_clients"),
+            "deadline": record.get("deadline"),
+            "contributors": state.contributors if state else [],
+            "total_samples": state.total_samples if state else 0,
+            "refused": state.refused if state else [],
+            "reason": state.reason if state else None,
+            "model_key": state.model_key if state else None,
+            "timings": state.timings if state else {},
+            "issued_at": record.get("issued_at"),
+            "finished_at": state.finished_at if state else None,
+        })
+    return rows

@@ -1,0 +1,124 @@
+"""Where a round lives in the object store, and the aggregator's durable record of it.
+
+Layout (``<r>`` is the round number, zero-padded so keys sort by round):
+
+- ``keys/public-context``: the public CKKS context (no secret key)
+- ``rounds/<r>/round``: the round record (the ``round_start`` message, JSON)
+- ``rounds/<r>/base``: round 1 only: the plaintext initial model (float32 ``.npy``)
+- ``rounds/<r>/updates/<hospital>``: a hospital's encrypted, sample-weighted update
+- ``rounds/<r>/updates/<hospital>.msg``: the ``update_ready`` message for it, so a hospital
+  restarted after uploading republishes the same update instead of training a different one
+- ``rounds/<r>/state``: the aggregator's record (accepted and refused updates, outcome)
+- ``rounds/<r>/aggregate``: the encrypted sum of the accepted updates
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+from .storage.base import ObjectNotFound, ObjectStore
+
+OPEN, COMPLETE, ABORTED = "open", "complete", "aborted"
+_ROUND_KEY = re.compile(r"^rounds/(\d+)/round$")
+
+
+def round_prefix(round_no: int) -> str:
+    return f"rounds/{round_no:06d}"
+
+
+def round_key(round_no: int) -> str:
+    return f"{round_prefix(round_no)}/round"
+
+
+def base_key(round_no: int) -> str:
+    return f"{round_prefix(round_no)}/base"
+
+
+def update_key(round_no: int, hospital: str) -> str:
+    return f"{round_prefix(round_no)}/updates/{hospital}"
+
+
+def update_message_key(round_no: int, hospital: str) -> str:
+    return update_key(round_no, hospital) + ".msg"
+
+
+def state_key(round_no: int) -> str:
+    return f"{round_prefix(round_no)}/state"
+
+
+def aggregate_key(round_no: int) -> str:
+    return f"{round_prefix(round_no)}/aggregate"
+
+
+def list_rounds(store: ObjectStore) -> list[int]:
+    numbers = []
+    for key in store.list("rounds/"):
+        match = _ROUND_KEY.match(key)
+        if match:
+            numbers.append(int(match.group(1)))
+    return sorted(numbers)
+
+
+def read_json(store: ObjectStore, key: str) -> dict | None:
+    try:
+        return json.loads(store.get_bytes(key))
+    except ObjectNotFound:
+        return None
+
+
+def write_json(store: ObjectStore, key: str, value: dict):
+    return store.put_bytes(key, json.dumps(value, sort_keys=True, indent=1).encode())
+
+
+@dataclass
+class RoundState:
+    """The aggregator's durable record of one round; written before any message is acked."""
+
+    round: int
+    quorum: int
+    min_clients: int
+    deadline: float
+    n_params: int
+    key_fingerprint: str
+    hospitals: list[str] = field(default_factory=list)
+    status: str = OPEN
+    accepted: list[dict] = field(default_factory=list)
+    refused: list[dict] = field(default_factory=list)
+    opened_at: float = 0.0
+    finished_at: float | None = None
+    reason: str | None = None
+    model_key: str | None = None
+    model_sha256: str | None = None
+    total_samples: int = 0
+    announced: bool = False
+    timings: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_round_start(cls, msg: dict, now: float) -> "RoundState":
+        return cls(round=msg["round"], quorum=msg["quorum"], min_clients=msg["min_clients"],
+                   deadline=msg["deadline"], n_params=msg["n_params"],
+                   key_fingerprint=msg["key_fingerprint"], hospitals=list(msg.get("hospitals", [])),
+                   opened_at=now)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RoundState":
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def accepted_from(self, hospital: str) -> dict | None:
+        return next((a for a in self.accepted if a["hospital"] == hospital), None)
+
+    @property
+    def contributors(self) -> list[str]:
+        return sorted(a["hospital"] for a in self.accepted)
+
+    def save(self, store: ObjectStore) -> None:
+        write_json(store, state_key(self.round), self.to_dict())
+
+    @classmethod
+    def load(cls, store: ObjectStore, round_no: int) -> "RoundState | None":
+        data = read_json(store, state_key(round_no))
+        return None if data is None else cls.from_dict(data)

@@ -1,0 +1,48 @@
+"""Build the broker, store and codec a command needs from its settings."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import crypto
+from .config import ConfigError, Settings, env_name
+from .storage.base import ObjectNotFound, ObjectStore
+from .transport.base import Broker, Topology
+
+
+def make_store(settings: Settings) -> ObjectStore:
+    from .storage.s3 import S3Store
+
+    settings.require("s3_bucket", "kms_key_id")
+    return S3Store(bucket=settings.s3_bucket, kms_key_id=settings.kms_key_id,
+                   endpoint_url=settings.s3_endpoint_url, region=settings.aws_region)
+
+
+def make_broker(settings: Settings) -> Broker:
+    from .transport.rabbitmq import RabbitMQBroker
+
+    settings.require("amqp_url")
+    return RabbitMQBroker(settings.amqp_url, Topology(settings.namespace))
+
+
+def load_public_codec(store: ObjectStore, settings: Settings, path: str | None = None):
+    """The aggregator's context: public only, from a file or from the store; a context that
+    holds a secret key is refused."""
+    if path:
+        codec = crypto.load_context_file(path)
+    else:
+        try:
+            codec = crypto.load_context(store.get_bytes(settings.public_context_key))
+        except ObjectNotFound:
+            raise ConfigError(env_name("public_context_key"),
+                              f"no public context at {settings.public_context_key!r} in the store "
+                              "(run 'cxr-mq keys init' first)") from None
+    codec.require_public_only()
+    return codec
+
+
+def load_secret_codec(settings: Settings, path: str | Path | None = None):
+    target = Path(path) if path else settings.secret_context_path()
+    codec = crypto.load_context_file(target)
+    if not codec.has_secret_key:
+        raise ConfigError(env_name("secret_context"), f"{target} holds no secret key")
+    return codec

@@ -1,0 +1,157 @@
+"""What a hospital does with a round: build the named model, load the global weights, train
+on local data, evaluate on the local validation split. The interface the workers use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from . import metrics
+from .data import CLASS_SETS, DataError, LocalData, class_names, make_dataset
+from .model import MIN_IMAGE_SIZE, MODELS
+from .model import build as _build
+from .model import flat_weights, load_flat_weights
+
+__all__ = [
+    "TrainingParams", "class_names", "build_model", "flat_weights", "load_flat_weights",
+    "LocalData", "DataError", "train_local", "evaluate", "predict_proba",
+]
+
+BALANCE_MODES = ("none", "weights", "resample")
+
+
+@dataclass(frozen=True)
+class TrainingParams:
+    model: str = "small-cnn"  # name; every hospital builds the same graph from it
+    image_size: int = 64
+    classes: str = "binary"  # "binary" (negative/positive) or "3class" (normal/pneumonia/COVID-19)
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    width: float = 1.0  # channel multiplier (covidnet-s, small-cnn, mobilenetv2 alpha)
+    depth: int = 1  # module-count multiplier (covidnet-s, small-cnn)
+    augment: bool = True  # COVID-Net's training augmentation
+    balance: str = "weights"  # "none", "weights" (class weights) or "resample" (balanced batches)
+
+    def __post_init__(self):
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name, why):
+            raise ValueError(f"training parameter {name!r} {why}, got {getattr(self, name)!r}")
+
+        if self.model not in MODELS:
+            bad("model", f"must be one of {', '.join(MODELS)}")
+        if self.classes not in CLASS_SETS:
+            bad("classes", f"must be one of {', '.join(CLASS_SETS)}")
+        if self.balance not in BALANCE_MODES:
+            bad("balance", f"must be one of {', '.join(BALANCE_MODES)}")
+        for name, lo in (("image_size", MIN_IMAGE_SIZE[self.model]), ("epochs", 1),
+                         ("batch_size", 1), ("seed", 0), ("depth", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                bad(name, f"must be an integer >= {lo}")
+        if self.image_size > 1024:
+            bad("image_size", "must be at most 1024")
+        for name in ("lr", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < 1e3):
+                bad(name, "must be a positive number")
+        if not isinstance(self.augment, bool):
+            bad("augment", "must be a boolean")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainingParams":
+        """Build from a message dict: unknown keys are ignored, values validated (ValueError
+        naming the field). Integral floats (JSON round trips) are accepted for int fields."""
+        if not isinstance(d, dict):
+            raise ValueError(f"training parameters must be a mapping, got {type(d).__name__}")
+        kwargs = {}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            value = d[f.name]
+            if f.type in ("int", int) and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if f.type in ("float", float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+def build_model(params: TrainingParams):
+    """The named model with deterministic initial weights from ``params.seed``."""
+    n_classes = len(class_names(params.classes))
+    return _build(params.model, params.image_size, n_classes, seed=params.seed,
+                  width=params.width, depth=params.depth)
+
+
+def _compile(model, params: TrainingParams) -> None:
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=params.lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def train_local(model, data: LocalData, params: TrainingParams, *, round_seed: int = 0, verbose: int = 0) -> dict:
+    """Train ``params.epochs`` epochs on the local training split with a fresh optimizer (the
+    FedAvg client step). Returns the last epoch's {"loss", "accuracy"} as floats.
+
+    ``round_seed`` varies shuffling and augmentation between rounds deterministically.
+    """
+    if data.n_train == 0:
+        raise DataError("no training samples")
+    if data.image_size != params.image_size or data.classes != class_names(params.classes):
+        raise ValueError(
+            f"data was prepared for {data.image_size}px {data.classes} but params ask for "
+            f"{params.image_size}px {class_names(params.classes)}"
+        )
+    seed = int(params.seed) * 1_000_003 + int(round_seed)
+    ds = make_dataset(
+        data.x_train, data.y_train, batch_size=params.batch_size, training=True, seed=seed,
+        augment=params.augment, resample=params.balance == "resample",
+    )
+    weights = None
+    if params.balance == "weights":
+        from .data import class_weights
+
+        weights = class_weights(data.y_train, len(data.classes))
+    _compile(model, params)
+    history = model.fit(ds, epochs=params.epochs, class_weight=weights, verbose=verbose, shuffle=False)
+    return {
+        "loss": float(history.history["loss"][-1]),
+        "accuracy": float(history.history["accuracy"][-1]),
+    }
+
+
+def predict_proba(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, n_classes) for float images in [0,1] (N,S,S,1) or uint8."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    if images.ndim == 3:
+        images = images[..., None]
+    n_classes = int(model.outputs[0].shape[-1])
+    if len(images) == 0:
+        return np.zeros((0, n_classes), dtype=np.float32)
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].astype(np.float32)
+        out.append(np.asarray(model(batch, training=False)))
+    return np.concatenate(out).astype(np.float32)
+
+
+def evaluate(model, data: LocalData) -> dict:
+    """Metrics on the validation split (see cxr_mq.metrics.compute): accuracy, auc,
+    per-class sensitivity/ppv, confusion_matrix, n, sensitivity_positive, ppv_positive."""
+    proba = predict_proba(model, data.x_val)
+    return metrics.compute(data.y_val, proba, data.classes)

@@ -1,0 +1,284 @@
+"""RabbitMQ transport over pika: the one place for connect, confirm, ack, retry and dead-letter.
+
+Queues are quorum queues (replicated, durable, with a delivery limit that dead-letters a
+poison message instead of redelivering it for ever); messages are persistent and published
+with confirms and ``mandatory`` so an unroutable message is an error, not a silent loss.
+Handlers are acked only after they return, i.e. after their work is durable.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Iterable
+
+import pika
+import pika.exceptions as pex
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+from ..log import get_logger
+from .base import (AGGREGATOR_BINDINGS, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER, Broker,
+                   Delivery, Handler, Refuse, Requeue, Topology, TransportError)
+
+CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.ConnectionClosed, pex.StreamLostError,
+                     pex.ChannelClosed, pex.ChannelWrongStateError, ConnectionError, OSError)
+PERMANENT_CHANNEL_CODES = (403, 404, 405, 406)  # access refused, not found, locked, precondition
+DELIVERY_LIMIT = 100
+HANDLER_ERROR_BACKOFF = 2.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection trouble is retried; a broker's refusal (404, 406, bad credentials) is not."""
+    if isinstance(exc, (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError,
+                        pex.AuthenticationError)):
+        return False
+    if isinstance(exc, pex.ChannelClosedByBroker) and exc.reply_code in PERMANENT_CHANNEL_CODES:
+        return False
+    return isinstance(exc, CONNECTION_ERRORS)
+
+
+class RabbitMQBroker(Broker):
+    def __init__(self, url: str, topology: Topology | None = None, heartbeat: int = 30,
+                 reconnect_for: float = 600.0, max_backoff: float = 15.0):
+        self.topology = topology or Topology()
+        self._params = pika.URLParameters(url)
+        self._params.heartbeat = heartbeat
+        self._params.blocked_connection_timeout = 60
+        self._params.connection_attempts = 1
+        self._reconnect_for = reconnect_for
+        self._max_backoff = max_backoff
+        self._hospitals: set[str] = set()
+        self._topology_declared = False
+        self._consumers: dict[str, tuple[Handler, int]] = {}
+        self._temporary: dict[str, tuple[str, ...]] = {}
+        self._conn: pika.BlockingConnection | None = None
+        self._ch = None
+        self.reconnects = 0
+        self._log = get_logger(component="rabbitmq", namespace=self.topology.namespace)
+
+    # -- connection -----------------------------------------------------------------------
+    def _retrying(self) -> Retrying:
+        return Retrying(retry=retry_if_exception(is_transient),
+                        wait=wait_exponential_jitter(initial=0.5, max=self._max_backoff),
+                        stop=stop_after_delay(self._reconnect_for), reraise=True,
+                        before_sleep=lambda rs: self._log.warning(
+                            "broker_unreachable", attempt=rs.attempt_number,
+                            error=repr(rs.outcome.exception())))
+
+    def _open(self) -> None:
+        self._drop()
+        conn = pika.BlockingConnection(self._params)
+        ch = conn.channel()
+        ch.confirm_delivery()
+        self._conn, self._ch = conn, ch
+        if self._topology_declared:
+            self._declare(ch)
+        for queue, keys in self._temporary.items():
+            # exclusive queues die with their connection: recreate under the same name
+            ch.queue_declare(queue, exclusive=True, auto_delete=True)
+            for key in keys:
+                ch.queue_bind(queue, self.topology.control_exchange, routing_key=key)
+        for queue, (handler, prefetch) in self._consumers.items():
+            self._start_consumer(queue, handler, prefetch)
+
+    def _channel(self):
+        if self._ch is None or not self._ch.is_open or not self._conn.is_open:
+            first = self._conn is None
+            for attempt in self._retrying():
+                with attempt:
+                    self._open()
+            if not first:
+                self.reconnects += 1
+                self._log.info("broker_reconnected", reconnects=self.reconnects)
+        return self._ch
+
+    def _drop(self) -> None:
+        conn, self._conn, self._ch = self._conn, None, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - the connection is being thrown away anyway
+                pass
+
+    def _with_retry(self, operation: Callable):
+        for attempt in self._retrying():
+            with attempt:
+                try:
+                    return operation(self._channel())
+                except CONNECTION_ERRORS:
+                    self._drop()
+                    raise
+
+    # -- topology -------------------------------------------------------------------------
+    def _queue_args(self) -> dict:
+        return {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT,
+                "x-dead-letter-exchange": self.topology.dead_letter_exchange}
+
+    def _declare(self, ch) -> None:
+        t = self.topology
+        ch.exchange_declare(t.control_exchange, exchange_type="topic", durable=True)
+        ch.exchange_declare(t.dead_letter_exchange, exchange_type="fanout", durable=True)
+        ch.queue_declare(t.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_bind(t.dead_letter_queue, t.dead_letter_exchange)
+        queues = [(t.aggregator_queue, AGGREGATOR_BINDINGS)]
+        queues += [(t.hospital_queue(h), HOSPITAL_BINDINGS) for h in sorted(self._hospitals)]
+        for queue, keys in queues:
+            ch.queue_declare(queue, durable=True, arguments=self._queue_args())
+            for key in keys:
+                ch.queue_bind(queue, t.control_exchange, routing_key=key)
+
+    def declare_topology(self, hospitals: Iterable[str] = ()) -> None:
+        self._hospitals.update(hospitals)
+        self._topology_declared = True
+        self._with_retry(self._declare)
+
+    def delete_topology(self, hospitals: Iterable[str] = ()) -> None:
+        """Remove this namespace's queues and exchanges (tests and decommissioning)."""
+        t = self.topology
+        names = [t.aggregator_queue, t.dead_letter_queue]
+        names += [t.hospital_queue(h) for h in set(hospitals) | self._hospitals]
+
+        def delete(ch):
+            for name in names:
+                ch.queue_delete(name)
+            ch.exchange_delete(t.control_exchange)
+            ch.exchange_delete(t.dead_letter_exchange)
+        self._with_retry(delete)
+
+    # -- publishing -----------------------------------------------------------------------
+    def publish(self, routing_key: str, body: bytes, headers: dict | None = None,
+                message_id: str | None = None) -> None:
+        props = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
+                                     content_type="application/msgpack", headers=headers or {},
+                                     message_id=message_id, timestamp=int(time.time()))
+
+        def send(ch):
+            ch.basic_publish(self.topology.control_exchange, routing_key, body, props, mandatory=True)
+        try:
+            self._with_retry(send)
+        except (pex.UnroutableError, pex.NackError) as exc:
+            raise TransportError(f"broker refused {routing_key}: {type(exc).__name__}") from exc
+        except CONNECTION_ERRORS as exc:
+            raise TransportError(f"could not publish {routing_key}: {exc!r}") from exc
+
+    def _dead_letter(self, ch, method, props, body: bytes, queue: str, reason: str) -> None:
+        headers = dict(props.headers or {})
+        headers.update({REASON_HEADER: reason[:1000], ORIGIN_HEADER: queue,
+                        "x-cxr-routing-key": method.routing_key})
+        dead = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
+                                    content_type=props.content_type, headers=headers,
+                                    message_id=props.message_id, timestamp=int(time.time()))
+        ch.basic_publish(self.topology.dead_letter_exchange, "", body, dead, mandatory=True)
+        ch.basic_ack(method.delivery_tag)
+
+    # -- consuming ------------------------------------------------------------------------
+    def consume(self, queue: str, handler: Handler, prefetch: int = 1) -> None:
+        self._consumers[queue] = (handler, prefetch)
+        if self._ch is not None and self._ch.is_open:
+            self._start_consumer(queue, handler, prefetch)
+
+    def _start_consumer(self, queue: str, handler: Handler, prefetch: int) -> None:
+        ch = self._ch
+        ch.basic_qos(prefetch_count=prefetch)
+
+        def on_message(channel, method, props, body):
+            self._dispatch(channel, method, props, body, queue, handler)
+        ch.basic_consume(queue, on_message, auto_ack=False)
+
+    def _dispatch(self, ch, method, props, body, queue: str, handler: Handler) -> None:
+        delivery = Delivery(body=body, routing_key=method.routing_key, queue=queue,
+                            headers=dict(props.headers or {}), redelivered=method.redelivered,
+                            message_id=props.message_id, tag=method.delivery_tag)
+        try:
+            handler(delivery)
+        except Refuse as exc:
+            self._log.warning("message_dead_lettered", queue=queue, reason=exc.reason,
+                              routing_key=method.routing_key)
+            self._settle(lambda: self._dead_letter(ch, method, props, body, queue, exc.reason))
+            return
+        except Requeue:
+            self._settle(lambda: ch.basic_nack(method.delivery_tag, requeue=True))
+            return
+        except CONNECTION_ERRORS:
+            raise  # the message stays unacked and comes back after reconnecting
+        except Exception as exc:  # noqa: BLE001 - transient by default: never lose the message
+            self._log.exception("handler_failed_requeueing", queue=queue, error=repr(exc))
+            self.sleep(HANDLER_ERROR_BACKOFF)
+            self._settle(lambda: ch.basic_nack(method.delivery_tag, requeue=True))
+            return
+        self._settle(lambda: ch.basic_ack(method.delivery_tag))
+
+    def _settle(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except CONNECTION_ERRORS as exc:
+            # the broker redelivers what we could not settle; consumers are idempotent
+            self._log.warning("settle_failed_will_be_redelivered", error=repr(exc))
+            self._drop()
+
+    def run(self, stop: threading.Event, tick: Callable[[], None] | None = None,
+            tick_interval: float = 1.0) -> None:
+        next_tick = time.monotonic()
+        while not stop.is_set():
+            try:
+                self._channel()
+                self._conn.process_data_events(time_limit=min(0.5, tick_interval))
+                if tick is not None and time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + tick_interval
+                    tick()
+            except CONNECTION_ERRORS as exc:
+                self._log.warning("broker_connection_lost", error=repr(exc))
+                self._drop()
+        self._cancel_consumers()
+
+    def _cancel_consumers(self) -> None:
+        if self._ch is not None and self._ch.is_open:
+            try:
+                self._ch.cancel()  # returns prefetched, unacked messages to the queue
+            except Exception:  # noqa: BLE001
+                pass
+
+    def sleep(self, seconds: float) -> None:
+        if self._conn is not None and self._conn.is_open:
+            try:
+                self._conn.sleep(seconds)
+                return
+            except CONNECTION_ERRORS:
+                self._drop()
+        time.sleep(seconds)
+
+    # -- request/response helpers ---------------------------------------------------------
+    def temporary_queue(self, routing_keys: Iterable[str]) -> str:
+        keys = tuple(routing_keys)
+
+        def declare(ch):
+            name = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            for key in keys:
+                ch.queue_bind(name, self.topology.control_exchange, routing_key=key)
+            return name
+        name = self._with_retry(declare)
+        self._temporary[name] = keys
+        return name
+
+    def get(self, queue: str, timeout: float) -> Delivery | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            method, props, body = self._with_retry(lambda ch: ch.basic_get(queue, auto_ack=True))
+            if method is not None:
+                return Delivery(body=body, routing_key=method.routing_key, queue=queue,
+                                headers=dict(props.headers or {}), redelivered=method.redelivered,
+                                message_id=props.message_id)
+            if time.monotonic() >= deadline:
+                return None
+            self.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def queue_depth(self, queue: str) -> int:
+        try:
+            return self._with_retry(
+                lambda ch: ch.queue_declare(queue, passive=True).method.message_count)
+        except pex.ChannelClosedByBroker as exc:
+            self._drop()
+            raise TransportError(f"no queue {queue}: {exc}") from exc
+
+    def close(self) -> None:
+        self._consumers.clear()
+        self._drop()

@@ -1,0 +1,108 @@
+"""Shared fixtures: a real moto S3+KMS server on loopback and the real RabbitMQ.
+
+Integration tests never mock boto3 or the broker: they talk HTTP to moto's server and AMQP
+to RabbitMQ. Each test gets its own bucket and broker namespace so tests cannot see each
+other's objects or messages.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+AMQP_URL = os.environ.get("CXR_MQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+REGION = "us-east-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto server did not listen on {port} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory):
+    """moto's S3+KMS server as a separate process on a free loopback port."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def aws_env(moto_endpoint):
+    """Fake credentials for moto, set for this process and inherited by worker subprocesses."""
+    values = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+              "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    yield values
+    for key, old in saved.items():
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+@pytest.fixture
+def s3_settings(moto_endpoint, aws_env):
+    """A fresh bucket and KMS key on the moto server: dict(endpoint_url, bucket, kms_key_id, region)."""
+    import boto3
+
+    kms = boto3.client("kms", endpoint_url=moto_endpoint, region_name=REGION)
+    key_id = kms.create_key(Description="cxr-mq test")["KeyMetadata"]["KeyId"]
+    bucket = f"cxr-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name=REGION).create_bucket(Bucket=bucket)
+    return {"endpoint_url": moto_endpoint, "bucket": bucket, "kms_key_id": key_id, "region": REGION}
+
+
+@pytest.fixture(scope="session")
+def amqp_url():
+    """The real RabbitMQ; .ci/run and scripts/test.sh make sure it is up."""
+    import pika
+
+    try:
+        pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()
+    except Exception as exc:  # noqa: BLE001 - report any reason the broker is unusable
+        pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL}: {exc!r}")
+    return AMQP_URL
+
+
+@pytest.fixture
+def namespace():
+    """A broker namespace of this test's own (queue and exchange name prefix)."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

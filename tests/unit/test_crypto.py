@@ -1,0 +1,217 @@
+"""CKKS codec: round trips, precision, mismatch rejection, atomic adds, determinism, memory."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from cxr_mq import crypto
+from cxr_mq.crypto import CodecError, CodecMismatch, SecretKeyPresent
+
+PROFILES = sorted(crypto.PROFILES)
+
+
+@pytest.fixture(scope="module", params=PROFILES)
+def keys(request):
+    return request.param, crypto.generate_keys(request.param)
+
+
+@pytest.fixture(scope="module")
+def codecs(keys):
+    profile, pair = keys
+    return crypto.load_context(pair.secret), crypto.load_context(pair.public)
+
+
+def _encrypt(codec, weights, n):
+    buf = io.BytesIO()
+    written = codec.encrypt_update(weights, n, buf)
+    assert written == len(buf.getvalue())
+    return buf.getvalue()
+
+
+def test_profile_and_fingerprint_survive_serialization(keys, codecs):
+    profile, _ = keys
+    secret, public = codecs
+    assert secret.profile == public.profile == profile
+    assert secret.fingerprint == public.fingerprint
+    assert len(secret.fingerprint) == 64
+    assert secret.has_secret_key and not public.has_secret_key
+    public.require_public_only()
+    with pytest.raises(SecretKeyPresent):
+        secret.require_public_only()
+    assert crypto.load_context(public.public_bytes()).fingerprint == public.fingerprint
+    assert crypto.load_context(secret.public_bytes()).has_secret_key is False
+
+
+def test_round_trip_single_update(codecs):
+    secret, _ = codecs
+    rng = np.random.default_rng(1)
+    w = rng.uniform(-10, 10, 10_000)
+    blob = _encrypt(secret, w, 37)
+    header = secret.read_header(io.BytesIO(blob))
+    assert (header.profile, header.n_params) == (secret.profile, w.size)
+    out = secret.decrypt_update(io.BytesIO(blob), 37)
+    assert out.dtype == np.float64 and out.shape == w.shape
+    assert np.max(np.abs(out - w)) < 1e-6
+
+
+def test_fedavg_precision_ten_hospitals(codecs):
+    """10 hospitals, sample counts up to 100,000, weights in [-10, 10]: within 1e-6 of float64."""
+    secret, public = codecs
+    rng = np.random.default_rng(2)
+    n_params = 20_000
+    counts = [100_000, 1, 99_999, 50_000, 7, 100_000, 3, 100_000, 12_345, 100_000]
+    weights = [rng.uniform(-10, 10, n_params) for _ in counts]
+    weights[0][:100] = 10.0  # the extremes of the range
+    weights[5][:100] = 10.0
+    total = public.new_sum(n_params)
+    for w, n in zip(weights, counts):
+        total.add(io.BytesIO(_encrypt(secret, w, n)))
+    assert total.count == len(counts)
+    buf = io.BytesIO()
+    total.write(buf)
+    buf.seek(0)
+    got = secret.decrypt_aggregate(buf, sum(counts))
+    expected = sum(n * w for w, n in zip(weights, counts)) / sum(counts)
+    assert np.max(np.abs(got - expected)) < 1e-6
+
+
+def test_sum_is_deterministic_in_any_order(codecs):
+    secret, public = codecs
+    rng = np.random.default_rng(3)
+    blobs = [_encrypt(secret, rng.uniform(-1, 1, 5000), n) for n in (3, 5, 11)]
+    outputs = []
+    for order in ((0, 1, 2), (2, 0, 1), (1, 2, 0)):
+        total = public.new_sum(5000)
+        for i in order:
+            total.add(io.BytesIO(blobs[i]))
+        buf = io.BytesIO()
+        total.write(buf)
+        outputs.append(buf.getvalue())
+    assert outputs[0] == outputs[1] == outputs[2]
+    header = public.read_header(io.BytesIO(outputs[0]))
+    assert header.n_updates == 3
+
+
+def test_sum_of_sums_equals_sum(codecs):
+    secret, public = codecs
+    rng = np.random.default_rng(4)
+    ws = [rng.uniform(-1, 1, 3000) for _ in range(3)]
+    blobs = [_encrypt(secret, w, 2) for w in ws]
+    partial = public.new_sum(3000)
+    partial.add(io.BytesIO(blobs[0]))
+    partial.add(io.BytesIO(blobs[1]))
+    pbuf = io.BytesIO()
+    partial.write(pbuf)
+    total = public.new_sum(3000)
+    total.add(io.BytesIO(pbuf.getvalue()))
+    total.add(io.BytesIO(blobs[2]))
+    assert total.count == 3
+    out = io.BytesIO()
+    total.write(out)
+    out.seek(0)
+    got = secret.decrypt_aggregate(out, 6)
+    assert np.max(np.abs(got - sum(ws) / 3)) < 1e-6
+
+
+def test_aggregator_cannot_decrypt(codecs):
+    secret, public = codecs
+    blob = _encrypt(secret, np.ones(10), 1)
+    with pytest.raises(CodecError):
+        public.decrypt_update(io.BytesIO(blob), 1)
+
+
+def test_rejects_other_key_and_shape(keys, codecs):
+    profile, _ = keys
+    secret, public = codecs
+    other = crypto.load_context(crypto.generate_keys(profile).secret)
+    assert other.fingerprint != secret.fingerprint
+    foreign = _encrypt(other, np.ones(100), 1)
+    total = public.new_sum(100)
+    with pytest.raises(CodecMismatch, match="fingerprint"):
+        total.add(io.BytesIO(foreign))
+    with pytest.raises(CodecMismatch, match="n_params"):
+        public.new_sum(101).add(io.BytesIO(_encrypt(secret, np.ones(100), 1)))
+    assert total.count == 0
+
+
+def test_rejects_other_profile():
+    if len(PROFILES) < 2:
+        pytest.skip("one profile only")
+    a = crypto.load_context(crypto.generate_keys(PROFILES[0]).secret)
+    b = crypto.load_context(crypto.generate_keys(PROFILES[1]).public)
+    blob = _encrypt(a, np.ones(50), 1)
+    with pytest.raises(CodecMismatch) as err:
+        b.new_sum(50).add(io.BytesIO(blob))
+    assert PROFILES[0] in str(err.value) and PROFILES[1] in str(err.value)
+    with pytest.raises(CodecMismatch, match="profile"):
+        b.read_header(io.BytesIO(blob))
+
+
+def test_bad_stream_leaves_sum_untouched(codecs):
+    secret, public = codecs
+    rng = np.random.default_rng(5)
+    n_params = 9000  # several chunks for every profile
+    w1, w2 = rng.uniform(-1, 1, n_params), rng.uniform(-1, 1, n_params)
+    good, other = _encrypt(secret, w1, 1), _encrypt(secret, w2, 1)
+    total = public.new_sum(n_params)
+    total.add(io.BytesIO(good))
+    before = io.BytesIO()
+    total.write(before)
+    corrupt = bytearray(other)
+    corrupt[-20:] = bytes(20 * [0xFF])
+    bad_streams = {
+        "truncated": other[: len(other) - 100],
+        "truncated in header": other[:10],
+        "corrupt last chunk": bytes(corrupt),
+        "garbage": b"\x00" * 64,
+        "trailing bytes": other + b"x",
+    }
+    for name, blob in bad_streams.items():
+        with pytest.raises(CodecError):
+            total.add(io.BytesIO(blob))
+        after = io.BytesIO()
+        total.write(after)
+        assert after.getvalue() == before.getvalue(), name
+        assert total.count == 1
+    total.add(io.BytesIO(other))
+    out = io.BytesIO()
+    total.write(out)
+    out.seek(0)
+    assert np.max(np.abs(secret.decrypt_aggregate(out, 1) - (w1 + w2))) < 1e-6
+
+
+def test_bad_inputs(codecs):
+    secret, public = codecs
+    with pytest.raises(CodecError):
+        secret.encrypt_update(np.ones((2, 2)), 1, io.BytesIO())
+    with pytest.raises(CodecError):
+        secret.encrypt_update(np.array([1.0, np.nan]), 1, io.BytesIO())
+    with pytest.raises(CodecError):
+        secret.encrypt_update(np.ones(3), 0, io.BytesIO())
+    with pytest.raises(CodecError):
+        public.new_sum(3).write(io.BytesIO())
+
+
+def test_load_context_errors(tmp_path):
+    with pytest.raises(CodecError):
+        crypto.load_context(b"not a context at all")
+    with pytest.raises(CodecError):
+        crypto.load_context(crypto.KEY_MAGIC + b"\xc1garbage")
+    bad = tmp_path / "ctx.bin"
+    bad.write_bytes(b"junk")
+    with pytest.raises(CodecError, match="ctx.bin"):
+        crypto.load_context_file(bad)
+    with pytest.raises(CodecError, match="missing.bin"):
+        crypto.load_context_file(tmp_path / "missing.bin")
+    with pytest.raises(CodecError, match="unknown codec profile"):
+        crypto.generate_keys("nope")
+
+
+def test_load_context_file(tmp_path, keys, codecs):
+    _, pair = keys
+    path = tmp_path / "public.ctx"
+    path.write_bytes(pair.public)
+    assert crypto.load_context_file(path).fingerprint == codecs[1].fingerprint

@@ -1,0 +1,191 @@
+"""The aggregator: validates ``update_ready`` messages, adds accepted ciphertexts into one
+running sum per round, and publishes ``model_ready`` (or ``round_aborted``).
+
+It holds only the public CKKS context. Its durable record of a round (``rounds/<r>/state``)
+is written before an update's message is acked, so a killed aggregator, restarted, rebuilds
+each open round's sum from the accepted updates in the store; ciphertext addition is modular
+and order-independent, so the aggregate comes out byte-identical.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from cxr_mq import messages, rounds
+from cxr_mq.crypto import CodecError
+from cxr_mq.policy import RoundPolicy
+from cxr_mq.rounds import ABORTED, COMPLETE, OPEN, RoundState
+from cxr_mq.storage.base import IntegrityError, ObjectNotFound, ObjectStore
+from cxr_mq.transport.base import Broker, Delivery, Refuse
+
+from .base import Worker
+
+
+class AggregatorWorker(Worker):
+    def __init__(self, broker: Broker, store: ObjectStore, codec, policy: RoundPolicy | None = None,
+                 hospitals=(), work_dir: str | None = None, stop=None, clock=time.time):
+        super().__init__(broker, stop, role="aggregator")
+        codec.require_public_only()
+        self.store, self.codec = store, codec
+        self.policy = policy or RoundPolicy()
+        self.hospitals = tuple(hospitals)
+        self.work_dir = work_dir
+        self.clock = clock
+        self.queue = broker.topology.aggregator_queue
+        self.handlers = {"round_start": self.on_round_start, "update_ready": self.on_update_ready}
+        self.states: dict[int, RoundState] = {}
+        self.sums: dict[int, object] = {}
+        self.events: list[tuple[str, int]] = []  # (event, round) for observers such as the demo
+
+    # -- start-up ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.broker.declare_topology(self.hospitals)
+        for round_no in rounds.list_rounds(self.store):
+            state = RoundState.load(self.store, round_no)
+            if state is not None and (state.status == OPEN or not state.announced):
+                self._restore(state)
+
+    def _restore(self, state: RoundState) -> None:
+        """Rebuild an open round's running sum from the updates it already accepted."""
+        self.states[state.round] = state
+        if state.status == OPEN:
+            total = self.codec.new_sum(state.n_params)
+            for accepted in state.accepted:
+                self._add_object(total, accepted["key"], accepted["sha256"])
+            self.sums[state.round] = total
+        self.log.info("round_restored", round=state.round, status=state.status,
+                      accepted=len(state.accepted))
+        self._finish_if_due(state)
+
+    # -- messages ---------------------------------------------------------------------------
+    def _state(self, round_no: int) -> RoundState | None:
+        if round_no in self.states:
+            return self.states[round_no]
+        state = RoundState.load(self.store, round_no)
+        if state is None:
+            record = rounds.read_json(self.store, rounds.round_key(round_no))
+            if record is None:
+                return None
+            state = RoundState.from_round_start(record, self.clock())
+            state.save(self.store)
+        self.states[round_no] = state
+        if state.status == OPEN and round_no not in self.sums:
+            self._restore(state)
+        return state
+
+    def on_round_start(self, message: dict, delivery: Delivery) -> None:
+        state = self._state(message["round"])
+        if state is None:  # the controller writes the record first; be robust anyway
+            state = RoundState.from_round_start(message, self.clock())
+            state.save(self.store)
+            self.states[state.round] = state
+        if state.status == OPEN and state.round not in self.sums:
+            self.sums[state.round] = self.codec.new_sum(state.n_params)
+        self.log.info("round_opened", round=state.round, quorum=state.quorum,
+                      min_clients=state.min_clients, deadline=state.deadline)
+
+    def on_update_ready(self, message: dict, delivery: Delivery) -> None:
+        log = self.log.bind(round=message["round"], hospital=message["hospital"], key=message["key"])
+        state = self._state(message["round"])
+        reason = self.policy.refuse_reason(state, message, self.clock())
+        if reason is None and self.policy.is_duplicate(state, message):
+            log.info("duplicate_update_ignored", sha256=message["sha256"])
+            return
+        if reason is None:
+            reason = self._accept(state, message)
+        if reason is not None:
+            self._record_refusal(state, message, reason)
+            log.warning("update_refused", reason=reason)
+            raise Refuse(reason)
+        log.info("update_accepted", accepted=len(state.accepted), quorum=state.quorum)
+        self._finish_if_due(state)
+
+    def _accept(self, state: RoundState, update: dict) -> str | None:
+        started = time.perf_counter()
+        try:
+            self._add_object(self.sums[state.round], update["key"], update["sha256"])
+        except IntegrityError as exc:
+            return f"sha256 mismatch: {exc}"
+        except ObjectNotFound as exc:
+            return f"update object missing: {exc}"
+        except CodecError as exc:
+            return f"bad ciphertext: {exc}"
+        state.accepted.append({
+            "hospital": update["hospital"], "key": update["key"], "sha256": update["sha256"],
+            "n_samples": self.policy.weight(update), "metrics": update.get("metrics", {}),
+            "size": update["size"], "accepted_at": self.clock()})
+        state.timings["aggregate_seconds"] = (state.timings.get("aggregate_seconds", 0.0)
+                                              + time.perf_counter() - started)
+        state.save(self.store)  # durable before the ack
+        return None
+
+    def _add_object(self, total, key: str, sha256: str) -> None:
+        """Verify the object's hash on a local copy, then stream it into the sum."""
+        fd, path = tempfile.mkstemp(prefix="update-", dir=self.work_dir)
+        os.close(fd)
+        try:
+            self.store.download(key, path, sha256=sha256)
+            with open(path, "rb") as fh:
+                total.add(fh)
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def _record_refusal(self, state: RoundState | None, update: dict, reason: str) -> None:
+        if state is None:
+            return
+        state.refused.append({"hospital": update["hospital"], "reason": reason,
+                              "key": update["key"], "at": self.clock()})
+        state.save(self.store)
+
+    # -- finishing --------------------------------------------------------------------------
+    def tick(self) -> None:
+        for state in list(self.states.values()):
+            self._finish_if_due(state)
+
+    def _finish_if_due(self, state: RoundState) -> None:
+        outcome = self.policy.outcome(state, self.clock())
+        if outcome == COMPLETE:
+            self._complete(state)
+        elif outcome == ABORTED:
+            state.status, state.reason, state.finished_at = ABORTED, self.policy.abort_reason(state), self.clock()
+            state.save(self.store)
+        if state.status != OPEN and not state.announced:
+            self._announce(state)
+
+    def _complete(self, state: RoundState) -> None:
+        started = time.perf_counter()
+        fd, path = tempfile.mkstemp(prefix="aggregate-", dir=self.work_dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                self.sums[state.round].write(fh)
+            info = self.store.put_file(rounds.aggregate_key(state.round), path)
+        finally:
+            os.unlink(path)
+        state.status, state.finished_at = COMPLETE, self.clock()
+        state.model_key, state.model_sha256 = info.key, info.sha256
+        state.total_samples = sum(a["n_samples"] for a in state.accepted)
+        state.timings["finalize_seconds"] = time.perf_counter() - started
+        state.save(self.store)
+        self.sums.pop(state.round, None)
+
+    def _announce(self, state: RoundState) -> None:
+        if state.status == COMPLETE:
+            message = messages.make(
+                "model_ready", round=state.round, key=state.model_key, sha256=state.model_sha256,
+                contributors=state.contributors, total_samples=state.total_samples,
+                n_params=state.n_params, key_fingerprint=state.key_fingerprint,
+                metrics={a["hospital"]: a.get("metrics", {}) for a in state.accepted},
+                finished_at=state.finished_at)
+        else:
+            message = messages.make("round_aborted", round=state.round, reason=state.reason,
+                                    contributors=state.contributors, finished_at=state.finished_at)
+        self.broker.publish(message["schema"], messages.encode(message),
+                            message_id=f"{message['schema']}:{state.round}")
+        state.announced = True
+        state.save(self.store)
+        self.states.pop(state.round, None)
+        self.events.append((message["schema"], state.round))
+        self.log.info(message["schema"], round=state.round, contributors=state.contributors,
+                      total_samples=state.total_samples, reason=state.reason)

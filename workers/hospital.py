@@ -1,0 +1,190 @@
+"""A hospital: trains on local images, encrypts its sample-weighted update, uploads it and
+announces it. Images, weights and the secret key never leave this process unencrypted.
+
+``round_start`` is acked only after ``update_ready`` is confirmed by the broker. Training runs
+on a background thread while the broker connection keeps servicing heartbeats, so a long
+local training does not get the connection dropped. A hospital restarted after uploading
+republishes the update it already made (``updates/<id>.msg``) rather than training another.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cxr_mq import messages, rounds, training
+from cxr_mq.rounds import OPEN, RoundState
+from cxr_mq.storage.base import ObjectNotFound, ObjectStore
+from cxr_mq.transport.base import Broker, Delivery, Refuse, Requeue
+
+from .base import Worker
+
+
+class HospitalWorker(Worker):
+    def __init__(self, broker: Broker, store: ObjectStore, codec, hospital_id: str, data_dir: str,
+                 work_dir: str, stop=None, val_fraction: float = 0.2, skip_bad: bool = False,
+                 clock=time.time):
+        super().__init__(broker, stop, role="hospital", hospital=hospital_id)
+        if not codec.has_secret_key:
+            raise ValueError("a hospital needs the secret context to decrypt the global model")
+        self.store, self.codec, self.id = store, codec, hospital_id
+        self.data_dir, self.val_fraction, self.skip_bad = data_dir, val_fraction, skip_bad
+        self.work_dir = Path(work_dir) / hospital_id
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self.queue = broker.topology.hospital_queue(hospital_id)
+        self.handlers = {"round_start": self.on_round_start, "model_ready": self.on_model_ready,
+                         "round_aborted": self.on_round_aborted}
+        self._data: dict[tuple, training.LocalData] = {}
+        self.last_global_metrics: dict = {}
+        self.status = "idle"  # idle, training, encrypting, uploading (read by the demo's view)
+        self.timings: dict[int, dict] = {}
+
+    def setup(self) -> None:
+        self.broker.declare_topology([self.id])
+
+    # -- round_start ------------------------------------------------------------------------
+    def on_round_start(self, message: dict, delivery: Delivery) -> None:
+        round_no = message["round"]
+        log = self.log.bind(round=round_no)
+        if message["key_fingerprint"] != self.codec.fingerprint:
+            raise Refuse(f"round {round_no} uses key {message['key_fingerprint'][:16]}…, "
+                         f"this hospital holds {self.codec.fingerprint[:16]}…")
+        if message.get("hospitals") and self.id not in message["hospitals"]:
+            log.info("round_not_for_this_hospital")
+            return
+        if self._round_finished(round_no, message["deadline"]):
+            log.info("round_already_finished_ignored")
+            return
+        previous = self._previous_update(round_no)
+        if previous is not None:
+            log.info("republishing_update", key=previous["key"])
+            self._publish(previous)
+            return
+        params = training.TrainingParams.from_dict(message["training"])
+        update = self._run_in_background(lambda: self._train_and_upload(message, params), log)
+        self._publish(update)
+        log.info("update_published", key=update["key"], n_samples=update["n_samples"],
+                 size=update["size"])
+
+    def _round_finished(self, round_no: int, deadline: float) -> bool:
+        state = RoundState.load(self.store, round_no)
+        if state is not None and state.status != OPEN:
+            return True
+        return self.clock() > deadline
+
+    def _previous_update(self, round_no: int) -> dict | None:
+        try:
+            body = self.store.get_bytes(rounds.update_message_key(round_no, self.id))
+        except ObjectNotFound:
+            return None
+        return messages.decode(body)
+
+    def _run_in_background(self, work, log):
+        """Run ``work`` on a thread; keep the broker connection serviced meanwhile."""
+        outcome: dict = {}
+
+        def target():
+            try:
+                outcome["value"] = work()
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
+                outcome["error"] = exc
+        thread = threading.Thread(target=target, name=f"train-{self.id}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            if self.stop.is_set():
+                log.info("shutdown_during_training_requeueing")
+                raise Requeue()
+            self.broker.sleep(0.2)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def _local_data(self, params: training.TrainingParams) -> training.LocalData:
+        key = (params.image_size, params.classes)
+        if key not in self._data:
+            self._data[key] = training.LocalData.from_dir(
+                self.data_dir, params, val_fraction=self.val_fraction, skip_bad=self.skip_bad)
+        return self._data[key]
+
+    def _train_and_upload(self, message: dict, params: training.TrainingParams) -> dict:
+        round_no = message["round"]
+        timings = self.timings.setdefault(round_no, {})
+        data = self._local_data(params)
+        model = training.build_model(params)
+        training.load_flat_weights(model, self._base_weights(message))
+        self.status = "training"
+        started = time.perf_counter()
+        train_metrics = training.train_local(model, data, params, round_seed=round_no)
+        timings["train_seconds"] = time.perf_counter() - started
+        weights = training.flat_weights(model)
+        self.status = "encrypting"
+        started = time.perf_counter()
+        fd, path = tempfile.mkstemp(prefix="update-", dir=self.work_dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                self.codec.encrypt_update(weights, data.n_train, fh)
+            timings["encrypt_seconds"] = time.perf_counter() - started
+            self.status = "uploading"
+            info = self.store.put_file(rounds.update_key(round_no, self.id), path)
+        finally:
+            os.unlink(path)
+        update = messages.make(
+            "update_ready", round=round_no, hospital=self.id, key=info.key, sha256=info.sha256,
+            size=info.size, n_samples=data.n_train, n_params=int(weights.size),
+            key_fingerprint=self.codec.fingerprint,
+            metrics={"train": train_metrics, "global": self.last_global_metrics},
+            sent_at=self.clock())
+        # the plaintext stays on this machine: it lets an operator (and the tests) audit FedAvg
+        np.save(self.work_dir / f"update-{round_no:06d}.npy", weights)
+        self.store.put_bytes(rounds.update_message_key(round_no, self.id), messages.encode(update))
+        self.status = "uploaded"
+        return update
+
+    def _publish(self, update: dict) -> None:
+        self.broker.publish("update_ready", messages.encode(update),
+                            message_id=f"update_ready:{update['round']}:{self.id}")
+
+    def _base_weights(self, message: dict) -> np.ndarray:
+        cache = self.work_dir / f"base-{message['base_model_sha256']}.npy"
+        if cache.exists():
+            return np.load(cache)
+        raw = self.store.get_bytes(message["base_model_key"], sha256=message["base_model_sha256"])
+        if message["base_model_encrypted"]:
+            weights = self.codec.decrypt_aggregate(io.BytesIO(raw), message["base_total_samples"])
+        else:
+            weights = np.load(io.BytesIO(raw), allow_pickle=False)
+        weights = np.asarray(weights, dtype=np.float32)
+        np.save(cache, weights)
+        return weights
+
+    # -- model_ready / round_aborted --------------------------------------------------------
+    def on_model_ready(self, message: dict, delivery: Delivery) -> None:
+        round_no = message["round"]
+        log = self.log.bind(round=round_no)
+        record = rounds.read_json(self.store, rounds.round_key(round_no))
+        if record is None:
+            raise Refuse(f"model_ready for unknown round {round_no}")
+        raw = self.store.get_bytes(message["key"], sha256=message["sha256"])
+        weights = np.asarray(self.codec.decrypt_aggregate(io.BytesIO(raw), message["total_samples"]),
+                             dtype=np.float32)
+        np.save(self.work_dir / f"base-{message['sha256']}.npy", weights)
+        np.save(self.work_dir / "global.npy", weights)
+        params = training.TrainingParams.from_dict(record["training"])
+        model = training.build_model(params)
+        training.load_flat_weights(model, weights)
+        self.last_global_metrics = {"round": round_no,
+                                    **training.evaluate(model, self._local_data(params))}
+        self.status = "idle"
+        log.info("global_model_evaluated", contributors=message["contributors"],
+                 accuracy=self.last_global_metrics.get("accuracy"),
+                 auc=self.last_global_metrics.get("auc"))
+
+    def on_round_aborted(self, message: dict, delivery: Delivery) -> None:
+        self.status = "idle"
+        self.log.warning("round_aborted", round=message["round"], reason=message["reason"])
