@@ -65,6 +65,7 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx, config_path, log_level, log_format):
     """Privacy-preserving federated learning for chest X-rays over RabbitMQ and S3."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
     ctx.obj = Context(config_path, log_level, log_format)
 
 
@@ -281,6 +282,68 @@ def synth(out_dir, n, seed, classes, size):
         _fail("--n must be at least 1 and --size at least 16")
     label_file = write_synthetic(out_dir, n=n, seed=seed, classes=classes, size=size)
     click.echo(str(label_file))
+
+
+@main.command()
+@click.option("--hospitals", type=int, default=3, show_default=True)
+@click.option("--rounds", "n_rounds", type=int, default=5, show_default=True)
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A COVIDx label file to use instead of synthetic data.")
+@click.option("--n", "n_images", type=int, default=480, show_default=True,
+              help="Synthetic images (without --data).")
+@click.option("--model", default="small-cnn", show_default=True)
+@click.option("--image-size", type=int, default=48, show_default=True)
+@click.option("--classes", type=click.Choice(["binary", "3class"]), default="binary", show_default=True)
+@click.option("--epochs", type=int, default=1, show_default=True, help="Local epochs per round.")
+@click.option("--alpha", type=float, default=0.5, show_default=True,
+              help="Dirichlet non-IID concentration; 0 means IID.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--plaintext", is_flag=True, help="Run without encryption.")
+@click.option("--compare", is_flag=True, help="Run encrypted and plaintext, and compare them.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Write report.json, PNG plots and index.html here.")
+@click.option("--broker", default=None, help="amqp://... to use RabbitMQ instead of the embedded broker.")
+@click.option("--store", default=None, help="s3://BUCKET (with the S3 settings) or a directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.pass_obj
+def demo(obj: Context, hospitals, n_rounds, data, n_images, model, image_size, classes, epochs,
+         alpha, seed, plaintext, compare, report_dir, broker, store, as_json):
+    """The whole federation on one machine (embedded broker and store by default)."""
+    from .demo import DemoOptions, run_demo
+    from .report import build_report, write_report
+    from .view import LiveView
+
+    settings = obj.settings(log_level=obj.log_level or "warning", log_format=obj.log_format or "console")
+    if hospitals < 1 or n_rounds < 1:
+        _fail("--hospitals and --rounds must be at least 1")
+    if broker and not broker.startswith(("amqp://", "amqps://")):
+        _fail(f"--broker must be an amqp:// URL, got {broker!r}")
+    options = DemoOptions(hospitals=hospitals, rounds=n_rounds, data=data, n=n_images, model=model,
+                          image_size=image_size, classes=classes, epochs=epochs,
+                          alpha=alpha or None, seed=seed, broker=broker, store=store,
+                          work_dir=settings.work_dir if Path(settings.work_dir).is_dir() else None)
+    try:
+        options.training_params()
+    except ValueError as exc:
+        _fail(str(exc))
+    modes = ["encrypted", "plaintext"] if compare else ["plaintext" if plaintext else "encrypted"]
+    results = {}
+    for mode in modes:
+        options.plaintext = mode == "plaintext"
+        view = LiveView(title=mode)
+        try:
+            results[mode] = run_demo(options, settings, view=None if as_json else view)
+        finally:
+            view.close()
+    report = write_report(report_dir, results) if report_dir else build_report(results)
+    if as_json:
+        click.echo(json.dumps(report, default=float))
+    else:
+        if "overhead_ratio" in report:
+            click.echo(f"encryption overhead (wall time, encrypted / plaintext): "
+                       f"{report['overhead_ratio']:.2f}x; bytes {report['bytes_ratio']:.2f}x")
+        if report_dir:
+            click.echo(f"report: {Path(report_dir) / 'index.html'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

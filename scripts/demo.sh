@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The demo: sets up the virtual environment if needed, then runs the whole federation on this
+# machine (embedded broker and store, synthetic data) and writes a report to reports/demo/.
+# Extra arguments go to `cxr-mq demo`, e.g. `bash scripts/demo.sh --rounds 3 --compare`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec "${CXR_MQ_VENV:-.venv}/bin/cxr-mq" demo --report reports/demo "$@"
