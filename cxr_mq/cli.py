@@ -285,6 +285,84 @@ def synth(out_dir, n, seed, classes, size):
 
 
 @main.command()
+@click.argument("label_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--hospitals", type=int, required=True, help="Number of hospitals to split into.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--iid", is_flag=True, help="Split patients uniformly at random.")
+@click.option("--alpha", type=float, default=None,
+              help="Dirichlet concentration over classes (non-IID; smaller is more skewed).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Skip malformed lines and missing images.")
+@click.option("--json", "as_json", is_flag=True)
+def partition(label_file, hospitals, out_dir, iid, alpha, seed, skip_bad, as_json):
+    """Split a COVIDx dataset across hospitals by patient (no patient in two hospitals)."""
+    from .partition import format_class_table, partition_dataset
+
+    if iid and alpha is not None:
+        _fail("--iid and --alpha exclude each other")
+    if alpha is not None and alpha <= 0:
+        _fail("--alpha must be positive")
+    if hospitals < 1:
+        _fail("--hospitals must be at least 1")
+    table = partition_dataset(label_file, hospitals, out_dir, alpha=None if iid else (alpha or 0.5),
+                              seed=seed, skip_bad=skip_bad)
+    click.echo(json.dumps(table, indent=1) if as_json else format_class_table(table))
+
+
+def _secret_model(obj: Context, round_no, secret_context):
+    from .evaluation import global_model
+    from .runtime import load_secret_codec, make_store
+
+    settings = obj.settings(secret_context=secret_context)
+    codec = load_secret_codec(settings)
+    return global_model(make_store(settings), codec, round_no)
+
+
+@main.command()
+@click.option("--round", "round_no", type=int, default=None, help="Round (default: latest complete).")
+@click.option("--data", "label_file", required=True, type=click.Path(exists=True),
+              help="A COVIDx label file (or a directory holding one).")
+@click.option("--secret-context", type=click.Path(dir_okay=False), default=None)
+@click.option("--skip-bad", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def evaluate(obj: Context, round_no, label_file, secret_context, skip_bad, as_json):
+    """Decrypt a round's global model and report COVID-Net-style metrics on labelled data."""
+    from .data import find_label_file
+    from .evaluation import evaluate_label_file
+    from .metrics import format_report
+
+    model, params, used = _secret_model(obj, round_no, secret_context)
+    report = evaluate_label_file(model, params, find_label_file(label_file), skip_bad=skip_bad)
+    report["round"] = used
+    click.echo(json.dumps(report, indent=1) if as_json else f"round {used}\n{format_report(report)}")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--round", "round_no", type=int, default=None, help="Round (default: latest complete).")
+@click.option("--secret-context", type=click.Path(dir_okay=False), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def predict(obj: Context, images, round_no, secret_context, as_json):
+    """Class probabilities per image from a round's global model."""
+    from . import training
+    from .data import load_images
+
+    model, params, used = _secret_model(obj, round_no, secret_context)
+    classes = training.class_names(params.classes)
+    proba = training.predict_proba(model, load_images(list(images), params.image_size))
+    rows = [{"image": path, "round": used, "probabilities": dict(zip(classes, map(float, p))),
+             "prediction": classes[int(p.argmax())]} for path, p in zip(images, proba)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    else:
+        for row in rows:
+            probs = "  ".join(f"{c}={v:.3f}" for c, v in row["probabilities"].items())
+            click.echo(f"{row['image']}: {row['prediction']}  ({probs})")
+
+
+@main.command()
 @click.option("--hospitals", type=int, default=3, show_default=True)
 @click.option("--rounds", "n_rounds", type=int, default=5, show_default=True)
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,

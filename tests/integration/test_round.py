@@ -96,6 +96,21 @@ def test_two_encrypted_rounds_over_rabbitmq_and_s3(cluster: Cluster, amqp_url):
         evaluated = cluster.wait_for_event(hospital, "global_model_evaluated", round=second["round"])
         assert 0.0 <= evaluated["accuracy"] <= 1.0
 
+    # evaluate and predict decrypt round 2's model with the secret context
+    secret_arg = ["--secret-context", str(cluster.keys_dir / "secret.ctx")]
+    evaluated = json.loads(cluster.cli("evaluate", "--round", str(second["round"]), "--data",
+                                       str(cluster.data_dirs["h1"]), "--json", *secret_arg).stdout)
+    assert evaluated["round"] == second["round"]
+    assert 0.0 <= evaluated["accuracy"] <= 1.0
+    assert sum(map(sum, evaluated["confusion_matrix"])) == evaluated["n"] > 0
+    image = sorted(cluster.data_dirs["h2"].glob("*.png"))[0]
+    predicted = json.loads(cluster.cli("predict", str(image), "--json", *secret_arg).stdout)
+    assert predicted[0]["round"] == second["round"]
+    assert abs(sum(predicted[0]["probabilities"].values()) - 1.0) < 1e-4
+    no_secret = cluster.cli("evaluate", "--data", str(cluster.data_dirs["h1"]),
+                            "--secret-context", str(cluster.keys_dir / "public.ctx"), check=False)
+    assert no_secret.returncode == 2 and "no secret key" in no_secret.stderr
+
     # every worker stops cleanly on SIGTERM, and no message is left anywhere
     codes = cluster.stop_all()
     assert codes == {"aggregator": 0, "h1": 0, "h2": 0, "h3": 0}, codes
