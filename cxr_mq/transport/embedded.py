@@ -277,8 +277,9 @@ class EmbeddedBroker(Broker):
         try:
             consumer.handler(delivery)
         except Refuse as refusal:
-            self._log.warning("message_refused", queue=consumer.queue, routing_key=message.routing_key,
-                        message_id=message.message_id, reason=refusal.reason)
+            self._log.warning("message_refused", queue=consumer.queue,
+                              routing_key=message.routing_key, message_id=message.message_id,
+                              reason=refusal.reason)
             self._settle(tag, dead_letter_reason=refusal.reason)
         except Requeue:
             self._settle(tag, requeue=True)
@@ -286,8 +287,8 @@ class EmbeddedBroker(Broker):
             self._failures += 1
             delay = min(self.retry_delay * 2 ** (self._failures - 1), self.max_retry_delay)
             self._log.warning("handler_failed_requeueing", queue=consumer.queue,
-                        routing_key=message.routing_key, message_id=message.message_id,
-                        retry_in=round(delay, 3), exc_info=True)
+                              routing_key=message.routing_key, message_id=message.message_id,
+                              retry_in=round(delay, 3), exc_info=True)
             stop.wait(delay)
             self._settle(tag, requeue=True)
         else:
@@ -297,7 +298,8 @@ class EmbeddedBroker(Broker):
             with self.server.cond:
                 consumer.in_flight -= 1
 
-    def _settle(self, tag: int, requeue: bool = False, dead_letter_reason: str | None = None) -> None:
+    def _settle(self, tag: int, requeue: bool = False,
+                dead_letter_reason: str | None = None) -> None:
         """Ack, requeue or dead-letter an unacked message. A tag this connection no longer holds
         (it was closed or aborted meanwhile, so the message is back on its queue) is ignored,
         as an ack on a dead AMQP channel never reaches the broker."""
@@ -321,7 +323,7 @@ class EmbeddedBroker(Broker):
         target = self.server.find_queue(queue)
         if target is None:
             self._log.warning("requeue_to_deleted_queue_dropped", queue=queue,
-                        message_id=message.message_id)
+                              message_id=message.message_id)
             return
         message.redelivered = True
         target.messages.appendleft(message)

@@ -100,13 +100,34 @@ class RabbitMQBroker(Broker):
                 pass
 
     def _with_retry(self, operation: Callable):
-        for attempt in self._retrying():
-            with attempt:
-                try:
-                    return operation(self._channel())
-                except CONNECTION_ERRORS:
-                    self._drop()
-                    raise
+        try:
+            for attempt in self._retrying():
+                with attempt:
+                    try:
+                        return operation(self._channel())
+                    except CONNECTION_ERRORS as exc:
+                        if is_transient(exc):
+                            self._drop()
+                        raise
+        except pex.ChannelClosedByBroker as exc:
+            self._reopen_channel()
+            raise TransportError(f"broker refused: {exc.reply_code} {exc.reply_text}") from exc
+        except (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError,
+                pex.AuthenticationError) as exc:
+            raise TransportError(f"broker refused the credentials: {exc!r}") from exc
+
+    def _reopen_channel(self) -> None:
+        """A refused operation closes only the channel: open a new one on the same connection,
+        so exclusive queues (which belong to the connection) survive."""
+        if self._conn is None or not self._conn.is_open:
+            return
+        try:
+            self._ch = self._conn.channel()
+            self._ch.confirm_delivery()
+            for queue, (handler, prefetch) in self._consumers.items():
+                self._start_consumer(queue, handler, prefetch)
+        except CONNECTION_ERRORS:
+            self._drop()
 
     # -- topology -------------------------------------------------------------------------
     def _queue_args(self) -> dict:
@@ -172,9 +193,13 @@ class RabbitMQBroker(Broker):
 
     # -- consuming ------------------------------------------------------------------------
     def consume(self, queue: str, handler: Handler, prefetch: int = 1) -> None:
-        self._consumers[queue] = (handler, prefetch)
         if self._ch is not None and self._ch.is_open:
-            self._start_consumer(queue, handler, prefetch)
+            try:
+                self._start_consumer(queue, handler, prefetch)
+            except pex.ChannelClosedByBroker as exc:
+                self._reopen_channel()
+                raise TransportError(f"cannot consume from {queue}: {exc.reply_text}") from exc
+        self._consumers[queue] = (handler, prefetch)
 
     def _start_consumer(self, queue: str, handler: Handler, prefetch: int) -> None:
         ch = self._ch
@@ -226,6 +251,9 @@ class RabbitMQBroker(Broker):
                     next_tick = time.monotonic() + tick_interval
                     tick()
             except CONNECTION_ERRORS as exc:
+                if not is_transient(exc):
+                    self._drop()
+                    raise TransportError(f"broker refused: {exc!r}") from exc
                 self._log.warning("broker_connection_lost", error=repr(exc))
                 self._drop()
         self._cancel_consumers()
@@ -272,12 +300,7 @@ class RabbitMQBroker(Broker):
             self.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def queue_depth(self, queue: str) -> int:
-        try:
-            return self._with_retry(
-                lambda ch: ch.queue_declare(queue, passive=True).method.message_count)
-        except pex.ChannelClosedByBroker as exc:
-            self._drop()
-            raise TransportError(f"no queue {queue}: {exc}") from exc
+        return self._with_retry(lambda ch: ch.queue_declare(queue, passive=True).method.message_count)
 
     def close(self) -> None:
         self._consumers.clear()
