@@ -365,14 +365,14 @@ def predict(obj: Context, images, round_no, secret_context, as_json):
 @main.command()
 @click.option("--hospitals", type=int, default=3, show_default=True)
 @click.option("--rounds", "n_rounds", type=int, default=5, show_default=True)
-@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--data", default=None, metavar="LABELFILE",
               help="A COVIDx label file to use instead of synthetic data.")
 @click.option("--n", "n_images", type=int, default=480, show_default=True,
               help="Synthetic images (without --data).")
 @click.option("--model", default="small-cnn", show_default=True)
 @click.option("--image-size", type=int, default=48, show_default=True)
 @click.option("--classes", type=click.Choice(["binary", "3class"]), default="binary", show_default=True)
-@click.option("--epochs", type=int, default=1, show_default=True, help="Local epochs per round.")
+@click.option("--epochs", type=int, default=3, show_default=True, help="Local epochs per round.")
 @click.option("--alpha", type=float, default=0.5, show_default=True,
               help="Dirichlet non-IID concentration; 0 means IID.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -387,41 +387,66 @@ def predict(obj: Context, images, round_no, secret_context, as_json):
 def demo(obj: Context, hospitals, n_rounds, data, n_images, model, image_size, classes, epochs,
          alpha, seed, plaintext, compare, report_dir, broker, store, as_json):
     """The whole federation on one machine (embedded broker and store by default)."""
-    from .demo import DemoOptions, run_demo
+    from .demo import DemoError, DemoOptions, run_demo
     from .report import build_report, write_report
     from .view import LiveView
 
     settings = obj.settings(log_level=obj.log_level or "warning", log_format=obj.log_format or "console")
-    if hospitals < 1 or n_rounds < 1:
-        _fail("--hospitals and --rounds must be at least 1")
-    if broker and not broker.startswith(("amqp://", "amqps://")):
-        _fail(f"--broker must be an amqp:// URL, got {broker!r}")
+    if plaintext and compare:
+        _fail("--plaintext and --compare: choose one (--compare runs both)")
     options = DemoOptions(hospitals=hospitals, rounds=n_rounds, data=data, n=n_images, model=model,
                           image_size=image_size, classes=classes, epochs=epochs,
                           alpha=alpha or None, seed=seed, broker=broker, store=store,
-                          work_dir=settings.work_dir if Path(settings.work_dir).is_dir() else None)
-    try:
-        options.training_params()
-    except ValueError as exc:
-        _fail(str(exc))
+                          work_dir=settings.work_dir if Path(settings.work_dir).is_dir() else None,
+                          warm_up=compare)
+    options.validate()  # ConfigError: one line naming the flag, exit 2
     modes = ["encrypted", "plaintext"] if compare else ["plaintext" if plaintext else "encrypted"]
     results = {}
     for mode in modes:
         options.plaintext = mode == "plaintext"
         view = LiveView(title=mode)
         try:
-            results[mode] = run_demo(options, settings, view=None if as_json else view)
+            results[mode] = run_demo(options, settings, view=view)
+        except DemoError as exc:
+            _fail(f"demo: {exc}", 1)
         finally:
             view.close()
     report = write_report(report_dir, results) if report_dir else build_report(results)
     if as_json:
         click.echo(json.dumps(report, default=float))
-    else:
-        if "overhead_ratio" in report:
-            click.echo(f"encryption overhead (wall time, encrypted / plaintext): "
-                       f"{report['overhead_ratio']:.2f}x; bytes {report['bytes_ratio']:.2f}x")
-        if report_dir:
-            click.echo(f"report: {Path(report_dir) / 'index.html'}")
+        return
+    if "overhead_ratio" in report:
+        click.echo(f"encryption overhead: rounds' wall time {report['overhead_ratio']:.2f}x "
+                   f"plaintext, bytes uploaded {report['bytes_ratio']:.1f}x")
+    if report_dir:
+        click.echo(f"report: {Path(report_dir) / 'index.html'}")
+
+
+@main.command()
+@click.option("--params", type=int, default=1_000_000, show_default=True,
+              help="Model parameters per update.")
+@click.option("--hospitals", "hospitals", type=int, multiple=True,
+              help="Hospital counts for the aggregator memory figure (repeatable; default 2, 10, 50).")
+@click.option("--profile", "profiles", type=click.Choice(["seed", "compact"]), multiple=True,
+              help="Profiles to measure (default both).")
+@click.option("--round/--no-round", "with_round", default=True, show_default=True,
+              help="Also time one embedded demo round encrypted and in plaintext.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def bench(obj: Context, params, hospitals, profiles, with_round, as_json):
+    """Measure the codec profiles (size, speed, precision, memory) and the round overhead."""
+    from .bench import _check_targets, results_table, round_overhead, run_codec_bench
+
+    settings = obj.settings(log_level=obj.log_level or "warning")
+    if params < 1 or any(k < 1 for k in hospitals):
+        _fail("--params and --hospitals must be positive")
+    log = (lambda message: click.echo(message, err=True))
+    result = run_codec_bench(params, list(hospitals) or [2, 10, 50],
+                             tuple(profiles) or ("seed", "compact"), log=log)
+    if with_round:
+        result.update(round_overhead(settings=settings, log=log))
+        result["targets"] = _check_targets(result)
+    click.echo(json.dumps(result, indent=1, default=float) if as_json else results_table(result))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -215,3 +215,178 @@ def test_load_context_file(tmp_path, keys, codecs):
     path = tmp_path / "public.ctx"
     path.write_bytes(pair.public)
     assert crypto.load_context_file(path).fingerprint == codecs[1].fingerprint
+
+
+# --------------------------------------------------------------------------- precision edges
+
+
+@pytest.mark.parametrize("count", [1, 100_000])
+def test_fedavg_precision_at_the_extremes(codecs, count):
+    """All 10 hospitals at one sample (smallest total) or 100,000 (largest sum), |w| = 10."""
+    secret, public = codecs
+    rng = np.random.default_rng(count)
+    n_params = 12_000
+    weights = [rng.choice([-10.0, 10.0], n_params) for _ in range(10)]
+    for w in weights:
+        w[:500] = 10.0  # the sum reaches 10 * 10 * count
+    total = public.new_sum(n_params)
+    for w in weights:
+        total.add(io.BytesIO(_encrypt(secret, w, count)))
+    buf = io.BytesIO()
+    total.write(buf)
+    buf.seek(0)
+    got = secret.decrypt_aggregate(buf, 10 * count)
+    expected = sum(weights) / 10
+    assert np.max(np.abs(got - expected)) < 1e-6
+
+
+def test_compact_noise_bound():
+    """Coefficient encoding: one update's error is SEAL's noise bound (21) plus rounding over the scale."""
+    codec = crypto.load_context(crypto.generate_keys("compact").secret)
+    w = np.random.default_rng(7).uniform(-10, 10, 3 * codec.POLY_MODULUS_DEGREE)
+    out = codec.decrypt_update(io.BytesIO(_encrypt(codec, w, 1)), 1)
+    bound = (codec.NOISE_BOUND + 1) / codec.scale
+    assert np.max(np.abs(out - w)) <= bound
+
+
+def test_compact_refuses_values_beyond_headroom():
+    codec = crypto.load_context(crypto.generate_keys("compact").secret)
+    with pytest.raises(CodecError, match="at most"):
+        codec.encrypt_update(np.full(10, 10.0), int(codec.VALUE_LIMIT), io.BytesIO())
+
+
+# --------------------------------------------------------------------------- keys and profiles
+
+
+def test_compact_encrypts_with_the_secret_key_only():
+    public = crypto.load_context(crypto.generate_keys("compact").public)
+    with pytest.raises(CodecError, match="secret key"):
+        public.encrypt_update(np.ones(4), 1, io.BytesIO())
+
+
+def test_tampered_parameters_are_rejected():
+    import msgpack
+
+    pair = crypto.generate_keys("compact")
+    payload = msgpack.unpackb(pair.public[len(crypto.KEY_MAGIC):])
+    payload["params"]["scale_bits"] = 30
+    with pytest.raises(CodecMismatch, match="parameters"):
+        crypto.load_context(crypto.KEY_MAGIC + msgpack.packb(payload, use_bin_type=True))
+
+
+def test_security_check_refuses_oversized_modulus():
+    with pytest.raises(CodecError, match="128-bit"):
+        crypto._check_security(1024, [60])
+    crypto._check_security(8192, [56])
+
+
+def test_absurd_header_claims_are_codec_errors(codecs):
+    import msgpack
+
+    secret, public = codecs
+    for field, value in (("n_updates", 10**9), ("n_params", 10**15)):
+        blob = bytearray(_encrypt(secret, np.ones(10), 1))
+        header = public.read_header(io.BytesIO(bytes(blob)))
+        fields = {"v": 1, "profile": header.profile, "fingerprint": header.fingerprint,
+                  "n_params": header.n_params, "n_chunks": header.n_chunks, "n_updates": 1, field: value}
+        body = msgpack.packb(fields)
+        forged = crypto.UPDATE_MAGIC + len(body).to_bytes(4, "big") + body + b"\0" * 64
+        with pytest.raises(CodecError):
+            public.read_header(io.BytesIO(forged))
+
+
+# --------------------------------------------------------------------------- parallel and threads
+
+
+def test_compact_process_pool_round_trip():
+    pair = crypto.generate_keys("compact")
+    with crypto.load_context(pair.secret) as secret:
+        public = crypto.load_context(pair.public)
+        secret.workers = 2
+        secret.parallel_min_params = 0
+        n_params = 9 * secret.POLY_MODULUS_DEGREE + 5
+        rng = np.random.default_rng(8)
+        ws = [rng.uniform(-10, 10, n_params).astype(np.float32) for _ in range(2)]  # as Keras gives them
+        blobs = [_encrypt(secret, w, 3) for w in ws]
+        secret.workers = 1  # the same update encrypted in this process decrypts the same
+        serial = _encrypt(secret, ws[0], 3)
+        assert len(serial) == len(blobs[0])
+        secret.workers = 2
+        total = public.new_sum(n_params)
+        for blob in blobs:
+            total.add(io.BytesIO(blob))
+        buf = io.BytesIO()
+        total.write(buf)
+        buf.seek(0)
+        got = secret.decrypt_aggregate(buf, 6)  # decrypted through the pool too
+        expected = (ws[0].astype(np.float64) + ws[1].astype(np.float64)) / 2
+        assert np.max(np.abs(got - expected)) < 1e-6
+
+
+def test_codec_shared_by_threads(codecs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    secret, _ = codecs
+    rng = np.random.default_rng(9)
+    ws = [rng.uniform(-1, 1, 20_000) for _ in range(6)]
+
+    def round_trip(w):
+        return np.max(np.abs(secret.decrypt_update(io.BytesIO(_encrypt(secret, w, 1)), 1) - w))
+
+    with ThreadPoolExecutor(3) as pool:
+        errors = list(pool.map(round_trip, ws))
+    assert max(errors) < 1e-6
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_compact_sum_allocation_does_not_grow_with_updates():
+    """Peak traced allocation while adding 20 updates is that of adding 2 (numpy is traced)."""
+    import tracemalloc
+
+    pair = crypto.generate_keys("compact")
+    secret, public = crypto.load_context(pair.secret), crypto.load_context(pair.public)
+    n_params = 40 * secret.POLY_MODULUS_DEGREE
+    blob = _encrypt(secret, np.random.default_rng(10).uniform(-1, 1, n_params), 1)
+
+    def peak_for(k):
+        tracemalloc.start()
+        try:
+            total = public.new_sum(n_params)
+            for _ in range(k):
+                total.add(io.BytesIO(blob))
+            total.write(io.BytesIO())
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    two, twenty = peak_for(2), peak_for(20)
+    # Only the seeds grow: 65 bytes per chunk per update (0.9% of an update), kept for the
+    # decryptor. The sum, its staging copy and the read buffers are allocated once.
+    seeds_per_update = secret.SEED_BYTES * secret.n_chunks(n_params)
+    assert twenty - two <= 18 * (seeds_per_update + 512), (two, twenty)
+    sum_bytes = 8 * n_params
+    assert two < 2 * sum_bytes + 6 * secret.READ_BATCH * secret.frame_bytes(), two
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_aggregator_process_memory_is_flat(tmp_path, profile):
+    """Peak RSS of a fresh aggregator process streaming 2 vs 12 update files from disk."""
+    from cxr_mq import bench
+
+    pair = crypto.generate_keys(profile)
+    secret = crypto.load_context(pair.secret)
+    (tmp_path / "public.ctx").write_bytes(pair.public)
+    n_params = 60_000
+    files = []
+    for i in range(3):
+        path = tmp_path / f"u{i}.bin"
+        path.write_bytes(_encrypt(secret, np.random.default_rng(i).uniform(-1, 1, n_params), 1))
+        files.append(path)
+    update_mb = files[0].stat().st_size / 2**20
+    runs = {k: bench._peak_rss(tmp_path / "public.ctx", [files[i % 3] for i in range(k)], n_params)
+            for k in (2, 12)}
+    growth = {k: run["peak_rss_mb"] - run["loaded_rss_mb"] for k, run in runs.items()}
+    # holding 10 more updates would add 10 * update_mb
+    assert growth[12] - growth[2] < max(2.0, 2 * update_mb), (growth, update_mb)
