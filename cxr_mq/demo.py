@@ -3,12 +3,19 @@
 The hospital, aggregator and controller code is the same that runs on EC2; only the parts
 under it are embedded by default: an in-process broker (same interface and semantics as
 RabbitMQ) and a local-directory object store (same interface as S3). ``--broker amqp://...``
-and ``--store s3://BUCKET`` swap in the real ones.
+and ``--store s3://BUCKET`` swap in the real ones; the run then gets a namespace of its own on
+the broker (deleted afterwards) and a key prefix of its own in the bucket (kept, for audit).
+
+A demo must end: a worker whose handler keeps failing, a refused message, a dead worker
+thread or a round without a result stops the run with one line saying why, and every worker
+thread is stopped before the command returns.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import logging
 import tempfile
 import threading
 import time
@@ -18,13 +25,34 @@ from pathlib import Path
 
 import numpy as np
 
-from . import controller, crypto, metrics, rounds, training
+from workers.aggregator import AggregatorWorker
+from workers.hospital import HospitalWorker
+
+from . import controller, crypto, metrics, training
 from .config import ConfigError, Settings
-from .data import load_images, read_label_file, split_patients, write_label_file
-from .partition import format_class_table, partition_dataset
+from .config import _redact as redact_url
+from .data import load_images, map_label, read_label_file, split_patients, write_label_file
+from .partition import format_class_table, partition_dataset, patient_classes
 from .rounds import RoundState
-from .storage.base import ObjectStore
-from .transport.base import Broker, Topology
+from .storage.base import ObjectInfo, ObjectStore
+from .transport.base import Broker, Refuse, Requeue, Topology
+
+MAX_HANDLER_FAILURES = 3     # consecutive failures of one worker before the demo gives up
+BROKER_RECONNECT_SECONDS = 30.0
+POLL_SECONDS = 1.0
+SHUTDOWN_SECONDS = 60.0
+
+_FLAGS = {"model": "--model", "image_size": "--image-size", "classes": "--classes",
+          "epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "seed": "--seed"}
+
+
+class DemoError(Exception):
+    """The demo could not finish: a round aborted, a worker kept failing or died."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or repr(exc)
+    return f"{type(exc).__name__}: {text}" if not text.startswith(type(exc).__name__) else text
 
 
 @dataclass
@@ -36,7 +64,7 @@ class DemoOptions:
     model: str = "small-cnn"
     image_size: int = 48
     classes: str = "binary"
-    epochs: int = 1
+    epochs: int = 3                  # local epochs per round: 1 barely learns in 5 rounds
     lr: float = 2e-3
     batch_size: int = 16
     alpha: float | None = 0.5        # Dirichlet non-IID; None = IID
@@ -47,11 +75,41 @@ class DemoOptions:
     test_fraction: float = 0.2
     deadline: float = 900.0
     work_dir: str | None = None
+    warm_up: bool = False            # one untimed training step first (fair --compare timings)
 
     def training_params(self) -> training.TrainingParams:
         return training.TrainingParams(model=self.model, image_size=self.image_size,
                                        classes=self.classes, epochs=self.epochs, lr=self.lr,
                                        batch_size=self.batch_size, seed=self.seed)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the flag for anything wrong before any work is done."""
+        for flag, value in (("--hospitals", self.hospitals), ("--rounds", self.rounds),
+                            ("--n", self.n)):
+            if value < 1:
+                raise ConfigError(flag, f"must be at least 1, got {value}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError("--alpha", f"must be positive (0 means IID), got {self.alpha}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError("test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        if self.data is not None and not Path(self.data).is_file():
+            raise ConfigError("--data", f"no such label file: {self.data}")
+        if self.broker and not self.broker.startswith(("amqp://", "amqps://")):
+            raise ConfigError("--broker", f"must be an amqp:// URL, got {redact_url(self.broker)!r}")
+        if self.store and self.store.startswith("s3://") and not self.store[5:].strip("/"):
+            raise ConfigError("--store", "s3:// needs a bucket name: s3://BUCKET")
+        try:
+            self.training_params()
+        except ValueError as exc:
+            flag = next((f for name, f in _FLAGS.items() if f"'{name}'" in str(exc)), "--model")
+            raise ConfigError(flag, str(exc)) from None
+
+    def public_dict(self) -> dict:
+        """The settings as recorded in the report (no password from a broker URL)."""
+        out = asdict(self)
+        if out["broker"]:
+            out["broker"] = redact_url(out["broker"])
+        return out
 
 
 @dataclass
@@ -84,20 +142,55 @@ class DemoResult:
         return out
 
 
-# -- parts ------------------------------------------------------------------------------------
-class Federation:
-    """Brokers and a store for one demo run: embedded by default, real when asked."""
+# -- the services under the workers -----------------------------------------------------------
+class PrefixedStore(ObjectStore):
+    """A view of another store under a key prefix, so a demo on a shared bucket or directory
+    starts at round 1 and never reads another run's rounds. Keys seen by callers are unprefixed."""
 
-    def __init__(self, options: DemoOptions, settings: Settings, root: Path):
+    def __init__(self, inner: ObjectStore, prefix: str):
+        self.inner, self.prefix = inner, prefix.rstrip("/") + "/"
+
+    def _info(self, key: str, info: ObjectInfo) -> ObjectInfo:
+        return ObjectInfo(key, info.sha256, info.size)
+
+    def put_file(self, key, path):
+        return self._info(key, self.inner.put_file(self.prefix + key, path))
+
+    def put_bytes(self, key, data):
+        return self._info(key, self.inner.put_bytes(self.prefix + key, data))
+
+    def download(self, key, path, sha256=None):
+        return self._info(key, self.inner.download(self.prefix + key, path, sha256=sha256))
+
+    def get_bytes(self, key, sha256=None):
+        return self.inner.get_bytes(self.prefix + key, sha256=sha256)
+
+    def exists(self, key):
+        return self.inner.exists(self.prefix + key)
+
+    def list(self, prefix=""):
+        return [k[len(self.prefix):] for k in self.inner.list(self.prefix + prefix)]
+
+    def describe(self, key):
+        return self.inner.describe(self.prefix + key)
+
+
+class Federation:
+    """Broker connections and the store for one demo run: embedded by default, real when asked."""
+
+    def __init__(self, options: DemoOptions, settings: Settings, root: Path, run_id: str):
         self.options, self.settings, self.root = options, settings, root
-        self.topology = Topology(f"demo-{uuid.uuid4().hex[:8]}" if options.broker else "cxr")
+        self.run_id = run_id
+        # on a shared RabbitMQ the run gets its own namespace; in-process, the default one
+        self.topology = Topology(run_id if options.broker else "cxr")
         self._server = None
         self._brokers: list[Broker] = []
 
     def broker(self) -> Broker:
         if self.options.broker:
             from .transport.rabbitmq import RabbitMQBroker
-            broker = RabbitMQBroker(self.options.broker, self.topology)
+            broker = RabbitMQBroker(self.options.broker, self.topology,
+                                    reconnect_for=BROKER_RECONNECT_SECONDS)
         else:
             from .transport.embedded import EmbeddedBroker, EmbeddedServer
             if self._server is None:
@@ -106,6 +199,10 @@ class Federation:
         self._brokers.append(broker)
         return broker
 
+    @property
+    def store_prefix(self) -> str | None:
+        return f"demo/{self.run_id}/" if self.options.store else None
+
     def store(self) -> ObjectStore:
         target = self.options.store
         if target and target.startswith("s3://"):
@@ -113,19 +210,28 @@ class Federation:
             bucket = target[len("s3://"):].strip("/")
             if not self.settings.kms_key_id:
                 raise ConfigError("CXR_MQ_KMS_KEY_ID", "is required for --store s3://")
-            return S3Store(bucket=bucket, kms_key_id=self.settings.kms_key_id,
-                           endpoint_url=self.settings.s3_endpoint_url, region=self.settings.aws_region)
+            return PrefixedStore(S3Store(bucket=bucket, kms_key_id=self.settings.kms_key_id,
+                                         endpoint_url=self.settings.s3_endpoint_url,
+                                         region=self.settings.aws_region), self.store_prefix)
         from .storage.local import LocalStore
-        return LocalStore(Path(target) if target else self.root / "store")
+        if target:
+            return PrefixedStore(LocalStore(Path(target)), self.store_prefix)
+        return LocalStore(self.root / "store")
 
-    def close(self, hospitals) -> None:
-        if self.options.broker and self._brokers:
+    def close(self, control: Broker | None, hospitals) -> None:
+        """Delete a real broker's demo namespace (through ``control``, which only the calling
+        thread used), then close every connection."""
+        if self.options.broker and control is not None:
             try:
-                self._brokers[0].delete_topology(hospitals)
-            except Exception:  # noqa: BLE001 - best effort clean-up of a demo namespace
-                pass
+                control.delete_topology(hospitals)
+            except Exception as exc:  # noqa: BLE001 - clean-up is best effort; say so
+                logging.getLogger(__name__).warning(
+                    "could not delete broker namespace %s: %r", self.topology.namespace, exc)
         for broker in self._brokers:
-            broker.close()
+            try:
+                broker.close()
+            except Exception:  # noqa: BLE001 - closing what is going away anyway
+                pass
 
 
 def _prepare_data(options: DemoOptions, root: Path) -> tuple[list[Path], tuple, dict]:
@@ -135,105 +241,301 @@ def _prepare_data(options: DemoOptions, root: Path) -> tuple[list[Path], tuple, 
     if options.data:
         label_file = Path(options.data)
     else:
-        label_file = write_synthetic(root / "synthetic", n=options.n, seed=options.seed,
-                                     classes=options.classes, size=options.image_size)
+        try:
+            label_file = write_synthetic(root / "synthetic", n=options.n, seed=options.seed,
+                                         classes=options.classes, size=options.image_size)
+        except ValueError as exc:
+            raise ConfigError("--image-size" if "size" in str(exc) else "--n", str(exc)) from None
     labels = read_label_file(label_file)
-    _, test_patients = split_patients(labels.records, options.test_fraction, options.seed)
-    pool = [r for r in labels.records if r.patient not in test_patients]
-    test = [r for r in labels.records if r.patient in test_patients]
-    pool_file = write_label_file(label_file.parent / "federation-pool.txt", pool)
-    table = partition_dataset(pool_file, options.hospitals, root / "hospitals", alpha=options.alpha,
-                              seed=options.seed, mode="symlink")
-    dirs = [Path(h["dir"]) for h in table["hospitals"]]
     classes = training.class_names(options.classes)
+    records = [r for r in labels.records if map_label(r.label, classes) is not None]
+    _, test_patients = split_patients(records, options.test_fraction, options.seed)
+    pool = [r for r in records if r.patient not in test_patients]
+    test = [r for r in records if r.patient in test_patients]
+    n_pool = len(patient_classes(pool))
+    source = f"{options.data}" if options.data else f"{options.n} synthetic images"
+    if not test:
+        raise ConfigError("--n" if not options.data else "--data",
+                          f"{source}: too few patients to hold out a test set")
+    if n_pool < options.hospitals:
+        raise ConfigError("--hospitals", f"{options.hospitals} hospitals, but {source} leave only "
+                          f"{n_pool} patients after the held-out test set (one per hospital at least)")
+    pool_file = _link_pool(root / "pool", pool)
+    try:
+        table = partition_dataset(pool_file, options.hospitals, root / "hospitals",
+                                  alpha=options.alpha, seed=options.seed, mode="symlink")
+    except ValueError as exc:  # e.g. no Dirichlet draw gives every hospital a patient
+        raise ConfigError("--hospitals", str(exc)) from None
+    dirs = [Path(h["dir"]) for h in table["hospitals"]]
     index = {c: i for i, c in enumerate(classes)}
-    from .data import map_label
     y_test = np.array([index[map_label(r.label, classes)] for r in test], dtype=np.int32)
     x_test = load_images([r.path for r in test], options.image_size)
     return dirs, (x_test, y_test, classes), table
 
 
-# -- running --------------------------------------------------------------------------------
+def _link_pool(pool_dir: Path, records) -> Path:
+    """A label file of the federation's patients beside links to their images (the user's
+    data directory is never written to)."""
+    for r in records:
+        link = pool_dir / r.filename
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(Path(r.path).resolve())
+    return write_label_file(pool_dir / "labels.txt", records)
+
+
+# -- the workers, on threads ------------------------------------------------------------------
+class Crew:
+    """The demo's worker threads, the lock that serialises their TensorFlow work, and what
+    went wrong with them, so the controller can stop waiting as soon as a round cannot end."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.lock = threading.Lock()  # one TensorFlow job at a time: hospitals share the CPUs
+        self.threads: list[threading.Thread] = []
+        self._failures: dict[str, tuple[int, str]] = {}  # worker -> (consecutive, last error)
+        self._fatal: dict[str, str] = {}
+
+    def start(self, name: str, worker) -> None:
+        def target():
+            try:
+                worker.run()
+            except BaseException as exc:  # noqa: BLE001 - reported by check() on the main thread
+                self._fatal[name] = _describe(exc)
+        thread = threading.Thread(target=target, name=f"demo-{name}", daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def handler_failed(self, name: str, error: str, fatal: bool = False) -> None:
+        if fatal:
+            self._fatal[name] = error
+            return
+        count = self._failures.get(name, (0, ""))[0] + 1
+        self._failures[name] = (count, error)
+
+    def handler_succeeded(self, name: str) -> None:
+        self._failures.pop(name, None)
+
+    def check(self) -> None:
+        for name, error in list(self._fatal.items()):
+            raise DemoError(f"{name}: {error}")
+        for name, (count, error) in list(self._failures.items()):
+            if count >= MAX_HANDLER_FAILURES:
+                raise DemoError(f"{name} failed {count} times in a row: {error}")
+        for thread in self.threads:
+            if not thread.is_alive() and not self.stop.is_set():
+                raise DemoError(f"worker thread {thread.name} stopped unexpectedly")
+
+    def shutdown(self, timeout: float = SHUTDOWN_SECONDS) -> list[str]:
+        """Stop every worker; return the names of threads still running after ``timeout``."""
+        self.stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        # a hospital stopped mid-training leaves its training thread to finish under the lock
+        if self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self.lock.release()
+        return [t.name for t in self.threads if t.is_alive()]
+
+
+class _Watched:
+    """Report each handler's outcome to the crew. The broker retries a failing handler
+    forever (right for a long-running worker); the demo gives up after a few failures."""
+
+    crew: Crew
+    label: str
+
+    def on_delivery(self, delivery):
+        try:
+            super().on_delivery(delivery)
+        except Requeue:
+            raise
+        except Refuse as exc:  # every message of a demo is meant to be used: a refusal is a bug
+            self.crew.handler_failed(self.label, f"refused a {delivery.routing_key}: {exc.reason}",
+                                     fatal=True)
+            raise
+        except Exception as exc:
+            self.crew.handler_failed(self.label, f"{delivery.routing_key}: {_describe(exc)}")
+            raise
+        self.crew.handler_succeeded(self.label)
+
+    def tick(self):
+        """Housekeeping (the aggregator's deadlines and announcements) is retried every second
+        by the worker; failing every time, it would hold the round until its deadline."""
+        name = f"{self.label} (housekeeping)"
+        try:
+            super().tick()
+        except Exception as exc:
+            self.crew.handler_failed(name, _describe(exc))
+            raise
+        self.crew.handler_succeeded(name)
+
+
+class DemoHospital(_Watched, HospitalWorker):
+    """A hospital sharing the process with the others: its TensorFlow work takes turns."""
+
+    def __init__(self, crew: Crew, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.crew, self.label = crew, self.id
+
+    def _train_and_upload(self, message, params):
+        self.status = "queued"
+        with self.crew.lock:
+            self.status = "loading"
+            return super()._train_and_upload(message, params)
+
+    def on_model_ready(self, message, delivery):
+        self.status = "queued"
+        with self.crew.lock:
+            self.status = "evaluating"
+            return super().on_model_ready(message, delivery)
+
+
+class DemoAggregator(_Watched, AggregatorWorker):
+    def __init__(self, crew: Crew, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.crew, self.label = crew, "aggregator"
+
+
+# -- running ----------------------------------------------------------------------------------
 class DemoRun:
     """One federation run; ``view`` (optional) is told what happens for a live display."""
 
     def __init__(self, options: DemoOptions, settings: Settings, view=None):
         self.options, self.settings, self.view = options, settings, view
+        self._model = None
 
     def run(self) -> DemoResult:
-        from workers.aggregator import AggregatorWorker
-
         options = self.options
+        options.validate()
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing chatter per round
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="cxr-mq-demo-", dir=options.work_dir) as tmp:
             root = Path(tmp)
-            dirs, test_set, table = _prepare_data(options, root)
-            ids = [d.name for d in dirs]
-            if options.plaintext:
-                from .plaintext import PlaintextCodec
-                secret = public = PlaintextCodec()
-            else:
-                pair = crypto.generate_keys(self.settings.codec_profile)
-                secret, public = crypto.load_context(pair.secret), crypto.load_context(pair.public)
-            federation = Federation(options, self.settings, root)
-            store = federation.store()
-            stop = threading.Event()
-            aggregator = AggregatorWorker(federation.broker(), store, public, hospitals=ids,
-                                          work_dir=str(root), stop=stop)
-            lock = threading.Lock()
-            hospitals = [_DemoHospital(lock, federation.broker(), store, secret, hid, str(d),
-                                       str(root / "work"), stop=stop)
-                         for hid, d in zip(ids, dirs)]
-            threads = [threading.Thread(target=w.run, name=f"worker-{i}", daemon=True)
-                       for i, w in enumerate([aggregator, *hospitals])]
-            control = federation.broker()
-            result = DemoResult(mode="plaintext" if options.plaintext else "encrypted",
-                                settings={**asdict(options), "codec_profile": getattr(public, "profile", None)},
-                                partition=table)
+            federation = Federation(options, self.settings, root, f"demo-{uuid.uuid4().hex[:8]}")
+            crew, control, ids, reachable = Crew(), None, [], False
             try:
-                control.declare_topology(ids)
-                for thread in threads:
-                    thread.start()
-                queue = control.temporary_queue(["model_ready", "round_aborted"])
+                store = federation.store()
+                control = federation.broker()
+                self._say("connecting to the broker and the store")
+                reachable = self._reach_broker(control)
+                self._reach_store(store)
+                self._say("reading the data" if options.data else "synthesising chest X-rays")
+                dirs, test_set, table = _prepare_data(options, root)
+                ids = [d.name for d in dirs]
+                self._say("generating keys" if not options.plaintext else "starting")
+                secret, public = self._codecs()
+                if options.warm_up:
+                    self._say("warming up TensorFlow")
+                    self._warm_up(dirs[0])
+                self._say("starting the workers")
+                session = self._start(federation, crew, control, store, secret, public, dirs, root)
+                session.test_set = test_set
+                result = DemoResult(
+                    mode="plaintext" if options.plaintext else "encrypted",
+                    settings={**options.public_dict(), "codec_profile": getattr(public, "profile", None),
+                              "namespace": federation.topology.namespace,
+                              "store_prefix": federation.store_prefix},
+                    partition=table)
                 for _ in range(options.rounds):
-                    result.rounds.append(self._one_round(control, queue, store, public, secret,
-                                                         hospitals, aggregator, ids, test_set, result))
+                    result.rounds.append(self._one_round(session, result))
+            except Exception as exc:
+                if type(exc).__module__.startswith("pika"):  # retries exhausted on the main thread
+                    raise DemoError(f"lost the broker: {_describe(exc)}") from exc
+                raise
             finally:
-                stop.set()
-                for thread in threads:
-                    thread.join(timeout=60)
-                federation.close(ids)
+                stuck = crew.shutdown()
+                federation.close(control if reachable else None, ids)
+                if stuck:
+                    logging.getLogger(__name__).warning("worker threads still running: %s", stuck)
         result.wall_seconds = time.perf_counter() - started
         return result
 
-    def _one_round(self, control, queue, store, public, secret, hospitals, aggregator, ids,
-                   test_set, result: DemoResult) -> RoundReport:
-        options = self.options
+    def _start(self, federation, crew, control, store, secret, public, dirs, root) -> "_Session":
+        """Declare the hospitals' queues and the controller's reply queue, then start the
+        aggregator and one hospital per data directory, each on its own connection."""
+        ids = [d.name for d in dirs]
+        control.declare_topology(ids)
+        queue = control.temporary_queue(["model_ready", "round_aborted"])
+        aggregator = DemoAggregator(crew, federation.broker(), store, public, hospitals=ids,
+                                    work_dir=str(root), stop=crew.stop)
+        hospitals = [DemoHospital(crew, federation.broker(), store, secret, d.name, str(d),
+                                  str(root / "work"), stop=crew.stop) for d in dirs]
+        crew.start("aggregator", aggregator)
+        for hospital in hospitals:
+            crew.start(hospital.id, hospital)
+        return _Session(crew, control, queue, store, secret, public, aggregator, hospitals)
+
+    def _say(self, what: str) -> None:
+        if self.view is not None and hasattr(self.view, "preparing"):
+            self.view.preparing(what)
+
+    def _reach_broker(self, control: Broker) -> bool:
+        """Reach the broker before any real work, so a wrong URL fails fast and clearly."""
+        try:
+            control.declare_topology([])
+        except Exception as exc:  # noqa: BLE001 - pika raises its own types after retries
+            where = redact_url(self.options.broker) if self.options.broker else "embedded"
+            raise DemoError(f"cannot use the broker ({where}): {_describe(exc)}") from exc
+        return True
+
+    def _reach_store(self, store: ObjectStore) -> None:
+        try:
+            store.list("rounds/")
+        except Exception as exc:  # noqa: BLE001
+            raise DemoError(f"cannot use the store ({self.options.store or 'local'}): "
+                            f"{_describe(exc)}") from exc
+
+    def _codecs(self):
+        if self.options.plaintext:
+            from .plaintext import PlaintextCodec
+            codec = PlaintextCodec()
+            return codec, codec
+        pair = crypto.generate_keys(self.settings.codec_profile)
+        return crypto.load_context(pair.secret), crypto.load_context(pair.public)
+
+    def _warm_up(self, hospital_dir: Path) -> None:
+        """Pay TensorFlow's one-off start-up (runtime, tf.data, first trace) outside the timed
+        rounds, so an encrypted and a plaintext run compare like with like."""
+        params = self.options.training_params()
+        data = training.LocalData.from_dir(str(hospital_dir), params, val_fraction=0.2)
+        k = min(params.batch_size, data.n_train)
+        data = dataclasses.replace(data, x_train=data.x_train[:k], y_train=data.y_train[:k])
+        model = training.build_model(params)
+        training.train_local(model, data, params)
+        training.predict_proba(model, data.x_train[:k])
+
+    def _wait(self, control, queue, round_no: int, crew: Crew) -> dict:
+        limit = time.monotonic() + self.options.deadline + 60
+        while True:
+            crew.check()
+            try:
+                return controller.wait_for_round(control, queue, round_no, POLL_SECONDS)
+            except controller.RoundTimeout:
+                if time.monotonic() > limit:
+                    raise DemoError(f"round {round_no}: no model_ready or round_aborted within "
+                                    f"{self.options.deadline + 60:.0f}s") from None
+
+    def _one_round(self, session: "_Session", result: DemoResult) -> RoundReport:
+        options, ids = self.options, [h.id for h in session.hospitals]
         request = controller.RoundRequest(quorum=len(ids), min_clients=len(ids),
                                           deadline_seconds=options.deadline,
                                           training=options.training_params(), hospitals=tuple(ids))
         started = time.perf_counter()
-        start = controller.open_round(control, store, public, request)
-        round_no = start["round"]
+        round_no = controller.open_round(session.control, session.store, session.public, request)["round"]
         if self.view:
-            self.view.round_started(round_no, hospitals, aggregator)
-        outcome = controller.wait_for_round(control, queue, round_no, options.deadline + 60)
+            self.view.round_started(round_no, session.hospitals, session.aggregator)
+        outcome = self._wait(session.control, session.queue, round_no, session.crew)
         wall = time.perf_counter() - started
         if outcome["schema"] != "model_ready":
-            raise RuntimeError(f"round {round_no} aborted: {outcome.get('reason')}")
-        state = RoundState.load(store, round_no)
-        raw = store.get_bytes(outcome["key"], sha256=outcome["sha256"])
-        weights = secret.decrypt_aggregate(io.BytesIO(raw), outcome["total_samples"])
-        x_test, y_test, classes = test_set
-        model = training.build_model(options.training_params())
-        training.load_flat_weights(model, np.asarray(weights, dtype=np.float32))
-        proba = training.predict_proba(model, x_test)
-        report = metrics.compute(y_test, proba, classes)
+            raise DemoError(f"round {round_no} aborted: {outcome.get('reason')}")
+        proba, y_test, classes = self._evaluate(session, outcome)
         result.final_probabilities, result.final_labels = proba.tolist(), y_test.tolist()
-        timings = [h.timings.get(round_no, {}) for h in hospitals]
+        state = RoundState.load(session.store, round_no)
+        timings = [h.timings.get(round_no, {}) for h in session.hospitals]
         row = RoundReport(
             round=round_no, contributors=outcome["contributors"],
-            total_samples=outcome["total_samples"], metrics=report,
+            total_samples=outcome["total_samples"], metrics=metrics.compute(y_test, proba, classes),
             bytes_uploaded=sum(a["size"] for a in state.accepted),
             encrypt_seconds=sum(t.get("encrypt_seconds", 0.0) for t in timings),
             train_seconds=sum(t.get("train_seconds", 0.0) for t in timings),
@@ -244,30 +546,32 @@ class DemoRun:
             self.view.round_finished(row)
         return row
 
-
-def _hospital_class():
-    from workers.hospital import HospitalWorker
-
-    class DemoHospital(HospitalWorker):
-        """Hospitals share one process here; TensorFlow work is serialised between them."""
-
-        def __init__(self, lock, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._lock = lock
-
-        def _train_and_upload(self, message, params):
-            with self._lock:
-                return super()._train_and_upload(message, params)
-
-        def on_model_ready(self, message, delivery):
-            with self._lock:
-                return super().on_model_ready(message, delivery)
-
-    return DemoHospital
+    def _evaluate(self, session: "_Session", outcome: dict):
+        """Decrypt the round's aggregate (as any secret-key holder can) and predict the held-out
+        test set with it: (probabilities, labels, class names)."""
+        raw = session.store.get_bytes(outcome["key"], sha256=outcome["sha256"])
+        x_test, y_test, classes = session.test_set
+        with session.crew.lock:  # takes its turn with the hospitals' TensorFlow work
+            weights = session.secret.decrypt_aggregate(io.BytesIO(raw), outcome["total_samples"])
+            if self._model is None:
+                self._model = training.build_model(self.options.training_params())
+            training.load_flat_weights(self._model, np.asarray(weights, dtype=np.float32))
+            proba = training.predict_proba(self._model, x_test)
+        return proba, y_test, classes
 
 
-def _DemoHospital(*args, **kwargs):
-    return _hospital_class()(*args, **kwargs)
+@dataclass
+class _Session:
+    """What the rounds of one run share."""
+    crew: Crew
+    control: Broker
+    queue: str
+    store: ObjectStore
+    secret: object
+    public: object
+    aggregator: DemoAggregator
+    hospitals: list
+    test_set: tuple = ()
 
 
 def run_demo(options: DemoOptions, settings: Settings, view=None) -> DemoResult:

@@ -1,11 +1,22 @@
-"""The demo's live view (rich): who is training, encrypting, uploaded; then a table per round."""
+"""The demo's live view (rich), on stderr: while a round runs, each hospital's state (queued,
+training, encrypting, uploading, uploaded, evaluating) and the aggregator's accepted/quorum;
+then a table with one row per finished round. Without a terminal (CI, a pipe) it prints one
+line per round instead, and the table at the end.
+"""
 from __future__ import annotations
 
 import threading
+import time
 
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
+
+PIPE_WIDTH = 132  # rich assumes 80 columns without a terminal: too narrow for the round table
+STATE_STYLES = {"queued": "dim", "loading": "dim", "training": "yellow", "encrypting": "magenta",
+                "uploading": "cyan", "uploaded": "green", "evaluating": "blue", "idle": "dim"}
 
 
 def _fmt(value, digits=3) -> str:
@@ -13,59 +24,99 @@ def _fmt(value, digits=3) -> str:
 
 
 def rounds_table(rows, title="Federated rounds") -> Table:
-    table = Table(title=title)
-    for name in ("round", "updates", "accuracy", "AUC", "sens+", "PPV+", "MB up",
-                 "encrypt s", "aggregate s", "wall s"):
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for name in ("round", "hospitals", "accuracy", "AUC", "sens+", "PPV+", "MB up",
+                 "train s", "encrypt s", "aggregate s", "wall s"):
         table.add_column(name, justify="right", no_wrap=True)
     for r in rows:
         m = r.metrics
         table.add_row(str(r.round), str(len(r.contributors)), _fmt(m.get("accuracy")),
                       _fmt(m.get("auc")), _fmt(m.get("sensitivity_positive")),
                       _fmt(m.get("ppv_positive")), f"{r.bytes_uploaded / 1e6:.2f}",
-                      _fmt(r.encrypt_seconds, 2), _fmt(r.aggregate_seconds, 2),
-                      _fmt(r.wall_seconds, 1))
+                      _fmt(r.train_seconds, 1), _fmt(r.encrypt_seconds, 2),
+                      _fmt(r.aggregate_seconds, 2), _fmt(r.wall_seconds, 1))
     return table
+
+
+def default_console() -> Console:
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console = Console(stderr=True, width=PIPE_WIDTH)
+    return console
 
 
 class LiveView:
     def __init__(self, console: Console | None = None, title: str = "encrypted"):
-        self.console = console or Console(stderr=True)
+        self.console = console or default_console()
         self.title = title
         self.rows = []
         self._live: Live | None = None
         self._round = None
+        self._preparing: str | None = None
+        self._started = time.perf_counter()
         self._hospitals = []
         self._aggregator = None
         self._lock = threading.Lock()
 
+    def _aggregator_state(self) -> str:
+        agg = self._aggregator
+        if agg is None:
+            return "-"
+        state = agg.states.get(self._round)
+        if state is not None:
+            return f"{len(state.accepted)}/{state.quorum} updates summed"
+        if any(r == self._round for _, r in list(agg.events)):
+            return "aggregate published"
+        return "waiting for round_start"
+
+    def render(self):
+        try:
+            return self._render()
+        except Exception as exc:  # noqa: BLE001 - an exception would end rich's refresh thread
+            return Text(f"round {self._round}: (view unavailable: {exc!r})")
+
     def _render(self):
-        status = Table(title=f"round {self._round} ({self.title})", show_edge=False)
-        status.add_column("worker")
-        status.add_column("state")
+        if self._round is None:
+            return Text(f"{self.title}: {self._preparing or 'starting'}… "
+                        f"{time.perf_counter() - self._started:.0f}s", style="dim")
+        status = Table(title=f"round {self._round} ({self.title}), "
+                             f"{time.perf_counter() - self._started:.0f}s",
+                       box=box.SIMPLE_HEAD, title_justify="left")
+        status.add_column("worker", no_wrap=True)
+        status.add_column("state", no_wrap=True)
         for h in self._hospitals:
-            status.add_row(h.id, h.status)
-        state = self._aggregator.states.get(self._round) if self._aggregator else None
-        accepted = len(state.accepted) if state else "-"
-        quorum = state.quorum if state else "-"
-        status.add_row("aggregator", f"{accepted}/{quorum} updates summed")
-        return Group(status, rounds_table(self.rows)) if self.rows else status
+            status.add_row(h.id, Text(str(h.status), style=STATE_STYLES.get(h.status, "")))
+        status.add_row("aggregator", self._aggregator_state())
+        return Group(rounds_table(self.rows, f"Federated rounds ({self.title})"), status) \
+            if self.rows else status
+
+    def _start_live(self) -> None:
+        if self._live is None and self.console.is_terminal:
+            self._live = Live(get_renderable=self.render, console=self.console,
+                              refresh_per_second=4, transient=True)
+            self._live.start(refresh=True)
+
+    def preparing(self, what: str) -> None:
+        """Before the first round: what the run is doing (data, keys, workers)."""
+        with self._lock:
+            self._preparing, self._started = what, time.perf_counter()
+            self._start_live()
 
     def round_started(self, round_no, hospitals, aggregator) -> None:
         with self._lock:
             self._round, self._hospitals, self._aggregator = round_no, hospitals, aggregator
-            if self._live is None and self.console.is_terminal:
-                self._live = Live(get_renderable=self._render, console=self.console,
-                                  refresh_per_second=4, transient=True)
-                self._live.start()
+            self._started, self._preparing = time.perf_counter(), None
+            self._start_live()
 
     def round_finished(self, row) -> None:
         with self._lock:
             self.rows.append(row)
         if self._live is None:
             m = row.metrics
-            self.console.print(f"round {row.round}: accuracy {_fmt(m.get('accuracy'))} "
-                               f"AUC {_fmt(m.get('auc'))} contributors {', '.join(row.contributors)} "
-                               f"({row.wall_seconds:.1f}s)")
+            self.console.print(f"round {row.round} ({self.title}): accuracy {_fmt(m.get('accuracy'))} "
+                               f"AUC {_fmt(m.get('auc'))}, {len(row.contributors)} contributors "
+                               f"({', '.join(row.contributors)}), {row.wall_seconds:.1f}s",
+                               soft_wrap=True, highlight=False)
 
     def close(self) -> None:
         if self._live is not None:
