@@ -530,10 +530,11 @@ class CompactCodec(CkksCodec):
 
     - One prime, no special prime: the aggregator only adds, so there is no key switching,
       no relinearization and no rescaling; SEAL allows this and it checks 128-bit security.
-    - N parameters per ciphertext, as polynomial *coefficients* (the slots are filled with the
-      canonical embedding of the coefficient vector, so SEAL's encoder lands the values on the
-      coefficients). Decryption noise then stays per coefficient, bounded by SEAL's centered
-      binomial sampler (|e| <= 21) instead of growing with sqrt(N) in the slots.
+    - N parameters per ciphertext, as polynomial *coefficients* (round(value * 2^28) mod q,
+      brought to NTT form through SEAL without its encoder: see ``_init_plain_path``; the
+      decoder fills the slots with the canonical embedding). Decryption noise then stays per
+      coefficient, bounded by SEAL's centered binomial sampler (|e| <= 21) instead of growing
+      with sqrt(N) in the slots.
     - ``encrypt_symmetric`` with SEAL's seeded form: the uniform half ``c1`` of each
       ciphertext travels as its 64-byte PRNG seed. A chunk on the wire is the seed(s) plus
       ``c0`` (NTT form) packed to 7 bytes per coefficient.
@@ -657,6 +658,13 @@ class CompactCodec(CkksCodec):
             local.zstd = zstandard.ZstdDecompressor()
         return local.zstd
 
+    @property
+    def _plain_loader(self) -> "_PlainLoader":
+        local = self._local
+        if not hasattr(local, "plain_loader"):
+            local.plain_loader = _PlainLoader(self._plain_template, self._plain_at, self.POLY_MODULUS_DEGREE, self.q)
+        return local.plain_loader
+
     def _init_secret(self, secret_key: bytes) -> None:
         seal, n = self._seal, self.POLY_MODULUS_DEGREE
         try:
@@ -683,6 +691,7 @@ class CompactCodec(CkksCodec):
         self._fold_index = np.where(self._conj_slots, (2 * n - powers - 1) // 4, (powers - 1) // 4)
         self._twist = np.exp(1j * np.pi * np.arange(half) / n)
         self._learn_layout()
+        self._init_plain_path()
         # the public key must belong to the secret key: encrypt 0 with one, decrypt with the other
         probe = seal.Ciphertext()
         seal.Encryptor(self._context, pk).encrypt(self._encode(np.zeros(n)), probe)
@@ -729,6 +738,90 @@ class CompactCodec(CkksCodec):
         # an uncompressed header SEAL accepts when loading what we assemble
         self._load_header = _SEAL_HEADER.pack(outer[0], outer[1], outer[2], outer[3], 0, 0, _SEAL_HEADER.size + len(raw))
         self._zero_c0 = bytes(8 * n)
+
+    def _init_plain_path(self) -> None:
+        """Set up :meth:`_plaintexts`: integer coefficients to NTT-form plaintexts, encoder-free.
+
+        SEAL's CKKS encoder (an FFT of its own, rounding, an NTT) and the canonical embedding
+        that feeds it cost ~0.38 ms per chunk. SEAL refuses a CKKS plaintext in coefficient
+        form, but it loads a coefficient-form *ciphertext*. So two chunks' integer
+        coefficients ``(a, b)`` are loaded as one uncompressed ciphertext from a memfd that
+        holds a fixed template (only the coefficients are rewritten), turned to NTT form by
+        ``Evaluator.transform_to_ntt_inplace`` (one NTT per chunk), and read back as
+        plaintexts by decrypting with two constant "keys": s = 0 gives ``c0 = NTT(a)``; after
+        ``sub_plain`` of that, s = 1 (all ones in NTT form) gives ``c1 = NTT(b)``. The
+        plaintexts are at scale 2^28 with the context's parms_id, exactly what the encoder
+        makes of the same integers (checked here, plaintext for plaintext). The constant keys
+        only ever decrypt these loaded plaintexts; encryption uses the real secret key.
+
+        SEAL refuses a ciphertext whose ``c1`` is zero ("transparent"): an all-zero second
+        chunk is loaded first instead (``NTT(0)`` is 0), and a lone chunk or a zero pair gets
+        the constant polynomial 1 as the ``c1`` that is never read.
+        """
+        seal, n = self._seal, self.POLY_MODULUS_DEGREE
+        version = _SEAL_HEADER.unpack(self._load_header)[2:4]
+        # the secret key's serialization (a Plaintext): parms_id, coeff count, scale, DynArray
+        raw_sk = self._decompress_seal(self._scratch.save(self._sk), 1 << 20)
+        key_prefix = 32 + 8 + 8 + _SEAL_HEADER.size + 8
+        coeff_count, key_scale = struct.unpack_from("<Qd", raw_sk, 32)
+        if len(raw_sk) != key_prefix + 8 * n or coeff_count != n or key_scale != 1.0:
+            raise CodecError("unexpected SEAL secret-key layout: is this the TenSEAL version cxr-mq expects?")
+        decryptors = []
+        for value in (0, 1):
+            key = seal.SecretKey()
+            self._scratch.load(key, self._context, _seal_blob(version, raw_sk[:key_prefix] + _words(value, n)))
+            decryptors.append(seal.Decryptor(self._context, key))
+        self._c0_reader, self._c1_reader = decryptors
+        # an uncompressed coefficient-form ciphertext: the seeded layout with NTT flag 0 and
+        # both polynomials present
+        fields = struct.pack("<BQQQdQ", 0, 2, n, 1, self.scale, 1)
+        if self._raw_prefix[32 : 32 + len(fields)] != b"\x01" + fields[1:]:
+            raise CodecError("unexpected SEAL ciphertext metadata: is this the TenSEAL version cxr-mq expects?")
+        dyn = _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, *version, 0, 0, _SEAL_HEADER.size + 8 + 16 * n)
+        body = self._raw_prefix[:32] + fields + dyn + struct.pack("<Q", 2 * n) + bytes(16 * n)
+        self._plain_template = _seal_blob(version, body)
+        self._plain_at = len(self._plain_template) - 16 * n
+        self._filler = np.ones(n, dtype=np.uint64)  # the stand-in c1 when both chunks are zero
+        # the check: integer coefficients (exact under both paths) give the encoder's plaintexts,
+        # for a pair, a pair whose second chunk is zero, a zero pair, and a lone chunk
+        rng = np.random.default_rng(0x5EA1)
+        probe = rng.integers(-(1 << 30), 1 << 30, 7 * n).astype(np.float64)
+        probe[3 * n :] = 0.0  # chunks 3 to 5 zero
+        probe[-1] = 7.0  # chunk 6 alone
+        for start in range(0, probe.size, 2 * n):
+            values = probe[start : start + 2 * n]
+            got = self._plaintexts(self._plain_loader.residues(values, 1.0))
+            want = [self._encode(row / self.scale) for row in values.reshape(-1, n)]
+            if len(got) != len(want) or any(g != w for g, w in zip(got, want)):
+                raise CodecError(
+                    "SEAL's NTT-form plaintexts differ from its encoder's: is this the TenSEAL version cxr-mq expects?"
+                )
+
+    def _plaintexts(self, rows: np.ndarray) -> list:
+        """NTT-form plaintexts whose polynomial coefficients are the 1 or 2 rows (uint64, < q)."""
+        seal, evaluator = self._seal, self._evaluator
+        first = rows[0]
+        second = rows[1] if rows.shape[0] == 2 else None
+        # c1 must not be zero; NTT(0) is 0, so a zero row goes first or is never read
+        if second is not None and second.any():
+            order = (0, 1)
+        elif second is not None and first.any():
+            first, second, order = second, first, (1, 0)
+        else:
+            second, order = self._filler, (0,) if rows.shape[0] == 1 else (0, 0)
+        ct = self._plain_loader.load(self._context, first, second)
+        evaluator.transform_to_ntt_inplace(ct)  # (NTT(first), NTT(second))
+        plains = (seal.Plaintext(), seal.Plaintext())
+        self._c0_reader.decrypt(ct, plains[0])  # c0 + c1 * 0
+        if 1 in order:
+            evaluator.sub_plain_inplace(ct, plains[0])  # (0, NTT(second))
+            self._c1_reader.decrypt(ct, plains[1])  # 0 + c1 * 1
+        return [plains[i] for i in order]
+
+    def _decompress_seal(self, saved: bytes, limit: int) -> bytes:
+        if len(saved) < _SEAL_HEADER.size or _SEAL_HEADER.unpack_from(saved)[4] != _SEAL_ZSTD:
+            raise CodecError("SEAL wrote an unexpected serialization header")
+        return self._zstd.decompress(memoryview(saved)[_SEAL_HEADER.size :], max_output_size=limit)
 
     # encoding
 
@@ -780,7 +873,7 @@ class CompactCodec(CkksCodec):
         n = self.POLY_MODULUS_DEGREE
         if self._use_pool(weights.size):
             per_task = -(-self.n_chunks(weights.size) // (4 * self.workers))  # >= 4 tasks per worker
-            step = n * max(1, min(self.TASK_CHUNKS, per_task))
+            step = 2 * n * max(1, min(self.TASK_CHUNKS, per_task) // 2)  # whole pairs (see _plaintexts)
             # the workers scale: float32 weights cross the pipe at half the float64 size
             tasks = ((weights[i : i + step], n_samples) for i in range(0, weights.size, step))
             for blobs in self._ordered_map(_pool_encrypt, tasks):
@@ -790,18 +883,19 @@ class CompactCodec(CkksCodec):
 
     def encrypt_chunks(self, weights: np.ndarray, n_samples: int) -> list[bytes]:
         """Encrypt ``n_samples * weights`` as chunk blobs, in this process."""
-        n = self.POLY_MODULUS_DEGREE
+        step = 2 * self.POLY_MODULUS_DEGREE
+        factor = float(n_samples) * self.scale  # w * factor == (w * n) * 2^28, exactly
+        loader = self._plain_loader
         blobs = []
-        for start in range(0, weights.size, n):
-            coeffs = np.zeros(n)
-            part = weights[start : start + n]
-            np.multiply(part, float(n_samples), out=coeffs[: part.size], dtype=np.float64)
-            blobs.append(self._encrypt_chunk(coeffs))
+        for start in range(0, weights.size, step):
+            for plain in self._plaintexts(loader.residues(weights[start : start + step], factor)):
+                blobs.append(self._encrypt_plain(plain))
         return blobs
 
-    def _encrypt_chunk(self, coeffs: np.ndarray) -> bytes:
-        saved = self._scratch.save(self._encryptor.encrypt_symmetric(self._encode(coeffs)))
-        raw = self._zstd.decompress(memoryview(saved)[_SEAL_HEADER.size :], max_output_size=self._raw_len)
+    def _encrypt_plain(self, plain) -> bytes:
+        """One chunk blob: the seed and c0 of SEAL's seeded encryption of ``plain``."""
+        saved = self._scratch.save(self._encryptor.encrypt_symmetric(plain))
+        raw = self._decompress_seal(saved, self._raw_len)
         if (
             len(raw) != self._raw_len
             or raw[: self._c0_at] != self._raw_prefix
@@ -980,6 +1074,78 @@ class CompactSum(EncryptedSum):
 
 _SEAL_MAGIC = 0xA15E
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, version major/minor, compression, reserved, size
+_SEAL_ZSTD = 2  # seal::compr_mode_type::zstd
+
+
+def _seal_blob(version: tuple, body: bytes) -> bytes:
+    """An uncompressed SEAL serialization of ``body`` (SEAL ``version`` = (major, minor))."""
+    return _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, *version, 0, 0, _SEAL_HEADER.size + len(body)) + body
+
+
+class _PlainLoader:
+    """Per-thread state of the encoder-free plaintext path (see ``_init_plain_path``): a memfd
+    holding an uncompressed coefficient-form ciphertext of which only the two polynomials are
+    rewritten per load, the Ciphertext it loads into, and reused buffers for rounding two
+    chunks (fresh 128 KB arrays per chunk cost page faults). A loader used after a fork
+    writes its template again."""
+
+    def __init__(self, template: bytes, poly_at: int, n: int, q: int) -> None:
+        import tenseal.sealapi as seal
+
+        self._template, self._poly_at, self._n, self._q = template, poly_at, n, np.int64(q)
+        if len(template) != poly_at + 16 * n:
+            raise CodecError("the plaintext template does not hold two polynomials")
+        self._scratch = _Scratch()
+        self._pid = -1
+        self._ct = seal.Ciphertext()
+        self._float = np.empty(2 * n, dtype=np.float64)
+        self._ints = np.empty(2 * n, dtype=np.int64)
+        self._tmp = np.empty(2 * n, dtype=np.int64)
+
+    def residues(self, values: np.ndarray, factor: float) -> np.ndarray:
+        """round(values * factor) modulo q, zero-padded to whole chunks: a (1 or 2, n) uint64
+        view of this loader's buffer, valid until the next call. |values * factor| < 2^52."""
+        n, size = self._n, values.size
+        k = -(-size // n)
+        if not 1 <= k <= 2:
+            raise CodecError(f"{size} values are not one or two chunks")
+        scaled, ints, tmp = self._float[: k * n], self._ints[: k * n], self._tmp[: k * n]
+        scaled[size:] = 0.0
+        np.multiply(values, factor, out=scaled[:size], dtype=np.float64)
+        np.rint(scaled, out=scaled)
+        np.copyto(ints, scaled, casting="unsafe")
+        np.right_shift(ints, 63, out=tmp)  # -1 where negative, else 0
+        np.bitwise_and(tmp, self._q, out=tmp)
+        np.add(ints, tmp, out=ints)
+        return ints.view(np.uint64).reshape(k, n)
+
+    def load(self, context, first: np.ndarray, second: np.ndarray):
+        """The template ciphertext with its polynomials set to ``first`` and ``second``."""
+        scratch = self._scratch
+        if self._pid != os.getpid():
+            scratch._open()
+            os.ftruncate(scratch._fd, 0)
+            _pwrite_all(scratch._fd, self._template, 0)
+            self._pid = os.getpid()
+        for row, offset in ((first, 0), (second, 8 * self._n)):
+            if row.dtype != np.uint64 or row.shape != (self._n,):
+                raise CodecError(f"a chunk of shape {row.shape} ({row.dtype}) does not fit the plaintext template")
+            _pwrite_all(scratch._fd, memoryview(np.ascontiguousarray(row)).cast("B"), self._poly_at + offset)
+        try:
+            self._ct.load(context, scratch.path)
+        except (RuntimeError, ValueError) as exc:
+            raise CodecError(f"SEAL refused a plaintext: {exc}") from exc
+        return self._ct
+
+
+def _words(value: int, count: int) -> bytes:
+    return np.full(count, value, dtype="<u8").tobytes()
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _read_into(src: BinaryIO, view: memoryview, what: str) -> None:

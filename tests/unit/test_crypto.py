@@ -249,6 +249,81 @@ def test_compact_noise_bound():
     assert np.max(np.abs(out - w)) <= bound
 
 
+@pytest.fixture(scope="module")
+def compact_codec():
+    return crypto.load_context(crypto.generate_keys("compact").secret)
+
+
+def _chunk_rows(codec, pattern):
+    """Integer coefficients, one row per chunk: 'r' random (both signs, up to 2^40), '0' zero."""
+    rng = np.random.default_rng(len(pattern))
+    n = codec.POLY_MODULUS_DEGREE
+    rows = [rng.integers(-(1 << 40), 1 << 40, n) if c == "r" else np.zeros(n, dtype=np.int64) for c in pattern]
+    return np.array(rows, dtype=np.float64)
+
+
+@pytest.mark.parametrize("pattern", ["rr", "r0", "0r", "00", "r", "0"])
+def test_compact_plaintexts_equal_the_encoders(compact_codec, pattern):
+    """The encoder-free path (coefficient-form ciphertext, NTT, constant-key decrypts) makes
+    exactly the plaintexts SEAL's CKKS encoder makes, in order, for every zero/non-zero pairing."""
+    codec = compact_codec
+    rows = _chunk_rows(codec, pattern)
+    got = codec._plaintexts(codec._plain_loader.residues(rows.reshape(-1), 1.0))
+    assert len(got) == len(pattern)
+    for plain, row in zip(got, rows):
+        assert plain.is_ntt_form() and plain.scale == codec.scale
+        assert plain == codec._encode(row / codec.scale)
+    if pattern == "rr":  # and the check can fail: swapped rows are different plaintexts
+        assert got[0] != codec._encode(rows[1] / codec.scale)
+
+
+def test_compact_residues_round_and_wrap(compact_codec):
+    codec = compact_codec
+    n, q = codec.POLY_MODULUS_DEGREE, codec.q
+    values = np.zeros(n + 3)
+    values[:6] = [0.4, 0.6, -0.4, -0.6, -1.0, -(2.0**51)]
+    values[-1] = 2.0**51
+    rows = codec._plain_loader.residues(values, 1.0)
+    assert rows.shape == (2, n) and rows.dtype == np.uint64
+    assert rows[0, :6].tolist() == [0, 1, 0, q - 1, q - 1, q - 2**51]
+    assert rows[1, 2] == 2**51 and not rows[1, 3:].any()  # zero padding of the last chunk
+    with pytest.raises(CodecError):
+        codec._plain_loader.residues(np.zeros(2 * n + 1), 1.0)
+
+
+@pytest.mark.parametrize("pattern", ["r0r", "0r0", "000", "r0rr0"])
+def test_compact_zero_chunks_round_trip(compact_codec, pattern):
+    """Updates with all-zero chunks (frozen layers) take the other pairings; a partial last chunk too."""
+    codec = compact_codec
+    n = codec.POLY_MODULUS_DEGREE
+    w = np.random.default_rng(11).uniform(-10, 10, len(pattern) * n - 17)
+    for i, c in enumerate(pattern):
+        if c == "0":
+            w[i * n : (i + 1) * n] = 0.0
+    n_samples = 1000
+    out = codec.decrypt_update(io.BytesIO(_encrypt(codec, w, n_samples)), n_samples)
+    assert np.max(np.abs(out - w)) <= (codec.NOISE_BOUND + 1) / codec.scale / n_samples
+
+
+def test_compact_plain_loader_refuses_foreign_rows(compact_codec):
+    loader, n = compact_codec._plain_loader, compact_codec.POLY_MODULUS_DEGREE
+    with pytest.raises(CodecError, match="does not fit"):
+        loader.load(compact_codec._context, np.ones(n - 1, dtype=np.uint64), np.ones(n, dtype=np.uint64))
+    with pytest.raises(CodecError, match="does not fit"):
+        loader.load(compact_codec._context, np.ones(n, dtype=np.int64), np.ones(n, dtype=np.uint64))
+    with pytest.raises(CodecError, match="refused"):  # not reduced modulo q
+        loader.load(compact_codec._context, np.full(n, compact_codec.q, dtype=np.uint64), np.ones(n, dtype=np.uint64))
+
+
+def test_compact_context_refuses_a_plaintext_path_that_disagrees(monkeypatch):
+    """The construction-time check compares the encoder-free plaintexts with the encoder's."""
+    secret = crypto.generate_keys("compact").secret
+    real = crypto.CompactCodec._plaintexts
+    monkeypatch.setattr(crypto.CompactCodec, "_plaintexts", lambda self, rows: real(self, rows)[::-1])
+    with pytest.raises(CodecError, match="differ from its encoder"):
+        crypto.load_context(secret)
+
+
 def test_compact_refuses_values_beyond_headroom():
     codec = crypto.load_context(crypto.generate_keys("compact").secret)
     with pytest.raises(CodecError, match="at most"):
