@@ -78,19 +78,48 @@ def open_round(broker: Broker, store: ObjectStore, codec, request: RoundRequest,
     return message
 
 
-def wait_for_round(broker: Broker, queue: str, round_no: int, timeout: float) -> dict:
-    """Block until the round's ``model_ready`` or ``round_aborted`` arrives on ``queue``."""
+STORE_POLL_SECONDS = 5.0
+
+
+def outcome_from_state(state: RoundState) -> dict | None:
+    """The ``model_ready`` or ``round_aborted`` a finished, announced round published."""
+    if state is None or not state.announced:
+        return None
+    if state.status == COMPLETE:
+        return {"schema": "model_ready", "round": state.round, "key": state.model_key,
+                "sha256": state.model_sha256, "contributors": state.contributors,
+                "total_samples": state.total_samples, "n_params": state.n_params,
+                "metrics": {a["hospital"]: a.get("metrics", {}) for a in state.accepted},
+                "finished_at": state.finished_at}
+    if state.status == ABORTED:
+        return {"schema": "round_aborted", "round": state.round, "reason": state.reason,
+                "contributors": state.contributors, "finished_at": state.finished_at}
+    return None
+
+
+def wait_for_round(broker: Broker, queue: str, round_no: int, timeout: float,
+                   store: ObjectStore | None = None) -> dict:
+    """Block until the round's ``model_ready`` or ``round_aborted`` arrives on ``queue``.
+
+    With ``store``, the aggregator's durable record is also polled: the temporary queue is
+    exclusive to this connection, so an outcome published while the broker was restarting
+    (and the queue with it) would otherwise never be seen."""
     deadline = time.monotonic() + timeout
+    next_poll = time.monotonic() + STORE_POLL_SECONDS
     while time.monotonic() < deadline:
         delivery = broker.get(queue, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-        if delivery is None:
-            continue
-        try:
-            message = messages.decode(delivery.body)
-        except messages.MessageError:
-            continue
-        if message.get("round") == round_no:
-            return message
+        if delivery is not None:
+            try:
+                message = messages.decode(delivery.body)
+            except messages.MessageError:
+                message = {}
+            if message.get("round") == round_no:
+                return message
+        if store is not None and time.monotonic() >= next_poll:
+            next_poll = time.monotonic() + STORE_POLL_SECONDS
+            found = outcome_from_state(RoundState.load(store, round_no))
+            if found is not None:
+                return found
     raise RoundTimeout(f"round {round_no}: no model_ready or round_aborted within {timeout:.0f}s")
 
 
@@ -109,8 +138,26 @@ def round_result(start: dict, outcome: dict) -> dict:
     }
 
 
+UNROUTED_REFUSALS_KEY = "aggregator/refusals"  # written by the aggregator
+
+
+def _timings(record: dict, state: RoundState | None) -> dict:
+    timings = dict(state.timings) if state else {}
+    if state and state.finished_at is not None and record.get("issued_at") is not None:
+        timings["round_seconds"] = state.finished_at - record["issued_at"]
+    if state:
+        issued = record.get("issued_at") or state.opened_at
+        timings["accepted_after_seconds"] = {a["hospital"]: a["accepted_at"] - issued
+                                             for a in state.accepted if "accepted_at" in a}
+    return timings
+
+
 def status(store: ObjectStore) -> list[dict]:
-    """Every round with its state, contributors, refusals and timings."""
+    """Every round with its state, contributors, refusals (with reasons) and timings.
+
+    Refusals the aggregator could not attach to a round (an unknown round number, a message
+    that did not decode) come last: under their claimed round number with state ``unknown``,
+    or under round 0 with state ``malformed`` for messages that did not decode."""
     rows = []
     for round_no in rounds.list_rounds(store):
         record = rounds.read_json(store, rounds.round_key(round_no)) or {}
@@ -125,8 +172,21 @@ def status(store: ObjectStore) -> list[dict]:
             "refused": state.refused if state else [],
             "reason": state.reason if state else None,
             "model_key": state.model_key if state else None,
-            "timings": state.timings if state else {},
+            "timings": _timings(record, state),
             "issued_at": record.get("issued_at"),
             "finished_at": state.finished_at if state else None,
+            "announced": state.announced if state else False,
         })
+    known = {row["round"] for row in rows}
+    unrouted: dict = {}
+    for entry in (rounds.read_json(store, UNROUTED_REFUSALS_KEY) or {}).get("refused", []):
+        unrouted.setdefault(entry.get("round") or 0, []).append(entry)
+    for round_no in sorted(unrouted, key=lambda r: (r == 0, r)):
+        if round_no in known:
+            continue
+        rows.append({"round": round_no, "state": "unknown" if round_no else "malformed",
+                     "quorum": None, "min_clients": None, "deadline": None, "contributors": [],
+                     "total_samples": 0, "refused": unrouted[round_no], "reason": None,
+                     "model_key": None, "timings": {}, "issued_at": None, "finished_at": None,
+                     "announced": False})
     return rows

@@ -315,7 +315,7 @@ def preprocess(image: np.ndarray, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
     top, left = (h - side) // 2, (w - side) // 2
     image = np.ascontiguousarray(image[top:top + side, left:left + side], dtype=np.float32)
     if side != size:
-        image = np.asarray(Image.fromarray(image, mode="F").resize((size, size), Image.BILINEAR))
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
@@ -434,10 +434,12 @@ def make_dataset(
     seed: int = 0,
     augment: bool = True,
     resample: bool = False,
+    repeat: bool = False,
 ):
     """tf.data pipeline over uint8 images (N,H,W,1): scale to [0,1] and cache; for training
     shuffle, optionally class-resample (balanced batches in expectation), augment; batch and
-    prefetch. Deterministic for a given seed."""
+    prefetch. ``repeat`` makes it endless (for a fixed number of steps). Deterministic for a
+    given seed."""
     import tensorflow as tf
 
     labels = np.asarray(labels, dtype=np.int32)
@@ -460,6 +462,8 @@ def make_dataset(
         ds = tf.data.Dataset.from_tensor_slices((images, labels)).map(to_float).cache()
         if training:
             ds = ds.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
     ds = ds.batch(batch_size)
     if training and augment:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
@@ -566,34 +570,17 @@ class LocalData:
         skip_bad: bool = False,
         image_dir=None,
     ) -> "LocalData":
-        """``params`` needs ``classes``, ``image_size`` and ``seed`` (a TrainingParams)."""
-        classes = class_names(params.classes)
-        label_path = find_label_file(data_dir)
-        labels = read_label_file(label_path, skip_bad=skip_bad, image_dir=image_dir)
-        skipped = list(labels.skipped)
-        records: list[LabelRecord] = []
-        for r in labels.records:
-            mapped = map_label(r.label, classes)
-            if mapped is None:
-                message = f"{label_path}:{r.line}: class {r.label!r} has no place in {params.classes} classes {classes}"
-                if not skip_bad:
-                    raise DataError(message)
-                log.warning("skipping label: %s", message)
-                skipped.append(message)
-                continue
-            records.append(LabelRecord(r.patient, r.filename, mapped, r.source, r.line, r.path))
-        if not records:
-            raise DataError(f"{label_path}: no usable images")
-        images, records, bad = _decode_all(records, params.image_size, skip_bad, label_path)
-        skipped += bad
-        if not records:
-            raise DataError(f"{label_path}: no usable images")
-        train_p, val_p = split_patients(records, val_fraction, params.seed)
-        index = {c: i for i, c in enumerate(classes)}
-        y = np.array([index[r.label] for r in records], dtype=np.int32)
+        """Decode ``data_dir``'s label file and images and split them by patient.
+
+        ``data_dir`` is a directory holding the label file (``labels.txt``, else its only
+        ``*.txt``) or the label file itself. ``params`` needs ``classes``, ``image_size`` and
+        ``seed`` (a TrainingParams); COVIDx 3-class labels map onto the binary task.
+        """
+        label_path, images, records, y, skipped = _load_labelled(data_dir, params, skip_bad, image_dir)
+        _, val_p = split_patients(records, val_fraction, params.seed)
         is_val = np.array([r.patient in val_p for r in records], dtype=bool)
         return cls(
-            classes=classes,
+            classes=class_names(params.classes),
             image_size=params.image_size,
             x_train=images[~is_val],
             y_train=y[~is_val],
@@ -604,3 +591,46 @@ class LocalData:
             skipped=tuple(skipped),
             label_file=label_path,
         )
+
+    @classmethod
+    def for_evaluation(cls, data_dir, params, skip_bad: bool = False, image_dir=None) -> "LocalData":
+        """Every image of a label file in the validation split (for ``evaluate``)."""
+        label_path, images, records, y, skipped = _load_labelled(data_dir, params, skip_bad, image_dir)
+        return cls(
+            classes=class_names(params.classes),
+            image_size=params.image_size,
+            x_train=images[:0],
+            y_train=y[:0],
+            x_val=images,
+            y_val=y,
+            patients_val=tuple(r.patient for r in records),
+            skipped=tuple(skipped),
+            label_file=label_path,
+        )
+
+
+def _load_labelled(data_dir, params, skip_bad: bool, image_dir=None):
+    """(label path, uint8 images, records, class indices, skipped messages)."""
+    classes = class_names(params.classes)
+    label_path = find_label_file(data_dir)
+    labels = read_label_file(label_path, skip_bad=skip_bad, image_dir=image_dir)
+    skipped = list(labels.skipped)
+    records: list[LabelRecord] = []
+    for r in labels.records:
+        mapped = map_label(r.label, classes)
+        if mapped is None:
+            message = f"{label_path}:{r.line}: class {r.label!r} has no place in {params.classes} classes {classes}"
+            if not skip_bad:
+                raise DataError(message)
+            log.warning("skipping label: %s", message)
+            skipped.append(message)
+            continue
+        records.append(LabelRecord(r.patient, r.filename, mapped, r.source, r.line, r.path))
+    if records:
+        images, records, bad = _decode_all(records, params.image_size, skip_bad, label_path)
+        skipped += bad
+    if not records:
+        raise DataError(f"{label_path}: no usable images")
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[r.label] for r in records], dtype=np.int32)
+    return label_path, images, records, y, skipped

@@ -88,7 +88,7 @@ def _smooth_noise(rng, shape, cells):
     """Band-limited noise in [-1, 1]: a coarse random grid upsampled bicubically."""
     h, w = shape
     grid = rng.uniform(-1.0, 1.0, (cells, cells)).astype(np.float32)
-    up = Image.fromarray(grid, mode="F").resize((w, h), Image.BICUBIC)
+    up = Image.fromarray(grid).resize((w, h), Image.BICUBIC)
     return np.clip(np.asarray(up), -1.5, 1.5)
 
 
@@ -148,12 +148,12 @@ def _covid_findings(rng, x, y, a: Anatomy, lungs, severity):
         cx = 0.5 + side * a.lung_cx
         for _ in range(rng.integers(1, 4)):
             # peripheral: the lateral third of the lung; lower zone: below the hilum
-            px = cx + side * a.lung_rx * rng.uniform(0.45, 1.0)
-            py = a.lung_cy + a.lung_ry * rng.uniform(0.05, 0.7)
-            blob = _gaussian(x, y, px, py, rng.uniform(0.04, 0.07), rng.uniform(0.05, 0.09))
+            px = cx + side * a.lung_rx * rng.uniform(0.45, 0.95)
+            py = a.lung_cy + a.lung_ry * rng.uniform(0.0, 0.6)
+            blob = _gaussian(x, y, px, py, rng.uniform(0.045, 0.075), rng.uniform(0.06, 0.10))
             opacity += blob * rng.uniform(0.6, 1.0) * lung
     haze = 0.75 + 0.25 * _smooth_noise(rng, x.shape, 10)
-    return severity * 0.22 * np.clip(opacity, 0.0, 1.3) * haze
+    return severity * 0.5 * np.clip(opacity, 0.0, 1.0) * haze
 
 
 def _pneumonia_findings(rng, x, y, a: Anatomy, lungs, severity):
@@ -174,15 +174,17 @@ def _pneumonia_findings(rng, x, y, a: Anatomy, lungs, severity):
         region = _sigmoid((y - fissure) / 0.006) * _sigmoid((np.abs(x - 0.5) - 0.1) / 0.03) \
             * _sigmoid((a.lung_cx + 0.5 * a.lung_rx - np.abs(x - 0.5)) / 0.03)
     # the consolidation fills part of the lobe: a soft patch anchored on the fissure side
-    patch_cx = cx + side * a.lung_rx * rng.uniform(-0.4, 0.5)
+    patch_cx = cx + side * a.lung_rx * rng.uniform(-0.1, 0.6)
     patch_cy = float(np.mean(fissure)) + (0.08 if lobe != "upper" else -0.08)
     patch = _sigmoid((1.0 - np.sqrt(((x - patch_cx) / (a.lung_rx * rng.uniform(0.9, 1.5))) ** 2
                                     + ((y - patch_cy) / (a.lung_ry * rng.uniform(0.35, 0.6))) ** 2)) / 0.15)
     texture = 0.85 + 0.15 * _smooth_noise(rng, x.shape, 14)
-    return severity * 0.28 * region * patch * lung * texture
+    return severity * 0.6 * region * patch * lung * texture
 
 
-def _render(rng, anatomy: Anatomy, label: str, severity: float, width: int, height: int) -> np.ndarray:
+def _render(rng, finding_rng, anatomy: Anatomy, label: str, severity: float, width: int, height: int) -> np.ndarray:
+    """One image; findings draw from their own generator so that the same patient drawn
+    with and without disease differs only by the findings."""
     a = anatomy
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     x = (x + 0.5) / width
@@ -217,9 +219,9 @@ def _render(rng, anatomy: Anatomy, label: str, severity: float, width: int, heig
         + 0.14 * _clavicles(x, y, a)
     )
     if label == "COVID-19":
-        attenuation = attenuation + _covid_findings(rng, x, y, a, (right, left), severity)
+        attenuation = attenuation + _covid_findings(finding_rng, x, y, a, (right, left), severity)
     elif label == "pneumonia":
-        attenuation = attenuation + _pneumonia_findings(rng, x, y, a, (right, left), severity)
+        attenuation = attenuation + _pneumonia_findings(finding_rng, x, y, a, (right, left), severity)
 
     # exposure: brightness, contrast and gamma per image; then quantum noise
     contrast = rng.uniform(0.85, 1.2)
@@ -247,13 +249,14 @@ def render_patient(seed: int, patient: int, finding: str, n_images: int, size: i
     """The images of one synthetic patient as float arrays in [0,1], shape (size/0.92, size)."""
     rng = np.random.default_rng([seed, patient])
     anatomy = _anatomy(rng)
-    severity = rng.uniform(0.3, 1.0)
+    severity = rng.uniform(0.45, 1.0)
     height = int(round(size / (1.0 - CROP_TOP)))
     images = []
     for _ in range(n_images):
         # follow-up images: the disease progresses or resolves a little
         sev = float(np.clip(severity * rng.uniform(0.8, 1.2), 0.2, 1.2))
-        images.append(_render(rng, anatomy, finding, sev, size, height))
+        image_rng, finding_rng = rng.spawn(2)
+        images.append(_render(image_rng, finding_rng, anatomy, finding, sev, size, height))
     return images
 
 
@@ -281,7 +284,7 @@ def write_synthetic(out_dir, n: int, seed: int = 0, classes: str = "binary", siz
             pid = f"synth{patient:05d}"
             for j, img in enumerate(render_patient(seed, patient, finding, k, size)):
                 name = f"{pid}_{j}.png"
-                Image.fromarray(np.round(img * 255.0).astype(np.uint8), mode="L").save(out_dir / name)
+                Image.fromarray(np.round(img * 255.0).astype(np.uint8)).save(out_dir / name)
                 lines.append(f"{pid} {name} {_label_for(finding, classes)} {SOURCE}")
             patient += 1
     path = out_dir / "labels.txt"

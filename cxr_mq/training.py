@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from . import metrics
-from .data import CLASS_SETS, DataError, LocalData, class_names, make_dataset
+from .data import CLASS_SETS, DataError, LocalData, class_names, class_weights, make_dataset
 from .model import MIN_IMAGE_SIZE, MODELS
 from .model import build as _build
 from .model import flat_weights, load_flat_weights
@@ -35,6 +35,9 @@ class TrainingParams:
     depth: int = 1  # module-count multiplier (covidnet-s, small-cnn)
     augment: bool = True  # COVID-Net's training augmentation
     balance: str = "weights"  # "none", "weights" (class weights) or "resample" (balanced batches)
+    # >0: every hospital takes this many steps per epoch whatever its size (FedAvg then weighs
+    # hospitals by sample count alone, not count x steps); 0: one pass over the local data
+    local_steps: int = 0
 
     def __post_init__(self):
         self._validate()
@@ -50,7 +53,7 @@ class TrainingParams:
         if self.balance not in BALANCE_MODES:
             bad("balance", f"must be one of {', '.join(BALANCE_MODES)}")
         for name, lo in (("image_size", MIN_IMAGE_SIZE[self.model]), ("epochs", 1),
-                         ("batch_size", 1), ("seed", 0), ("depth", 1)):
+                         ("batch_size", 1), ("seed", 0), ("depth", 1), ("local_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 bad(name, f"must be an integer >= {lo}")
@@ -92,21 +95,62 @@ def build_model(params: TrainingParams):
                   width=params.width, depth=params.depth)
 
 
-def _compile(model, params: TrainingParams) -> None:
+def _compile(model, lr: float) -> None:
+    """Give the model a fresh Adam (the FedAvg client step starts without optimizer state).
+
+    Tracing the training step takes seconds, so a model compiled here before keeps its
+    compiled step and only has its Adam state zeroed and its learning rate set.
+    """
     import keras
 
+    if getattr(model, "_cxr_mq_compiled", False) and model.optimizer is not None:
+        for var in model.optimizer.variables:
+            if var.path.endswith("learning_rate"):
+                var.assign(lr)
+            else:
+                var.assign(np.zeros(var.shape, dtype=var.dtype))
+        return
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=params.lr),
+        # clipping: a long run at a high rate once collapsed covidnet-s to a constant output
+        optimizer=keras.optimizers.Adam(learning_rate=lr, clipnorm=1.0),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+    model._cxr_mq_compiled = True
 
 
-def train_local(model, data: LocalData, params: TrainingParams, *, round_seed: int = 0, verbose: int = 0) -> dict:
+def _cosine_callback(lr: float, lr_end: float, total_steps: int):
+    """Per-step cosine decay from ``lr`` to ``lr_end`` over ``total_steps``."""
+    import keras
+
+    class CosineDecay(keras.callbacks.Callback):
+        step = 0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            t = min(self.step / max(total_steps - 1, 1), 1.0)
+            self.model.optimizer.learning_rate.assign(lr_end + 0.5 * (lr - lr_end) * (1 + np.cos(np.pi * t)))
+            self.step += 1
+
+    return CosineDecay()
+
+
+def train_local(
+    model,
+    data: LocalData,
+    params: TrainingParams,
+    *,
+    round_seed: int = 0,
+    lr: float | None = None,
+    lr_end: float | None = None,
+    callbacks: list | None = None,
+    verbose: int = 0,
+) -> dict:
     """Train ``params.epochs`` epochs on the local training split with a fresh optimizer (the
     FedAvg client step). Returns the last epoch's {"loss", "accuracy"} as floats.
 
     ``round_seed`` varies shuffling and augmentation between rounds deterministically.
+    ``lr`` overrides ``params.lr`` (a server-side schedule across rounds); with ``lr_end`` the
+    rate decays from ``lr`` to ``lr_end`` along a cosine over this call's steps.
     """
     if data.n_train == 0:
         raise DataError("no training samples")
@@ -119,14 +163,19 @@ def train_local(model, data: LocalData, params: TrainingParams, *, round_seed: i
     ds = make_dataset(
         data.x_train, data.y_train, batch_size=params.batch_size, training=True, seed=seed,
         augment=params.augment, resample=params.balance == "resample",
+        repeat=params.local_steps > 0,
     )
     weights = None
     if params.balance == "weights":
-        from .data import class_weights
-
         weights = class_weights(data.y_train, len(data.classes))
-    _compile(model, params)
-    history = model.fit(ds, epochs=params.epochs, class_weight=weights, verbose=verbose, shuffle=False)
+    start_lr = params.lr if lr is None else float(lr)
+    _compile(model, start_lr)
+    callbacks = list(callbacks or [])
+    if lr_end is not None:
+        steps = params.epochs * (params.local_steps or int(np.ceil(data.n_train / params.batch_size)))
+        callbacks.append(_cosine_callback(start_lr, float(lr_end), steps))
+    history = model.fit(ds, epochs=params.epochs, steps_per_epoch=params.local_steps or None,
+                        class_weight=weights, verbose=verbose, shuffle=False, callbacks=callbacks)
     return {
         "loss": float(history.history["loss"][-1]),
         "accuracy": float(history.history["accuracy"][-1]),

@@ -5,6 +5,13 @@ It holds only the public CKKS context. Its durable record of a round (``rounds/<
 is written before an update's message is acked, so a killed aggregator, restarted, rebuilds
 each open round's sum from the accepted updates in the store; ciphertext addition is modular
 and order-independent, so the aggregate comes out byte-identical.
+
+An ``update_ready`` seen again (a redelivery, or a hospital republishing after a restart) is
+recognised by hospital and sha256 and acked without being counted again, whatever the
+round's state. A refused update is dead-lettered with its reason and recorded in the round's
+state; refusals that belong to no known round (and malformed messages) are recorded in
+``aggregator/refusals`` so that ``cxr-mq status`` shows them too. A permanent S3 fault on an
+update refuses that update; a transient one (after the store's retries) requeues it.
 """
 from __future__ import annotations
 
@@ -14,18 +21,25 @@ import time
 
 from cxr_mq import messages, rounds
 from cxr_mq.crypto import CodecError
+from cxr_mq.faults import CrashPoints
 from cxr_mq.policy import RoundPolicy
 from cxr_mq.rounds import ABORTED, COMPLETE, OPEN, RoundState
-from cxr_mq.storage.base import IntegrityError, ObjectNotFound, ObjectStore
+from cxr_mq.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StoreError
 from cxr_mq.transport.base import Broker, Delivery, Refuse
 
 from .base import Worker
 
+UNROUTED_REFUSALS_KEY = "aggregator/refusals"
+UNROUTED_REFUSALS_KEPT = 500
+
 
 class AggregatorWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, policy: RoundPolicy | None = None,
-                 hospitals=(), work_dir: str | None = None, stop=None, clock=time.time):
-        super().__init__(broker, stop, role="aggregator")
+                 hospitals=(), work_dir: str | None = None, stop=None, clock=time.time,
+                 metrics=None):
+        super().__init__(broker, stop, metrics=metrics, role="aggregator")
+        self.metrics.watch(self.role, store=store)
+        self.crash = CrashPoints()
         codec.require_public_only()
         self.store, self.codec = store, codec
         self.policy = policy or RoundPolicy()
@@ -88,17 +102,24 @@ class AggregatorWorker(Worker):
     def on_update_ready(self, message: dict, delivery: Delivery) -> None:
         log = self.log.bind(round=message["round"], hospital=message["hospital"], key=message["key"])
         state = self._state(message["round"])
-        reason = self.policy.refuse_reason(state, message, self.clock())
-        if reason is None and self.policy.is_duplicate(state, message):
-            log.info("duplicate_update_ignored", sha256=message["sha256"])
+        if state is not None and self.policy.is_duplicate(state, message):
+            # before any other check: a late redelivery of an update that was counted is not
+            # a refusal, even once the round has closed
+            log.info("duplicate_update_ignored", sha256=message["sha256"], status=state.status,
+                     redelivered=delivery.redelivered)
+            self.metrics.updates_duplicate.labels(role=self.role).inc()
             return
+        reason = self.policy.refuse_reason(state, message, self.clock())
         if reason is None:
             reason = self._accept(state, message)
         if reason is not None:
             self._record_refusal(state, message, reason)
             log.warning("update_refused", reason=reason)
             raise Refuse(reason)
-        log.info("update_accepted", accepted=len(state.accepted), quorum=state.quorum)
+        self.metrics.updates_accepted.labels(role=self.role).inc()
+        self.metrics.bytes.labels(role=self.role, direction="downloaded").inc(message["size"])
+        log.info("update_accepted", accepted=len(state.accepted), quorum=state.quorum,
+                 contributors=state.contributors)
         self._finish_if_due(state)
 
     def _accept(self, state: RoundState, update: dict) -> str | None:
@@ -111,6 +132,12 @@ class AggregatorWorker(Worker):
             return f"update object missing: {exc}"
         except CodecError as exc:
             return f"bad ciphertext: {exc}"
+        except StoreError as exc:
+            if getattr(exc, "transient", True):
+                raise  # requeued and retried after a pause: the store may recover
+            return f"update object unreadable: {exc}"
+        self.metrics.duration.labels(role=self.role, phase="aggregate").observe(
+            time.perf_counter() - started)
         state.accepted.append({
             "hospital": update["hospital"], "key": update["key"], "sha256": update["sha256"],
             "n_samples": self.policy.weight(update), "metrics": update.get("metrics", {}),
@@ -118,6 +145,7 @@ class AggregatorWorker(Worker):
         state.timings["aggregate_seconds"] = (state.timings.get("aggregate_seconds", 0.0)
                                               + time.perf_counter() - started)
         state.save(self.store)  # durable before the ack
+        self.crash.reached("aggregator.after_accept", round=state.round, hospital=update["hospital"])
         return None
 
     def _add_object(self, total, key: str, sha256: str) -> None:
@@ -133,11 +161,28 @@ class AggregatorWorker(Worker):
                 os.unlink(path)
 
     def _record_refusal(self, state: RoundState | None, update: dict, reason: str) -> None:
+        entry = {"hospital": update["hospital"], "reason": reason, "key": update["key"],
+                 "sha256": update["sha256"], "at": self.clock()}
         if state is None:
+            self._record_unrouted({**entry, "round": update["round"]})
             return
-        state.refused.append({"hospital": update["hospital"], "reason": reason,
-                              "key": update["key"], "at": self.clock()})
+        state.refused.append(entry)
         state.save(self.store)
+
+    def on_malformed(self, delivery: Delivery, reason: str) -> None:
+        self._record_unrouted({"round": None, "hospital": "unknown", "reason": reason,
+                               "routing_key": delivery.routing_key, "size": len(delivery.body),
+                               "at": self.clock()})
+
+    def _record_unrouted(self, entry: dict) -> None:
+        """Keep refusals that belong to no known round where ``cxr-mq status`` finds them.
+        Best effort: failing to record must not change what happens to the message."""
+        try:
+            kept = rounds.read_json(self.store, UNROUTED_REFUSALS_KEY) or {"refused": []}
+            kept["refused"] = (kept["refused"] + [entry])[-UNROUTED_REFUSALS_KEPT:]
+            rounds.write_json(self.store, UNROUTED_REFUSALS_KEY, kept)
+        except Exception as exc:  # noqa: BLE001
+            self.log.warning("refusal_not_recorded", error=repr(exc), reason=entry["reason"])
 
     # -- finishing --------------------------------------------------------------------------
     def tick(self) -> None:
@@ -151,8 +196,15 @@ class AggregatorWorker(Worker):
         elif outcome == ABORTED:
             state.status, state.reason, state.finished_at = ABORTED, self.policy.abort_reason(state), self.clock()
             state.save(self.store)
+        if outcome is not None:
+            self.metrics.rounds.labels(role=self.role, outcome=state.status).inc()
+            if state.finished_at is not None and state.opened_at:
+                self.metrics.duration.labels(role=self.role, phase="round").observe(
+                    max(0.0, state.finished_at - state.opened_at))
         if state.status != OPEN and not state.announced:
             self._announce(state)
+        self.metrics.open_rounds.labels(role=self.role).set(
+            sum(1 for s in self.states.values() if s.status == OPEN))
 
     def _complete(self, state: RoundState) -> None:
         started = time.perf_counter()
@@ -163,11 +215,16 @@ class AggregatorWorker(Worker):
             info = self.store.put_file(rounds.aggregate_key(state.round), path)
         finally:
             os.unlink(path)
+        self.crash.reached("aggregator.after_aggregate", round=state.round)
         state.status, state.finished_at = COMPLETE, self.clock()
         state.model_key, state.model_sha256 = info.key, info.sha256
         state.total_samples = sum(a["n_samples"] for a in state.accepted)
         state.timings["finalize_seconds"] = time.perf_counter() - started
         state.save(self.store)
+        self.crash.reached("aggregator.after_complete", round=state.round)
+        self.metrics.duration.labels(role=self.role, phase="finalize").observe(
+            state.timings["finalize_seconds"])
+        self.metrics.bytes.labels(role=self.role, direction="uploaded").inc(info.size)
         self.sums.pop(state.round, None)
 
     def _announce(self, state: RoundState) -> None:

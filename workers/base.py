@@ -3,7 +3,8 @@
 A worker registers one handler per message kind. A message that fails to decode or validate
 is dead-lettered with the reason; a handler raises ``Refuse`` for a valid message it will not
 use. SIGTERM and SIGINT set the stop event: the current message is finished or requeued and
-the process exits 0.
+the process exits 0. Housekeeping (``tick``) that fails, e.g. on an S3 outage, is logged and
+tried again on the next tick: it never takes the worker down.
 """
 from __future__ import annotations
 
@@ -13,17 +14,24 @@ from typing import Callable
 
 from cxr_mq import messages
 from cxr_mq.log import get_logger
-from cxr_mq.transport.base import Broker, Delivery, Refuse
+from cxr_mq.observability import Metrics, process_metrics
+from cxr_mq.transport.base import Broker, Delivery, Refuse, Requeue
 
 
 class Worker:
     queue: str
     handlers: dict[str, Callable[[dict, Delivery], None]]
 
-    def __init__(self, broker: Broker, stop: threading.Event | None = None, **context):
+    role: str = "worker"
+
+    def __init__(self, broker: Broker, stop: threading.Event | None = None,
+                 metrics: Metrics | None = None, **context):
         self.broker = broker
         self.stop = stop or threading.Event()
         self.log = get_logger(**context)
+        self.role = context.get("role", self.role)
+        self.metrics = metrics or process_metrics()
+        self.metrics.watch(self.role, broker=broker)
 
     def install_signal_handlers(self) -> None:
         def on_signal(signum, _frame):
@@ -33,17 +41,40 @@ class Worker:
         signal.signal(signal.SIGINT, on_signal)
 
     def on_delivery(self, delivery: Delivery) -> None:
+        message = None
         try:
-            message = messages.decode(delivery.body)
-        except messages.MessageError as exc:
-            raise Refuse(str(exc)) from None
-        handler = self.handlers.get(message["schema"])
-        if handler is None:
-            raise Refuse(f"{message['schema']} is not for {self.queue}")
-        handler(message, delivery)
+            try:
+                message = messages.decode(delivery.body)
+            except messages.MessageError as exc:
+                raise Refuse(str(exc)) from None
+            handler = self.handlers.get(message["schema"])
+            if handler is None:
+                raise Refuse(f"{message['schema']} is not for {self.queue}")
+            handler(message, delivery)
+        except Refuse as exc:
+            self.metrics.refusal(self.role, exc.reason)
+            if message is None:
+                self.log.warning("malformed_message_refused", reason=exc.reason,
+                                 routing_key=delivery.routing_key, size=len(delivery.body))
+                self.on_malformed(delivery, exc.reason)
+            raise
+        except Requeue:
+            raise
+        except Exception:
+            self.metrics.handler_errors.labels(role=self.role).inc()
+            raise  # the transport requeues it after a pause
+
+    def on_malformed(self, delivery: Delivery, reason: str) -> None:
+        """A message that did not decode or validate is about to be dead-lettered."""
 
     def tick(self) -> None:
         """Periodic housekeeping (deadlines); called from the broker's loop."""
+
+    def _safe_tick(self) -> None:
+        try:
+            self.tick()
+        except Exception as exc:  # noqa: BLE001 - housekeeping is retried on the next tick
+            self.log.exception("tick_failed_will_retry", error=repr(exc))
 
     def setup(self) -> None:
         """Declare topology, restore state: called once before consuming."""
@@ -52,5 +83,5 @@ class Worker:
         self.setup()
         self.broker.consume(self.queue, self.on_delivery, prefetch=1)
         self.log.info("worker_started", queue=self.queue)
-        self.broker.run(self.stop, tick=self.tick, tick_interval=1.0)
+        self.broker.run(self.stop, tick=self._safe_tick, tick_interval=1.0)
         self.log.info("worker_stopped")

@@ -5,11 +5,23 @@ announces it. Images, weights and the secret key never leave this process unencr
 on a background thread while the broker connection keeps servicing heartbeats, so a long
 local training does not get the connection dropped. A hospital restarted after uploading
 republishes the update it already made (``updates/<id>.msg``) rather than training another.
+
+The broker's delivery-acknowledgement timeout (``consumer_timeout``) bounds how long
+``round_start`` may stay unacked. The deployment sets it above the longest round deadline, so
+in normal operation it never fires; if it does (or the broker restarts meanwhile), the broker
+closes the channel and requeues ``round_start``. Training goes on regardless, the update is
+uploaded, its manifest written and ``update_ready`` published on a fresh channel; the
+requeued ``round_start`` then comes back and is answered from the manifest (republished,
+counted once by the aggregator, acked). Nothing is trained twice and nothing is lost.
+
+A permanent S3 fault (e.g. access denied) gives up this hospital's part in the round: its
+``round_start`` is dead-lettered with the error; the worker goes on with the next message.
 """
 from __future__ import annotations
 
 import io
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -18,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from cxr_mq import messages, rounds, training
+from cxr_mq.faults import CrashPoints
 from cxr_mq.rounds import OPEN, RoundState
-from cxr_mq.storage.base import ObjectNotFound, ObjectStore
+from cxr_mq.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StoreError
 from cxr_mq.transport.base import Broker, Delivery, Refuse, Requeue
 
 from .base import Worker
@@ -28,8 +41,10 @@ from .base import Worker
 class HospitalWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, hospital_id: str, data_dir: str,
                  work_dir: str, stop=None, val_fraction: float = 0.2, skip_bad: bool = False,
-                 clock=time.time):
-        super().__init__(broker, stop, role="hospital", hospital=hospital_id)
+                 clock=time.time, metrics=None):
+        super().__init__(broker, stop, metrics=metrics, role="hospital", hospital=hospital_id)
+        self.metrics.watch(self.role, store=store)
+        self.crash = CrashPoints()
         if not codec.has_secret_key:
             raise ValueError("a hospital needs the secret context to decrypt the global model")
         self.store, self.codec, self.id = store, codec, hospital_id
@@ -42,11 +57,35 @@ class HospitalWorker(Worker):
                          "round_aborted": self.on_round_aborted}
         self._data: dict[tuple, training.LocalData] = {}
         self.last_global_metrics: dict = {}
+        self._applied_model: tuple | None = None
+        self._training_thread: threading.Thread | None = None
         self.status = "idle"  # idle, training, encrypting, uploading (read by the demo's view)
         self.timings: dict[int, dict] = {}
 
     def setup(self) -> None:
         self.broker.declare_topology([self.id])
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self._exit_if_training()
+
+    def _exit_if_training(self) -> None:
+        """Stopped mid-training (SIGTERM): ``round_start`` has been requeued, but TensorFlow
+        cannot be interrupted, and tearing the interpreter down under its running thread
+        aborts the process. When this worker owns the process, leave at once, exit code 0."""
+        thread = self._training_thread
+        if (thread is None or not thread.is_alive() or not self.stop.is_set()
+                or threading.current_thread() is not threading.main_thread()):
+            return
+        self.log.info("exiting_without_waiting_for_training")
+        try:
+            self.broker.close()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
     # -- round_start ------------------------------------------------------------------------
     def on_round_start(self, message: dict, delivery: Delivery) -> None:
@@ -58,19 +97,36 @@ class HospitalWorker(Worker):
         if message.get("hospitals") and self.id not in message["hospitals"]:
             log.info("round_not_for_this_hospital")
             return
+        try:
+            self._take_part(message, delivery, log)
+        except StoreError as exc:
+            permanent = (isinstance(exc, (IntegrityError, ObjectNotFound))
+                         or not getattr(exc, "transient", True))
+            if not permanent:
+                raise  # requeued after a pause; the store may recover
+            log.error("round_given_up", error=str(exc))
+            raise Refuse(f"round {round_no}: hospital {self.id} gave up: {exc}") from None
+
+    def _take_part(self, message: dict, delivery: Delivery, log) -> None:
+        round_no = message["round"]
         if self._round_finished(round_no, message["deadline"]):
             log.info("round_already_finished_ignored")
             return
         previous = self._previous_update(round_no)
         if previous is not None:
-            log.info("republishing_update", key=previous["key"])
+            log.info("republishing_update", key=previous["key"], redelivered=delivery.redelivered)
             self._publish(previous)
+            self.crash.reached("hospital.after_publish", round=round_no)
             return
         params = training.TrainingParams.from_dict(message["training"])
+        log.info("training_started", redelivered=delivery.redelivered)
         update = self._run_in_background(lambda: self._train_and_upload(message, params), log)
+        self.crash.reached("hospital.after_upload", round=round_no)
         self._publish(update)
+        self.metrics.rounds.labels(role=self.role, outcome="update_published").inc()
         log.info("update_published", key=update["key"], n_samples=update["n_samples"],
-                 size=update["size"])
+                 size=update["size"], **{k: round(v, 3) for k, v in self.timings.get(round_no, {}).items()})
+        self.crash.reached("hospital.after_publish", round=round_no)
 
     def _round_finished(self, round_no: int, deadline: float) -> bool:
         state = RoundState.load(self.store, round_no)
@@ -95,6 +151,7 @@ class HospitalWorker(Worker):
             except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
                 outcome["error"] = exc
         thread = threading.Thread(target=target, name=f"train-{self.id}", daemon=True)
+        self._training_thread = thread
         thread.start()
         while thread.is_alive():
             if self.stop.is_set():
@@ -122,6 +179,7 @@ class HospitalWorker(Worker):
         started = time.perf_counter()
         train_metrics = training.train_local(model, data, params, round_seed=round_no)
         timings["train_seconds"] = time.perf_counter() - started
+        self.metrics.duration.labels(role=self.role, phase="train").observe(timings["train_seconds"])
         weights = training.flat_weights(model)
         self.status = "encrypting"
         started = time.perf_counter()
@@ -131,9 +189,16 @@ class HospitalWorker(Worker):
                 self.codec.encrypt_update(weights, data.n_train, fh)
             timings["encrypt_seconds"] = time.perf_counter() - started
             self.status = "uploading"
+            started = time.perf_counter()
             info = self.store.put_file(rounds.update_key(round_no, self.id), path)
+            timings["upload_seconds"] = time.perf_counter() - started
         finally:
             os.unlink(path)
+        self.metrics.duration.labels(role=self.role, phase="encrypt").observe(
+            timings["encrypt_seconds"])
+        self.metrics.duration.labels(role=self.role, phase="upload").observe(
+            timings["upload_seconds"])
+        self.metrics.bytes.labels(role=self.role, direction="uploaded").inc(info.size)
         update = messages.make(
             "update_ready", round=round_no, hospital=self.id, key=info.key, sha256=info.sha256,
             size=info.size, n_samples=data.n_train, n_params=int(weights.size),
@@ -149,6 +214,7 @@ class HospitalWorker(Worker):
     def _publish(self, update: dict) -> None:
         self.broker.publish("update_ready", messages.encode(update),
                             message_id=f"update_ready:{update['round']}:{self.id}")
+        self.metrics.updates_published.labels(role=self.role).inc()
 
     def _base_weights(self, message: dict) -> np.ndarray:
         cache = self.work_dir / f"base-{message['base_model_sha256']}.npy"
@@ -167,6 +233,10 @@ class HospitalWorker(Worker):
     def on_model_ready(self, message: dict, delivery: Delivery) -> None:
         round_no = message["round"]
         log = self.log.bind(round=round_no)
+        if self._applied_model == (round_no, message["sha256"]):
+            # a redelivery (or the aggregator announcing again after a restart): done already
+            log.info("model_ready_already_applied", redelivered=delivery.redelivered)
+            return
         record = rounds.read_json(self.store, rounds.round_key(round_no))
         if record is None:
             raise Refuse(f"model_ready for unknown round {round_no}")
@@ -181,6 +251,7 @@ class HospitalWorker(Worker):
         self.last_global_metrics = {"round": round_no,
                                     **training.evaluate(model, self._local_data(params))}
         self.status = "idle"
+        self._applied_model = (round_no, message["sha256"])
         log.info("global_model_evaluated", contributors=message["contributors"],
                  accuracy=self.last_global_metrics.get("accuracy"),
                  auc=self.last_global_metrics.get("auc"))

@@ -3,18 +3,28 @@ metadata on every object and checked on every read, retries on transient faults.
 
 Two layers of retry: botocore's own (``standard`` mode, per request) and tenacity around each
 whole operation, so that a multipart transfer that fails part-way is redone from the start
-rather than surfacing a transient 5xx to the worker.
+rather than surfacing a transient 5xx to the worker. A fault that is not transient (access
+denied, a missing bucket, a bad request) is not retried: the one operation fails at once with a
+:class:`StoreError` whose ``transient`` attribute is ``False``, and the caller decides (the
+aggregator refuses that update, a hospital gives up that round); the worker goes on.
+
+Test hook: ``CXR_MQ_FAULTS`` (read when a store is built; never set in production) injects S3
+faults through a botocore ``before-send`` handler, so the fault-injection tests exercise the
+real retry path of a worker process. See :func:`parse_faults` for the syntax.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
 import botocore.config
 import botocore.exceptions as bex
 from boto3.s3.transfer import S3UploadFailedError, TransferConfig
+from botocore.awsrequest import AWSResponse
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from ..log import get_logger
@@ -25,6 +35,7 @@ TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavaila
                    "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
 NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
+FAULTS_ENV = "CXR_MQ_FAULTS"
 
 
 def _error_code(exc: BaseException) -> str:
@@ -44,6 +55,80 @@ def is_transient(exc: BaseException) -> bool:
     return _error_code(exc) in TRANSIENT_CODES
 
 
+# -- fault injection (test hook) ------------------------------------------------------------
+_FAULT_RESPONSES = {  # fault name -> (HTTP status, S3 error code)
+    "500": (500, "InternalError"), "503": (503, "ServiceUnavailable"),
+    "slowdown": (503, "SlowDown"), "throttle": (503, "SlowDown"),
+    "403": (403, "AccessDenied"),
+}
+
+
+@dataclass
+class FaultRule:
+    operation: str  # botocore operation name (GetObject, PutObject, HeadObject, ...) or "*"
+    fault: str  # 500, 503, slowdown/throttle, 403 (permanent), reset (connection reset)
+    remaining: int  # how many requests to fault; -1 for every one
+    key_contains: str = ""
+
+    def matches(self, operation: str, url: str) -> bool:
+        return (self.remaining != 0 and self.operation in ("*", operation)
+                and self.key_contains in url)
+
+
+def parse_faults(spec: str) -> list[FaultRule]:
+    """``s3:<operation|*>:<fault>:<count|*>[:<key substring>]``, rules separated by ``;``.
+
+    E.g. ``s3:GetObject:503:3`` (the next three GetObject requests get a 503),
+    ``s3:*:reset:2`` (two connection resets), ``s3:*:403:1:updates/h2`` (one AccessDenied on
+    any request whose URL contains ``updates/h2``). Rules not starting with ``s3:`` are ignored.
+    """
+    rules = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        fields = part.split(":", 4)
+        if fields[0] != "s3":
+            continue
+        if len(fields) < 4 or (fields[2] not in _FAULT_RESPONSES and fields[2] != "reset"):
+            raise StoreError(f"{FAULTS_ENV}: cannot parse {part!r} "
+                             "(want s3:<operation|*>:<500|503|slowdown|403|reset>:<count|*>[:<key>])")
+        count = -1 if fields[3] in ("*", "-1") else int(fields[3])
+        rules.append(FaultRule(fields[1], fields[2], count, fields[4] if len(fields) > 4 else ""))
+    return rules
+
+
+class _RawBody:
+    def __init__(self, data: bytes):
+        self._data = data
+
+    def stream(self, **_):
+        yield self._data
+
+
+class FaultInjector:
+    """A botocore ``before-send`` handler answering matching requests with a fault."""
+
+    def __init__(self, rules: list[FaultRule], log):
+        self.rules, self._log, self._lock = rules, log, threading.Lock()
+        self.injected = 0
+
+    def __call__(self, request, event_name: str, **_):
+        operation = event_name.rsplit(".", 1)[-1]
+        with self._lock:
+            rule = next((r for r in self.rules if r.matches(operation, request.url)), None)
+            if rule is None:
+                return None
+            if rule.remaining > 0:
+                rule.remaining -= 1
+            self.injected += 1
+        self._log.warning("s3_fault_injected", op=operation, fault=rule.fault, url=request.url)
+        if rule.fault == "reset":
+            raise bex.ConnectionClosedError(endpoint_url=request.url)
+        status, code = _FAULT_RESPONSES[rule.fault]
+        body = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>"
+                f"<Message>injected by {FAULTS_ENV}</Message></Error>").encode()
+        return AWSResponse(request.url, status, {"Content-Type": "application/xml"},
+                           _RawBody(b"" if request.method == "HEAD" else body))
+
+
 class S3Store(ObjectStore):
     def __init__(self, bucket: str, kms_key_id: str, endpoint_url: str | None = None,
                  region: str | None = None, attempts: int = 5, max_backoff: float = 8.0,
@@ -61,6 +146,33 @@ class S3Store(ObjectStore):
         self._attempts = attempts
         self._max_backoff = max_backoff
         self._log = get_logger(component="s3", bucket=bucket)
+        self.retries: dict[str, int] = {}  # transient faults seen, by operation (for metrics)
+        self._retries_lock = threading.Lock()
+        self.client.meta.events.register("needs-retry.s3", self._count_fault)
+        self.faults = None
+        if os.environ.get(FAULTS_ENV):
+            rules = parse_faults(os.environ[FAULTS_ENV])
+            if rules:
+                self.faults = FaultInjector(rules, self._log)
+                self.client.meta.events.register("before-send.s3", self.faults)
+                self._log.warning("s3_fault_injection_enabled", rules=os.environ[FAULTS_ENV])
+
+    def _count(self, operation: str) -> None:
+        with self._retries_lock:
+            self.retries[operation] = self.retries.get(operation, 0) + 1
+
+    def _count_fault(self, response=None, caught_exception=None, operation=None, **_):
+        """Count the transient faults botocore sees (it retries them itself)."""
+        name = getattr(operation, "name", "unknown")
+        if caught_exception is not None:
+            if is_transient(caught_exception):
+                self._count(name)
+        elif response is not None:
+            status = response[0].status_code if response[0] is not None else 0
+            code = str((response[1] or {}).get("Error", {}).get("Code", ""))
+            if status >= 500 or code in TRANSIENT_CODES:
+                self._count(name)
+        return None
 
     def _call(self, what: str, key: str, operation):
         retrying = Retrying(retry=retry_if_exception(is_transient), reraise=True,
@@ -73,8 +185,16 @@ class S3Store(ObjectStore):
             return retrying(operation)
         except (bex.BotoCoreError, bex.ClientError, S3UploadFailedError, OSError) as exc:
             if _error_code(exc) in NOT_FOUND_CODES:
-                raise ObjectNotFound(f"s3://{self.bucket}/{key}: no such object") from None
-            raise StoreError(f"s3 {what} s3://{self.bucket}/{key} failed: {exc}") from exc
+                error = ObjectNotFound(f"s3://{self.bucket}/{key}: no such object")
+                error.transient = False
+                raise error from None
+            transient = is_transient(exc)
+            error = StoreError(f"s3 {what} s3://{self.bucket}/{key} failed"
+                               f"{' after retries' if transient else ' (not retryable)'}: {exc}")
+            error.transient = transient
+            self._log.error("s3_operation_failed", op=what, key=key, transient=transient,
+                            error=str(exc))
+            raise error from exc
 
     def _sse(self, sha256: str) -> dict:
         return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self._kms_key_id,

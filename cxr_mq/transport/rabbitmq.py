@@ -4,6 +4,14 @@ Queues are quorum queues (replicated, durable, with a delivery limit that dead-l
 poison message instead of redelivering it for ever); messages are persistent and published
 with confirms and ``mandatory`` so an unroutable message is an error, not a silent loss.
 Handlers are acked only after they return, i.e. after their work is durable.
+
+A lost connection (broker restart, network drop) is re-opened with exponential back-off and
+jitter; every reconnect re-declares the topology and the consumers. A delivery is settled
+(acked, nacked, dead-lettered) only on the channel it came from: if that channel has gone
+(the broker restarted, or closed it for the delivery-acknowledgement timeout while a handler
+was busy), the broker has already requeued the message and will deliver it again; acking
+its stale tag on a new channel would be a protocol error, so it is left alone. Consumers
+are idempotent, so the redelivery is harmless.
 """
 from __future__ import annotations
 
@@ -13,7 +21,8 @@ from typing import Callable, Iterable
 
 import pika
 import pika.exceptions as pex
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_after_delay,
+                      stop_when_event_set, wait_exponential_jitter)
 
 from ..log import get_logger
 from .base import (AGGREGATOR_BINDINGS, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER, Broker,
@@ -24,6 +33,7 @@ CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.ConnectionClosed, pex.StreamLo
 PERMANENT_CHANNEL_CODES = (403, 404, 405, 406)  # access refused, not found, locked, precondition
 DELIVERY_LIMIT = 100
 HANDLER_ERROR_BACKOFF = 2.0
+NACK_ATTEMPTS = 5  # a publisher nack means "not stored, try again", e.g. a queue electing a leader
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -52,14 +62,21 @@ class RabbitMQBroker(Broker):
         self._temporary: dict[str, tuple[str, ...]] = {}
         self._conn: pika.BlockingConnection | None = None
         self._ch = None
+        self._stop: threading.Event | None = None  # set by run(): stop waiting for the broker
         self.reconnects = 0
+        self._connected_once = False
         self._log = get_logger(component="rabbitmq", namespace=self.topology.namespace)
 
     # -- connection -----------------------------------------------------------------------
     def _retrying(self) -> Retrying:
+        stop = stop_after_delay(self._reconnect_for)
+        sleep = time.sleep
+        if self._stop is not None:
+            stop = stop | stop_when_event_set(self._stop)  # a stopping worker stops waiting
+            sleep = self._stop.wait
         return Retrying(retry=retry_if_exception(is_transient),
                         wait=wait_exponential_jitter(initial=0.5, max=self._max_backoff),
-                        stop=stop_after_delay(self._reconnect_for), reraise=True,
+                        stop=stop, sleep=sleep, reraise=True,
                         before_sleep=lambda rs: self._log.warning(
                             "broker_unreachable", attempt=rs.attempt_number,
                             error=repr(rs.outcome.exception())))
@@ -72,6 +89,8 @@ class RabbitMQBroker(Broker):
         self._conn, self._ch = conn, ch
         if self._topology_declared:
             self._declare(ch)
+            self._log.info("topology_declared", reconnect=self._connected_once,
+                           hospitals=sorted(self._hospitals))
         for queue, keys in self._temporary.items():
             # exclusive queues die with their connection: recreate under the same name
             ch.queue_declare(queue, exclusive=True, auto_delete=True)
@@ -82,13 +101,13 @@ class RabbitMQBroker(Broker):
 
     def _channel(self):
         if self._ch is None or not self._ch.is_open or not self._conn.is_open:
-            first = self._conn is None
             for attempt in self._retrying():
                 with attempt:
                     self._open()
-            if not first:
+            if self._connected_once:
                 self.reconnects += 1
                 self._log.info("broker_reconnected", reconnects=self.reconnects)
+            self._connected_once = True
         return self._ch
 
     def _drop(self) -> None:
@@ -174,8 +193,11 @@ class RabbitMQBroker(Broker):
 
         def send(ch):
             ch.basic_publish(self.topology.control_exchange, routing_key, body, props, mandatory=True)
+        nacked = Retrying(retry=retry_if_exception(lambda e: isinstance(e, pex.NackError)),
+                          wait=wait_exponential_jitter(initial=0.2, max=2.0),
+                          stop=stop_after_attempt(NACK_ATTEMPTS), reraise=True)
         try:
-            self._with_retry(send)
+            nacked(lambda: self._with_retry(send))
         except (pex.UnroutableError, pex.NackError) as exc:
             raise TransportError(f"broker refused {routing_key}: {type(exc).__name__}") from exc
         except CONNECTION_ERRORS as exc:
@@ -218,21 +240,32 @@ class RabbitMQBroker(Broker):
         except Refuse as exc:
             self._log.warning("message_dead_lettered", queue=queue, reason=exc.reason,
                               routing_key=method.routing_key)
-            self._settle(lambda: self._dead_letter(ch, method, props, body, queue, exc.reason))
+            self._settle(ch, lambda: self._dead_letter(ch, method, props, body, queue, exc.reason))
             return
         except Requeue:
-            self._settle(lambda: ch.basic_nack(method.delivery_tag, requeue=True))
+            self._settle(ch, lambda: ch.basic_nack(method.delivery_tag, requeue=True))
             return
         except CONNECTION_ERRORS:
-            raise  # the message stays unacked and comes back after reconnecting
+            if ch is self._ch:
+                raise  # the message stays unacked and comes back after reconnecting
+            self._log.warning("delivery_channel_gone_will_be_redelivered", queue=queue,
+                              routing_key=method.routing_key)
+            return
         except Exception as exc:  # noqa: BLE001 - transient by default: never lose the message
             self._log.exception("handler_failed_requeueing", queue=queue, error=repr(exc))
             self.sleep(HANDLER_ERROR_BACKOFF)
-            self._settle(lambda: ch.basic_nack(method.delivery_tag, requeue=True))
+            self._settle(ch, lambda: ch.basic_nack(method.delivery_tag, requeue=True))
             return
-        self._settle(lambda: ch.basic_ack(method.delivery_tag))
+        self._settle(ch, lambda: ch.basic_ack(method.delivery_tag))
 
-    def _settle(self, action: Callable[[], None]) -> None:
+    def _settle(self, ch, action: Callable[[], None]) -> None:
+        if ch is not self._ch or not ch.is_open:
+            # the delivery's channel is gone (broker restart, or the broker's delivery
+            # acknowledgement timeout closed it while the handler worked): the broker has
+            # requeued the message already; its tag means nothing on any other channel
+            self._log.warning("delivery_channel_gone_will_be_redelivered",
+                              reconnects=self.reconnects)
+            return
         try:
             action()
         except CONNECTION_ERRORS as exc:
@@ -242,6 +275,7 @@ class RabbitMQBroker(Broker):
 
     def run(self, stop: threading.Event, tick: Callable[[], None] | None = None,
             tick_interval: float = 1.0) -> None:
+        self._stop = stop
         next_tick = time.monotonic()
         while not stop.is_set():
             try:

@@ -9,15 +9,27 @@ import sys
 import time
 from pathlib import Path
 
+import socket
+
 import boto3
+import pika
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class Cluster:
     """One federation: a bucket, a broker namespace, keys, and worker processes."""
 
     def __init__(self, tmp_path: Path, amqp_url: str, s3: dict, namespace: str,
-                 hospitals=("h1", "h2", "h3")):
+                 hospitals=("h1", "h2", "h3"), metrics: bool = False):
+        self.metrics = metrics
+        self.metrics_ports: dict[str, int] = {}
         self.tmp = tmp_path
+        self.amqp_url = amqp_url
         self.hospitals = tuple(hospitals)
         self.s3 = s3
         self.namespace = namespace
@@ -36,6 +48,7 @@ class Cluster:
             "TF_NUM_INTRAOP_THREADS": "1",
         }
         self.procs: dict[str, subprocess.Popen] = {}
+        self.spawn_env: dict[str, dict] = {}  # extra environment each worker was started with
         self.keys_dir = tmp_path / "keys"
 
     # -- commands ---------------------------------------------------------------------------
@@ -60,6 +73,11 @@ class Cluster:
         self.data_dirs = dirs
         return dirs
 
+    def open_round(self, *args, timeout=120) -> int:
+        """``start-round`` without ``--wait``: publish ``round_start`` and return its number."""
+        result = self.cli("start-round", "--json", *args, timeout=timeout)
+        return json.loads(result.stdout.strip().splitlines()[-1])["round"]
+
     def start_round(self, *args, timeout=600) -> tuple[int, dict]:
         result = self.cli("start-round", "--wait", "--json", *args, timeout=timeout, check=False)
         try:
@@ -69,20 +87,57 @@ class Cluster:
         return result.returncode, payload
 
     # -- workers ----------------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
+        """Start a worker; ``env`` adds variables (e.g. ``CXR_MQ_FAULTS``) for this one only.
+        With ``metrics`` on, each worker serves Prometheus metrics on a port of its own
+        (kept across restarts; see ``metrics_url``)."""
+        if self.metrics:
+            if name not in self.metrics_ports:
+                self.metrics_ports[name] = _free_port()
+            args = [*args, "--metrics-port", str(self.metrics_ports[name])]
         log = open(self.tmp / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "cxr_mq.cli", *args], env=self.env,
+        proc = subprocess.Popen([sys.executable, "-m", "cxr_mq.cli", *args],
+                                env={**self.env, **(env or {})},
                                 stdout=log, stderr=subprocess.STDOUT)
+        log.close()
         self.procs[name] = proc
+        self.spawn_env[name] = dict(env or {})
         return proc
 
-    def start_aggregator(self, *extra) -> subprocess.Popen:
-        return self._spawn("aggregator", ["aggregator", *extra])
+    def start_aggregator(self, *extra, env: dict | None = None) -> subprocess.Popen:
+        return self._spawn("aggregator", ["aggregator", *extra], env)
 
-    def start_hospital(self, hospital: str) -> subprocess.Popen:
+    def start_hospital(self, hospital: str, *extra, env: dict | None = None) -> subprocess.Popen:
         return self._spawn(hospital, ["hospital", "--id", hospital, "--data",
                                       str(self.data_dirs[hospital]),
-                                      "--secret-context", str(self.keys_dir / "secret.ctx")])
+                                      "--secret-context", str(self.keys_dir / "secret.ctx"),
+                                      *extra], env)
+
+    def start_all(self) -> None:
+        self.start_aggregator()
+        for hospital in self.hospitals:
+            self.start_hospital(hospital)
+
+    def running(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].pid
+
+    def scrape(self, name: str) -> dict[str, float]:
+        """The worker's Prometheus metrics: ``{'name{labels}': value}``."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+        url = f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}"] = sample.value
+        return samples
 
     def log(self, name: str) -> str:
         path = self.tmp / f"{name}.log"
@@ -109,17 +164,31 @@ class Cluster:
                     pass
         return found
 
-    def wait_for_event(self, name: str, event: str, timeout: float = 120, **fields) -> dict:
+    def mark(self, name: str) -> int:
+        """How many events ``name`` has logged so far (to wait only for later ones)."""
+        return len(self.events(name))
+
+    def find_events(self, name: str, event: str, after: int = 0, **fields) -> list[dict]:
+        return [r for r in self.events(name)[after:]
+                if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())]
+
+    def wait_for_event(self, name: str, event: str, timeout: float = 120, after: int = 0,
+                       allow_exit: bool = False, **fields) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for record in self.events(name):
-                if record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
-                    return record
+            found = self.find_events(name, event, after, **fields)
+            if found:
+                return found[0]
             proc = self.procs.get(name)
-            if proc is not None and proc.poll() is not None:
+            if proc is not None and proc.poll() is not None and not allow_exit:
                 raise AssertionError(f"{name} exited {proc.returncode}:\n{self.log(name)[-4000:]}")
-            time.sleep(0.2)
+            time.sleep(0.1)
         raise AssertionError(f"{name} never logged {event} {fields}:\n{self.log(name)[-4000:]}")
+
+    def wait_exit(self, name: str, timeout: float = 60) -> int:
+        """Wait for a worker that is expected to end by itself (e.g. at a crash point)."""
+        proc = self.procs.pop(name)
+        return proc.wait(timeout=timeout)
 
     def terminate(self, name: str, timeout: float = 60) -> int:
         proc = self.procs.pop(name)
@@ -150,3 +219,94 @@ class Cluster:
 
     def get(self, key: str) -> bytes:
         return self.s3_client().get_object(Bucket=self.s3["bucket"], Key=key)["Body"].read()
+
+    def put(self, key: str, body: bytes) -> None:
+        self.s3_client().put_object(Bucket=self.s3["bucket"], Key=key, Body=body,
+                                    ServerSideEncryption="aws:kms",
+                                    SSEKMSKeyId=self.s3["kms_key_id"])
+
+    def state(self, round_no: int) -> dict | None:
+        from cxr_mq import rounds
+        try:
+            return json.loads(self.get(rounds.state_key(round_no)))
+        except self.s3_client().exceptions.NoSuchKey:
+            return None
+
+    def wait_finished(self, round_no: int, timeout: float = 300) -> dict:
+        """The aggregator's record of the round once it is complete or aborted and announced."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.state(round_no)
+            if state and state["status"] != "open" and state["announced"]:
+                return state
+            time.sleep(0.3)
+        raise AssertionError(f"round {round_no} did not finish within {timeout}s: "
+                             f"{self.state(round_no)}\n{self.log('aggregator')[-3000:]}")
+
+    def update_message(self, round_no: int, hospital: str) -> dict:
+        from cxr_mq import messages, rounds
+        return messages.decode(self.get(rounds.update_message_key(round_no, hospital)))
+
+    def fault_free_aggregate(self, round_no: int, hospitals) -> bytes:
+        """The sum a fault-free run gives over the same update objects (added here, in sorted
+        order, with the public context only)."""
+        import io
+
+        from cxr_mq import crypto, rounds
+        codec = crypto.load_context(self.get("keys/public-context"))
+        total = None
+        for hospital in sorted(hospitals):
+            message = self.update_message(round_no, hospital)
+            if total is None:
+                total = codec.new_sum(message["n_params"])
+            total.add(io.BytesIO(self.get(rounds.update_key(round_no, hospital))))
+        out = io.BytesIO()
+        total.write(out)
+        return out.getvalue()
+
+    def status(self) -> list[dict]:
+        return json.loads(self.cli("status", "--json").stdout)
+
+    # -- broker -----------------------------------------------------------------------------
+    def _amqp(self):
+        return pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+
+    def publish_raw(self, routing_key: str, body: bytes, headers: dict | None = None) -> None:
+        """Publish bytes on the control exchange as any (possibly broken) client would."""
+        conn = self._amqp()
+        try:
+            ch = conn.channel()
+            ch.confirm_delivery()
+            ch.basic_publish(f"{self.namespace}.control", routing_key, body,
+                             pika.BasicProperties(delivery_mode=2, headers=headers or {}),
+                             mandatory=True)
+        finally:
+            conn.close()
+
+    def drain(self, queue: str) -> list[dict]:
+        """Take every ready message off ``queue``: dicts of routing_key, headers, body."""
+        conn = self._amqp()
+        taken = []
+        try:
+            ch = conn.channel()
+            while True:
+                method, props, body = ch.basic_get(queue, auto_ack=True)
+                if method is None:
+                    return taken
+                taken.append({"routing_key": method.routing_key, "headers": props.headers or {},
+                              "body": body})
+        finally:
+            conn.close()
+
+    def dead_letters(self) -> list[dict]:
+        return self.drain(f"{self.namespace}.dead-letter")
+
+    def queue_depths(self) -> dict[str, int]:
+        names = [f"{self.namespace}.aggregator", f"{self.namespace}.dead-letter"]
+        names += [f"{self.namespace}.hospital.{h}" for h in self.hospitals]
+        conn = self._amqp()
+        try:
+            ch = conn.channel()
+            return {n: ch.queue_declare(n, passive=True).method.message_count for n in names}
+        finally:
+            conn.close()

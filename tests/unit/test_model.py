@@ -88,17 +88,18 @@ def test_load_flat_weights_wrong_length_names_both():
         load_flat_weights(model, np.zeros(n - 1, dtype=np.float32))
 
 
-@pytest.mark.parametrize("name", ["covidnet-s", "mobilenetv2", "densenet121"])
+@pytest.mark.parametrize("name", ["covidnet-s", "covidnet-s-bn", "mobilenetv2", "densenet121"])
 def test_named_models_build_without_downloads(name):
     model = build(name, 32, 3, seed=0)
     assert model.input_shape == (None, 32, 32, 1)
     assert model.output_shape == (None, 3)
-    if name == "covidnet-s":
+    if name.startswith("covidnet-s"):
         assert model.count_params() <= 2_000_000
         wide = build(name, 32, 3, width=2.0, depth=2)
         assert model.count_params() < wide.count_params() <= 2_000_000
         kinds = {type(layer).__name__ for layer in model.layers}
         assert {"DepthwiseConv2D", "Add"} <= kinds
+        assert ("BatchNormalization" in kinds) == name.endswith("-bn")
 
 
 def test_train_evaluate_predict(tiny_data):
@@ -136,3 +137,37 @@ def test_interface_exports():
     for name in ("TrainingParams", "class_names", "build_model", "flat_weights", "load_flat_weights",
                  "LocalData", "train_local", "evaluate", "predict_proba"):
         assert hasattr(training, name)
+
+
+def test_encrypted_fedavg_equals_plaintext_fedavg():
+    from cxr_mq.central_bench import _Aggregator
+
+    rng = np.random.default_rng(0)
+    updates = [(rng.normal(size=300).astype(np.float32), n) for n in (5, 17, 40)]
+    plain = _Aggregator(encrypted=False).fedavg(updates)
+    expected = sum(w.astype(np.float64) * n for w, n in updates) / 62
+    assert np.allclose(plain, expected, atol=1e-6)
+    assert np.allclose(_Aggregator(encrypted=True).fedavg(updates), plain, atol=1e-4)
+
+
+def test_central_vs_federated_smoke():
+    from cxr_mq.central_bench import run_central_vs_federated
+
+    out = run_central_vs_federated(n=36, hospitals=2, alpha=1.0, rounds=1, encrypted=False,
+                                   classes="binary", model="small-cnn", image_size=32,
+                                   log=lambda *_: None)
+    assert out["setup"]["total_epochs"] == 1
+    assert sum(h["images"] for h in out["hospitals"]) == out["setup"]["n_train"]
+    for side in ("central", "federated"):
+        assert 0.0 <= out[side]["summary"]["accuracy"] <= 1.0
+    assert len(out["federated"]["history"]) == 1
+
+
+def test_local_steps_fix_the_step_count(tiny_data):
+    params = TrainingParams(**{**TINY.to_dict(), "local_steps": 5, "epochs": 2})
+    model = build_model(params)
+    train_local(model, tiny_data, params)
+    assert int(model.optimizer.iterations.numpy()) == 10  # more than the data holds: it repeats
+    train_local(model, tiny_data, params, lr=1e-4, lr_end=1e-5)  # compiled step reused, state reset
+    assert int(model.optimizer.iterations.numpy()) == 10
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-5, rel=1e-3)

@@ -1,0 +1,188 @@
+"""A RabbitMQ node of the test's own, for scenarios that stop and restart the broker.
+
+The machine's broker on 127.0.0.1:5672 is shared with every other test run and must stay up,
+so broker-restart tests start a separate node: its own node name, AMQP and distribution ports
+(free loopback ports), data and log directories, Erlang cookie (in a private ``HOME``), config
+files and an empty plugin list. ``stop()`` halts it gracefully (SIGTERM to its
+``rabbitmq-server``, which runs an orderly shutdown), ``crash()`` SIGKILLs it, and
+``start()`` boots it again on the same data directory, so durable queues and persistent
+messages survive exactly as on a production node. Every node started is stopped at teardown,
+also when the test fails; as a last resort the node's own OS process group (it is started in
+a new session) is killed, never anything found by name.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def available() -> bool:
+    return (RABBIT_BIN / "rabbitmq-server").exists() and shutil.which("erl") is not None
+
+
+class RabbitNode:
+    """One single-node RabbitMQ broker in ``base_dir``; ``url`` is its AMQP URL."""
+
+    def __init__(self, base_dir: Path, consumer_timeout_ms: int | None = None,
+                 channel_tick_ms: int | None = None):
+        self.base = Path(base_dir)
+        self.name = f"cxrtest-{secrets.token_hex(4)}@localhost"
+        self.port = _free_port()
+        self.dist_port = _free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.timings: list[tuple[str, float]] = []  # (action, seconds), for reports
+        home = self.base / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(16).upper())
+        cookie.chmod(0o400)
+        (self.base / "enabled_plugins").write_text("[].\n")
+        (self.base / "env.conf").write_text("")  # keep the system's rabbitmq-env.conf out
+        (self.base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
+            "loopback_users = none\n"
+            "log.console = false\n"
+            "log.file.level = info\n")
+        advanced = []
+        if consumer_timeout_ms is not None:
+            advanced.append(f"{{consumer_timeout, {int(consumer_timeout_ms)}}}")
+        if channel_tick_ms is not None:
+            advanced.append(f"{{channel_tick_interval, {int(channel_tick_ms)}}}")
+        (self.base / "advanced.config").write_text(f"[{{rabbit, [{', '.join(advanced)}]}}].\n")
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "LANG": "C.UTF-8",
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.base / "advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.base / "env.conf"),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    # -- control ----------------------------------------------------------------------------
+    def ctl(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "-n", self.name, *args],
+                                env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} exited {result.returncode}: "
+                               f"{result.stdout}{result.stderr}")
+        return result
+
+    def start(self, timeout: float = 90) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "node is running"
+        log = open(self.base / f"server-{self.starts}.log", "ab")
+        self.proc = subprocess.Popen([str(RABBIT_BIN / "rabbitmq-server")], env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        log.close()
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited {self.proc.returncode}; see {self.base}")
+            if _port_open(self.port) and self._amqp_ok():
+                return  # the AMQP listener is the last thing a booting node starts
+            time.sleep(0.25)
+        self.kill()
+        raise RuntimeError(f"RabbitMQ node {self.name} did not start within {timeout}s")
+
+    def _amqp_ok(self) -> bool:
+        import pika
+        try:
+            pika.BlockingConnection(pika.URLParameters(self.url)).close()
+            return True
+        except Exception:  # noqa: BLE001 - not ready yet
+            return False
+
+    def stop(self, timeout: float = 60) -> None:
+        """Halt the node gracefully, as an upgrade would: every connection drops, nothing is
+        lost. SIGTERM to ``rabbitmq-server`` (which it turns into an orderly shutdown) rather
+        than ``rabbitmqctl stop``: the CLI's own start-up can take many seconds on a busy
+        machine, which would blur *when* the broker went down."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def restart(self, down_for: float = 0.0) -> None:
+        started = time.monotonic()
+        self.stop()
+        self.timings.append(("stop", time.monotonic() - started))
+        time.sleep(down_for)
+        started = time.monotonic()
+        self.start()
+        self.timings.append(("start", time.monotonic() - started))
+
+    def crash(self) -> None:
+        """SIGKILL the broker (no orderly shutdown): what only fsynced data survives."""
+        self.kill()
+
+    def kill(self) -> None:
+        """Last resort: SIGKILL the node's own process group (started in a new session)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture
+def rabbit_node_factory(tmp_path_factory):
+    """``make(**options)`` starts a node of this test's own; all are stopped at teardown."""
+    if not available():
+        pytest.skip("rabbitmq-server is not installed")
+    nodes: list[RabbitNode] = []
+
+    def make(**options) -> RabbitNode:
+        node = RabbitNode(tmp_path_factory.mktemp("rabbit-node"), **options)
+        nodes.append(node)
+        node.start()
+        return node
+
+    yield make
+    for node in nodes:
+        try:
+            node.stop(timeout=30)
+        finally:
+            node.kill()
