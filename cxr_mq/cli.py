@@ -232,7 +232,7 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
             return
         try:
             outcome = controller.wait_for_round(broker, queue, start["round"],
-                                                timeout or deadline + 60)
+                                                timeout or deadline + 60, store=store)
         except controller.RoundTimeout as exc:
             _fail(str(exc), 1)
     result = controller.round_result(start, outcome)
@@ -263,6 +263,10 @@ def status(obj: Context, as_json):
         click.echo(f"round {row['round']:>4}  {row['state']:<9} contributors: "
                    f"{', '.join(row['contributors']) or '-'}  samples: {row['total_samples']}"
                    + (f"  reason: {row['reason']}" if row["reason"] else ""))
+        timings = {k: v for k, v in row["timings"].items() if isinstance(v, (int, float))}
+        if timings:
+            click.echo("      timings: " + ", ".join(f"{k.replace('_seconds', '')} {v:.2f}s"
+                                                   for k, v in sorted(timings.items())))
         for refusal in row["refused"]:
             click.echo(f"      refused {refusal['hospital']}: {refusal['reason']}")
 

@@ -138,7 +138,6 @@ def round_result(start: dict, outcome: dict) -> dict:
     }
 
 
-UNROUTED_REFUSALS_KEY = "aggregator/refusals"  # written by the aggregator
 
 
 def _timings(record: dict, state: RoundState | None) -> dict:
@@ -179,7 +178,7 @@ def status(store: ObjectStore) -> list[dict]:
         })
     known = {row["round"] for row in rows}
     unrouted: dict = {}
-    for entry in (rounds.read_json(store, UNROUTED_REFUSALS_KEY) or {}).get("refused", []):
+    for entry in (rounds.read_json(store, rounds.UNROUTED_REFUSALS_KEY) or {}).get("refused", []):
         unrouted.setdefault(entry.get("round") or 0, []).append(entry)
     for round_no in sorted(unrouted, key=lambda r: (r == 0, r)):
         if round_no in known:

@@ -5,9 +5,9 @@ import io
 
 import numpy as np
 
-from . import metrics, rounds, training
+from . import rounds, training
 from .controller import latest_complete
-from .data import DataError, load_images, map_label, read_label_file
+from .data import DataError
 from .rounds import COMPLETE, RoundState
 from .storage.base import ObjectStore
 
@@ -29,15 +29,7 @@ def global_model(store: ObjectStore, codec, round_no: int | None = None):
 
 
 def evaluate_label_file(model, params: training.TrainingParams, label_file, skip_bad=False) -> dict:
-    classes = training.class_names(params.classes)
-    labels = read_label_file(label_file, skip_bad=skip_bad)
-    usable = [(r, map_label(r.label, classes)) for r in labels.records]
-    unusable = [r for r, mapped in usable if mapped is None]
-    if unusable and not skip_bad:
-        r = unusable[0]
-        raise DataError(f"{labels.path}:{r.line}: class {r.label!r} has no place in {classes}")
-    usable = [(r, mapped) for r, mapped in usable if mapped is not None]
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[mapped] for _, mapped in usable], dtype=np.int32)
-    x = load_images([r.path for r, _ in usable], params.image_size)
-    return metrics.compute(y, training.predict_proba(model, x), classes)
+    """Metrics of ``model`` on every image of a label file; ``skip_bad`` skips malformed lines,
+    missing and unreadable images (with a warning) instead of failing on the first."""
+    data = training.LocalData.for_evaluation(label_file, params, skip_bad=skip_bad)
+    return training.evaluate(model, data)

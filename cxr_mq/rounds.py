@@ -23,6 +23,9 @@ OPEN, COMPLETE, ABORTED = "open", "complete", "aborted"
 _ROUND_KEY = re.compile(r"^rounds/(\d+)/round$")
 
 
+UNROUTED_REFUSALS_KEY = "aggregator/refusals"  # refusals that belong to no open round
+
+
 def round_prefix(round_no: int) -> str:
     return f"rounds/{round_no:06d}"
 

@@ -29,7 +29,6 @@ from cxr_mq.transport.base import Broker, Delivery, Refuse
 
 from .base import Worker
 
-UNROUTED_REFUSALS_KEY = "aggregator/refusals"
 UNROUTED_REFUSALS_KEPT = 500
 
 
@@ -133,7 +132,7 @@ class AggregatorWorker(Worker):
         except CodecError as exc:
             return f"bad ciphertext: {exc}"
         except StoreError as exc:
-            if getattr(exc, "transient", True):
+            if exc.transient:
                 raise  # requeued and retried after a pause: the store may recover
             return f"update object unreadable: {exc}"
         self.metrics.duration.labels(role=self.role, phase="aggregate").observe(
@@ -178,9 +177,9 @@ class AggregatorWorker(Worker):
         """Keep refusals that belong to no known round where ``cxr-mq status`` finds them.
         Best effort: failing to record must not change what happens to the message."""
         try:
-            kept = rounds.read_json(self.store, UNROUTED_REFUSALS_KEY) or {"refused": []}
+            kept = rounds.read_json(self.store, rounds.UNROUTED_REFUSALS_KEY) or {"refused": []}
             kept["refused"] = (kept["refused"] + [entry])[-UNROUTED_REFUSALS_KEPT:]
-            rounds.write_json(self.store, UNROUTED_REFUSALS_KEY, kept)
+            rounds.write_json(self.store, rounds.UNROUTED_REFUSALS_KEY, kept)
         except Exception as exc:  # noqa: BLE001
             self.log.warning("refusal_not_recorded", error=repr(exc), reason=entry["reason"])
 

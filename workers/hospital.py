@@ -101,7 +101,7 @@ class HospitalWorker(Worker):
             self._take_part(message, delivery, log)
         except StoreError as exc:
             permanent = (isinstance(exc, (IntegrityError, ObjectNotFound))
-                         or not getattr(exc, "transient", True))
+                         or not exc.transient)
             if not permanent:
                 raise  # requeued after a pause; the store may recover
             log.error("round_given_up", error=str(exc))

@@ -15,7 +15,12 @@ HASH_CHUNK = 1 << 20
 
 
 class StoreError(Exception):
-    """An object could not be stored or read (after retries); the message names the key."""
+    """An object could not be stored or read (after retries); the message names the key.
+
+    ``transient`` says whether trying the same operation later may succeed (S3 sets it per
+    fault); workers requeue a transient failure and give up the one operation otherwise."""
+
+    transient: bool = False
 
 
 class ObjectNotFound(StoreError):

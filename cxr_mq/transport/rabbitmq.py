@@ -238,9 +238,10 @@ class RabbitMQBroker(Broker):
         try:
             handler(delivery)
         except Refuse as exc:
-            self._log.warning("message_dead_lettered", queue=queue, reason=exc.reason,
+            reason = exc.reason
+            self._log.warning("message_dead_lettered", queue=queue, reason=reason,
                               routing_key=method.routing_key)
-            self._settle(ch, lambda: self._dead_letter(ch, method, props, body, queue, exc.reason))
+            self._settle(ch, lambda: self._dead_letter(ch, method, props, body, queue, reason))
             return
         except Requeue:
             self._settle(ch, lambda: ch.basic_nack(method.delivery_tag, requeue=True))
