@@ -85,16 +85,7 @@ def outcome_from_state(state: RoundState) -> dict | None:
     """The ``model_ready`` or ``round_aborted`` a finished, announced round published."""
     if state is None or not state.announced:
         return None
-    if state.status == COMPLETE:
-        return {"schema": "model_ready", "round": state.round, "key": state.model_key,
-                "sha256": state.model_sha256, "contributors": state.contributors,
-                "total_samples": state.total_samples, "n_params": state.n_params,
-                "metrics": {a["hospital"]: a.get("metrics", {}) for a in state.accepted},
-                "finished_at": state.finished_at}
-    if state.status == ABORTED:
-        return {"schema": "round_aborted", "round": state.round, "reason": state.reason,
-                "contributors": state.contributors, "finished_at": state.finished_at}
-    return None
+    return state.outcome_message()
 
 
 def wait_for_round(broker: Broker, queue: str, round_no: int, timeout: float,

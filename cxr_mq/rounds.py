@@ -17,6 +17,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
+from . import messages
 from .storage.base import ObjectNotFound, ObjectStore
 
 OPEN, COMPLETE, ABORTED = "open", "complete", "aborted"
@@ -117,6 +118,20 @@ class RoundState:
     @property
     def contributors(self) -> list[str]:
         return sorted(a["hospital"] for a in self.accepted)
+
+    def outcome_message(self) -> dict:
+        """The ``model_ready`` (complete) or ``round_aborted`` message for a finished round."""
+        if self.status == COMPLETE:
+            return messages.make(
+                "model_ready", round=self.round, key=self.model_key, sha256=self.model_sha256,
+                contributors=self.contributors, total_samples=self.total_samples,
+                n_params=self.n_params, key_fingerprint=self.key_fingerprint,
+                metrics={a["hospital"]: a.get("metrics", {}) for a in self.accepted},
+                finished_at=self.finished_at)
+        if self.status == ABORTED:
+            return messages.make("round_aborted", round=self.round, reason=self.reason,
+                                 contributors=self.contributors, finished_at=self.finished_at)
+        raise ValueError(f"round {self.round} is {self.status}: no outcome yet")
 
     def save(self, store: ObjectStore) -> None:
         write_json(store, state_key(self.round), self.to_dict())

@@ -227,16 +227,7 @@ class AggregatorWorker(Worker):
         self.sums.pop(state.round, None)
 
     def _announce(self, state: RoundState) -> None:
-        if state.status == COMPLETE:
-            message = messages.make(
-                "model_ready", round=state.round, key=state.model_key, sha256=state.model_sha256,
-                contributors=state.contributors, total_samples=state.total_samples,
-                n_params=state.n_params, key_fingerprint=state.key_fingerprint,
-                metrics={a["hospital"]: a.get("metrics", {}) for a in state.accepted},
-                finished_at=state.finished_at)
-        else:
-            message = messages.make("round_aborted", round=state.round, reason=state.reason,
-                                    contributors=state.contributors, finished_at=state.finished_at)
+        message = state.outcome_message()
         self.broker.publish(message["schema"], messages.encode(message),
                             message_id=f"{message['schema']}:{state.round}")
         state.announced = True

@@ -32,7 +32,7 @@ import numpy as np
 from cxr_mq import messages, rounds, training
 from cxr_mq.faults import CrashPoints
 from cxr_mq.rounds import OPEN, RoundState
-from cxr_mq.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StoreError
+from cxr_mq.storage.base import ObjectNotFound, ObjectStore, StoreError
 from cxr_mq.transport.base import Broker, Delivery, Refuse, Requeue
 
 from .base import Worker
@@ -99,10 +99,8 @@ class HospitalWorker(Worker):
             return
         try:
             self._take_part(message, delivery, log)
-        except StoreError as exc:
-            permanent = (isinstance(exc, (IntegrityError, ObjectNotFound))
-                         or not exc.transient)
-            if not permanent:
+        except StoreError as exc:  # IntegrityError and ObjectNotFound are never transient
+            if exc.transient:
                 raise  # requeued after a pause; the store may recover
             log.error("round_given_up", error=str(exc))
             raise Refuse(f"round {round_no}: hospital {self.id} gave up: {exc}") from None

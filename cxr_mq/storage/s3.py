@@ -185,9 +185,7 @@ class S3Store(ObjectStore):
             return retrying(operation)
         except (bex.BotoCoreError, bex.ClientError, S3UploadFailedError, OSError) as exc:
             if _error_code(exc) in NOT_FOUND_CODES:
-                error = ObjectNotFound(f"s3://{self.bucket}/{key}: no such object")
-                error.transient = False
-                raise error from None
+                raise ObjectNotFound(f"s3://{self.bucket}/{key}: no such object") from None
             transient = is_transient(exc)
             error = StoreError(f"s3 {what} s3://{self.bucket}/{key} failed"
                                f"{' after retries' if transient else ' (not retryable)'}: {exc}")
