@@ -46,6 +46,7 @@ from .synth import write_synthetic
 from .training import (
     TrainingParams,
     build_model,
+    extrapolate,
     flat_weights,
     load_flat_weights,
     predict_proba,
@@ -144,7 +145,7 @@ def run_federated(
             lr = dict(lr=cosine_lr(params.lr, (rnd - 1) / rounds), lr_end=cosine_lr(params.lr, rnd / rounds)) \
                 if cosine else {}
             train_local(model, data, params, round_seed=rnd * 1000 + h, **lr)
-            updates.append((flat_weights(model), data.n_train))
+            updates.append((extrapolate(global_w, flat_weights(model), params.server_lr), data.n_train))
         global_w = aggregator.fedavg(updates)
         load_flat_weights(model, global_w)
         report = _test_report(model, test)
@@ -177,6 +178,7 @@ def run_central_vs_federated(
     cosine: bool = True,
     balance: str = "none",
     equal_steps: bool = False,
+    server_lr: float = 1.0,
     data_dir: str | Path | None = None,
     log: Callable = print,
 ) -> dict:
@@ -185,7 +187,7 @@ def run_central_vs_federated(
     ``rounds`` rounds x ``epochs_per_round`` local epochs over ``hospitals`` Dirichlet(alpha)
     hospitals (``alpha=None``: IID). Returns both reports and the per-hospital class table."""
     params = TrainingParams(model=model, image_size=image_size, classes=classes, epochs=1, lr=lr,
-                            batch_size=batch_size, seed=seed, balance=balance)
+                            batch_size=batch_size, seed=seed, balance=balance, server_lr=server_lr)
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         if data_dir is None:
             started = time.perf_counter()
@@ -218,6 +220,7 @@ def run_central_vs_federated(
             "hospitals": hospitals, "alpha": alpha, "rounds": rounds,
             "epochs_per_round": epochs_per_round, "total_epochs": total_epochs,
             "batch_size": batch_size, "lr": lr, "balance": balance, "equal_steps": equal_steps,
+            "server_lr": server_lr,
             "lr_schedule": "cosine" if cosine else "constant", "seed": seed, "encrypted": encrypted,
             "n_train": pool.n_train, "n_test": pool.n_val,
         },
@@ -245,6 +248,8 @@ def main(argv=None) -> None:
     ap.add_argument("--balance", default="none", choices=["none", "weights", "resample"])
     ap.add_argument("--equal-steps", action="store_true",
                     help="every hospital takes the same number of steps per round (not one local epoch)")
+    ap.add_argument("--server-lr", type=float, default=1.0,
+                    help="FedAvg server learning rate (each hospital extrapolates its update)")
     ap.add_argument("--constant-lr", action="store_true", help="no cosine learning-rate annealing")
     ap.add_argument("--data", default=None, help="an existing COVIDx directory instead of synthetic data")
     ap.add_argument("--json", default=None, help="write the full result here")
@@ -253,7 +258,8 @@ def main(argv=None) -> None:
         n=a.n, hospitals=a.hospitals, alpha=a.alpha or None, rounds=a.rounds,
         epochs_per_round=a.epochs_per_round, encrypted=not a.plaintext, classes=a.classes,
         model=a.model, image_size=a.image_size, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-        cosine=not a.constant_lr, balance=a.balance, equal_steps=a.equal_steps, data_dir=a.data,
+        cosine=not a.constant_lr, balance=a.balance, equal_steps=a.equal_steps, server_lr=a.server_lr,
+        data_dir=a.data,
     )
     for side in ("central", "federated"):
         print(f"\n== {side} ==")

@@ -181,6 +181,14 @@ def _training_options(f):
         click.option("--lr", type=float, default=1e-3, show_default=True),
         click.option("--batch-size", type=int, default=16, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--width", type=float, default=1.0, show_default=True,
+                     help="Channel multiplier (covidnet-s, small-cnn; mobilenetv2's alpha)."),
+        click.option("--depth", type=int, default=1, show_default=True,
+                     help="Module-count multiplier (covidnet-s, small-cnn)."),
+        click.option("--balance", type=click.Choice(["none", "weights", "resample"]), default="weights",
+                     show_default=True, help="Class balancing on skewed hospitals."),
+        click.option("--server-lr", type=float, default=1.0, show_default=True,
+                     help="FedAvg server learning rate (applied by each hospital to its update)."),
     ]):
         f = option(f)
     return f
@@ -202,7 +210,7 @@ def _training_options(f):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
-                epochs, lr, batch_size, seed, wait, timeout, as_json):
+                epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
     from .runtime import load_public_codec, make_broker, make_store
@@ -210,7 +218,8 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
     settings = obj.settings(hospitals=tuple(hospitals) or None)
     try:
         params = training.TrainingParams(model=model, image_size=image_size, classes=classes,
-                                         epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+                                         epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                         width=width, depth=depth, balance=balance, server_lr=server_lr)
     except ValueError as exc:
         _fail(str(exc))
     quorum = quorum or max(1, len(settings.hospitals))

@@ -530,17 +530,23 @@ class CompactCodec(CkksCodec):
 
     - One prime, no special prime: the aggregator only adds, so there is no key switching,
       no relinearization and no rescaling; SEAL allows this and it checks 128-bit security.
-    - N parameters per ciphertext, as polynomial *coefficients* (round(value * 2^28) mod q,
-      brought to NTT form through SEAL without its encoder: see ``_init_plain_path``; the
-      decoder fills the slots with the canonical embedding). Decryption noise then stays per
-      coefficient, bounded by SEAL's centered binomial sampler (|e| <= 21) instead of growing
-      with sqrt(N) in the slots.
-    - ``encrypt_symmetric`` with SEAL's seeded form: the uniform half ``c1`` of each
-      ciphertext travels as its 64-byte PRNG seed. A chunk on the wire is the seed(s) plus
-      ``c0`` (NTT form) packed to 7 bytes per coefficient.
-    - The aggregator adds the ``c0`` halves modulo q in numpy and keeps the seeds (65 bytes
-      per chunk per update); whoever decrypts expands the seeds through SEAL. The aggregate
-      is the same format with one seed per summed update in every chunk.
+    - N parameters per ciphertext, as polynomial *coefficients* (round(value * 2^28) mod q;
+      the decoder fills the slots with the canonical embedding). Decryption noise then stays
+      per coefficient, bounded by the centered binomial sampler (|e| <= 21) instead of
+      growing with sqrt(N) in the slots.
+    - Seeded symmetric RLWE encryption, computed by SEAL: a chunk's uniform polynomial
+      ``u`` is expanded from a fresh 32-byte seed (AES-256-CTR, rejection-sampled modulo q,
+      ``_expand_seed``); the hospital loads ``(m + e, u)`` as a coefficient-form ciphertext,
+      SEAL transforms it to NTT form and its Decryptor, holding the real secret key,
+      computes ``c0 = NTT(m + e) + NTT(u) * s``. The ciphertext is ``(c0, -NTT(u))``: it
+      decrypts to ``m + e``, with ``-NTT(u)`` uniform as RLWE requires. ``e`` is SEAL's
+      noise distribution (centered binomial, 21 + 21 bits, sigma 3.2) drawn from a
+      CSPRNG; the secret key never leaves SEAL. A chunk on the wire is the seed (with a
+      one-byte PRNG tag) and ``c0`` (NTT form) packed to 7 bytes per coefficient.
+    - The aggregator adds the ``c0`` halves modulo q in numpy and keeps the seeds (33 bytes
+      per chunk per update). Whoever decrypts expands the seeds, sums them modulo q
+      (NTT is linear: one NTT for the sum, not one per update) and decrypts through SEAL.
+      The aggregate is the same format with one seed per summed update in every chunk.
     - Hospitals encrypt and decrypt large models on a process pool (``workers``, default
       every core); a codec may be shared by threads, an EncryptedSum may not.
 
@@ -556,8 +562,10 @@ class CompactCodec(CkksCodec):
     PRIME_BITS = 56
     SCALE_BITS = 28
     PACKED_BYTES = PRIME_BITS // 8
-    SEED_BYTES = 65  # SEAL UniformRandomGeneratorInfo: PRNG type byte + 512-bit seed
-    NOISE_BOUND = 21  # SEAL's centered binomial noise sampler
+    PRNG_TAG = 0xA5  # AES-256-CTR, 7-byte little-endian words, rejection modulo q
+    SEED_BYTES = 1 + 32  # the tag and the AES-256 key
+    NOISE_BITS = 21  # centered binomial: popcount of 21 bits minus popcount of 21 (SEAL's)
+    NOISE_BOUND = NOISE_BITS
     VALUE_LIMIT = 2.0 ** (PRIME_BITS - 1 - SCALE_BITS - 3)  # per update; the sum may reach 8x
     READ_BATCH = 16  # chunks per read and per vectorized add on the aggregator
     TASK_CHUNKS = 32  # chunks per task of the hospital's process pool
@@ -588,6 +596,8 @@ class CompactCodec(CkksCodec):
             "scale_bits": self.SCALE_BITS,
             "encoding": "coefficients",
             "encryption": "symmetric-seeded",
+            "seed_expansion": "aes-256-ctr",
+            "noise": f"cbd-{self.NOISE_BITS}",
             "packed_bytes": self.PACKED_BYTES,
         }
 
@@ -690,8 +700,7 @@ class CompactCodec(CkksCodec):
         self._conj_slots = powers % 4 == 3
         self._fold_index = np.where(self._conj_slots, (2 * n - powers - 1) // 4, (powers - 1) // 4)
         self._twist = np.exp(1j * np.pi * np.arange(half) / n)
-        self._learn_layout()
-        self._init_plain_path()
+        self._init_paths()
         # the public key must belong to the secret key: encrypt 0 with one, decrypt with the other
         probe = seal.Ciphertext()
         seal.Encryptor(self._context, pk).encrypt(self._encode(np.zeros(n)), probe)
@@ -700,123 +709,80 @@ class CompactCodec(CkksCodec):
         if np.max(np.abs(self._encoder.decode_double(plain))) > 1e-2:
             raise CodecError("the compact context's public key does not match its secret key")
 
-    def _learn_layout(self) -> None:
-        """Find c0 and the seed in SEAL's seeded ciphertext serialization, and check it.
+    def _init_paths(self) -> None:
+        """Learn SEAL's serializations this codec reads and writes, build the templates it
+        loads, and check the whole path once: encrypt a probe, decrypt it, compare.
 
-        Layout (SEAL 4.x, ``Ciphertext::save_members``): parms_id, NTT flag, size, N, number
-        of primes, scale, correction factor; then a nested DynArray (header, count, c0); then
-        the PRNG info (header, type, seed). Anything else fails loudly here.
+        - An NTT-form plaintext (SEAL 4.x ``Plaintext::save_members``): parms_id, coefficient
+          count, scale, then a DynArray (header, count, coefficients). Decryption writes one
+          (the hospital reads ``c0`` out of it); the decryptor loads one (``c0`` of a sum).
+        - A coefficient-form ciphertext of two polynomials (``Ciphertext::save_members``:
+          parms_id, NTT flag, size, N, number of primes, scale, correction factor, DynArray),
+          loaded through a memfd of which only the polynomials are rewritten (``_PlainLoader``).
+        Anything unexpected fails loudly here, naming the TenSEAL version as the likely cause.
         """
         n = self.POLY_MODULUS_DEGREE
-        saved = self._scratch.save(self._encryptor.encrypt_symmetric(self._encode(np.zeros(n))))
-        outer = _SEAL_HEADER.unpack(saved[: _SEAL_HEADER.size])
-        raw = self._zstd.decompress(saved[_SEAL_HEADER.size :], max_output_size=1 << 24)
-        prefix = 32 + 1 + 8 + 8 + 8 + 8 + 8
-        c0_at = prefix + _SEAL_HEADER.size + 8
-        info_at = c0_at + 8 * n
+        saved = self._scratch.save(self._encode(np.zeros(n)))
+        version = _SEAL_HEADER.unpack_from(saved)[2:4]
+        raw = self._decompress_seal(saved, 1 << 20)
+        dyn_at = 32 + 8 + 8
         try:
-            ntt, size, degree, n_primes, scale = struct.unpack_from("<BQQQd", raw, 32)
-            dyn = _SEAL_HEADER.unpack_from(raw, prefix)
-            (count,) = struct.unpack_from("<Q", raw, prefix + _SEAL_HEADER.size)
-            info = _SEAL_HEADER.unpack_from(raw, info_at)
+            coeff_count, scale = struct.unpack_from("<Qd", raw, 32)
+            dyn = _SEAL_HEADER.unpack_from(raw, dyn_at)
+            (count,) = struct.unpack_from("<Q", raw, dyn_at + _SEAL_HEADER.size)
             ok = (
-                outer[0] == _SEAL_MAGIC
-                and (ntt, size, degree, n_primes, scale) == (1, 2, n, 1, self.scale)
+                (coeff_count, scale, count) == (n, self.scale, n)
                 and dyn[0] == _SEAL_MAGIC and dyn[4] == 0 and dyn[6] == _SEAL_HEADER.size + 8 + 8 * n
-                and count == n
-                and info[0] == _SEAL_MAGIC and info[6] == _SEAL_HEADER.size + self.SEED_BYTES
-                and len(raw) == info_at + _SEAL_HEADER.size + self.SEED_BYTES
+                and len(raw) == dyn_at + _SEAL_HEADER.size + 8 + 8 * n
             )
         except struct.error:
             ok = False
         if not ok:
-            raise CodecError("unexpected SEAL seeded-ciphertext layout: is this the TenSEAL version cxr-mq expects?")
-        self._raw_len = len(raw)
-        self._raw_prefix = raw[:c0_at]
-        self._raw_info_header = raw[info_at : info_at + _SEAL_HEADER.size]
-        self._c0_at, self._info_at = c0_at, info_at
-        # an uncompressed header SEAL accepts when loading what we assemble
-        self._load_header = _SEAL_HEADER.pack(outer[0], outer[1], outer[2], outer[3], 0, 0, _SEAL_HEADER.size + len(raw))
-        self._zero_c0 = bytes(8 * n)
-
-    def _init_plain_path(self) -> None:
-        """Set up :meth:`_plaintexts`: integer coefficients to NTT-form plaintexts, encoder-free.
-
-        SEAL's CKKS encoder (an FFT of its own, rounding, an NTT) and the canonical embedding
-        that feeds it cost ~0.38 ms per chunk. SEAL refuses a CKKS plaintext in coefficient
-        form, but it loads a coefficient-form *ciphertext*. So two chunks' integer
-        coefficients ``(a, b)`` are loaded as one uncompressed ciphertext from a memfd that
-        holds a fixed template (only the coefficients are rewritten), turned to NTT form by
-        ``Evaluator.transform_to_ntt_inplace`` (one NTT per chunk), and read back as
-        plaintexts by decrypting with two constant "keys": s = 0 gives ``c0 = NTT(a)``; after
-        ``sub_plain`` of that, s = 1 (all ones in NTT form) gives ``c1 = NTT(b)``. The
-        plaintexts are at scale 2^28 with the context's parms_id, exactly what the encoder
-        makes of the same integers (checked here, plaintext for plaintext). The constant keys
-        only ever decrypt these loaded plaintexts; encryption uses the real secret key.
-
-        SEAL refuses a ciphertext whose ``c1`` is zero ("transparent"): an all-zero second
-        chunk is loaded first instead (``NTT(0)`` is 0), and a lone chunk or a zero pair gets
-        the constant polynomial 1 as the ``c1`` that is never read.
-        """
-        seal, n = self._seal, self.POLY_MODULUS_DEGREE
-        version = _SEAL_HEADER.unpack(self._load_header)[2:4]
-        # the secret key's serialization (a Plaintext): parms_id, coeff count, scale, DynArray
-        raw_sk = self._decompress_seal(self._scratch.save(self._sk), 1 << 20)
-        key_prefix = 32 + 8 + 8 + _SEAL_HEADER.size + 8
-        coeff_count, key_scale = struct.unpack_from("<Qd", raw_sk, 32)
-        if len(raw_sk) != key_prefix + 8 * n or coeff_count != n or key_scale != 1.0:
-            raise CodecError("unexpected SEAL secret-key layout: is this the TenSEAL version cxr-mq expects?")
-        decryptors = []
-        for value in (0, 1):
-            key = seal.SecretKey()
-            self._scratch.load(key, self._context, _seal_blob(version, raw_sk[:key_prefix] + _words(value, n)))
-            decryptors.append(seal.Decryptor(self._context, key))
-        self._c0_reader, self._c1_reader = decryptors
-        # an uncompressed coefficient-form ciphertext: the seeded layout with NTT flag 0 and
-        # both polynomials present
+            raise CodecError("unexpected SEAL plaintext layout: is this the TenSEAL version cxr-mq expects?")
+        self._seal_version = version
+        self._plain_prefix = raw[: -8 * n]
+        parms_id = raw[:32]
         fields = struct.pack("<BQQQdQ", 0, 2, n, 1, self.scale, 1)
-        if self._raw_prefix[32 : 32 + len(fields)] != b"\x01" + fields[1:]:
-            raise CodecError("unexpected SEAL ciphertext metadata: is this the TenSEAL version cxr-mq expects?")
         dyn = _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, *version, 0, 0, _SEAL_HEADER.size + 8 + 16 * n)
-        body = self._raw_prefix[:32] + fields + dyn + struct.pack("<Q", 2 * n) + bytes(16 * n)
+        body = parms_id + fields + dyn + struct.pack("<Q", 2 * n) + bytes(16 * n)
         self._plain_template = _seal_blob(version, body)
         self._plain_at = len(self._plain_template) - 16 * n
-        self._filler = np.ones(n, dtype=np.uint64)  # the stand-in c1 when both chunks are zero
-        # the check: integer coefficients (exact under both paths) give the encoder's plaintexts,
-        # for a pair, a pair whose second chunk is zero, a zero pair, and a lone chunk
+        self._zero_row = np.zeros(n, dtype=np.uint64)
+        # the check: integer coefficients (exact under encoding) through encryption, a sum of
+        # two updates and decryption, within the noise bound
         rng = np.random.default_rng(0x5EA1)
-        probe = rng.integers(-(1 << 30), 1 << 30, 7 * n).astype(np.float64)
-        probe[3 * n :] = 0.0  # chunks 3 to 5 zero
-        probe[-1] = 7.0  # chunk 6 alone
-        for start in range(0, probe.size, 2 * n):
-            values = probe[start : start + 2 * n]
-            got = self._plaintexts(self._plain_loader.residues(values, 1.0))
-            want = [self._encode(row / self.scale) for row in values.reshape(-1, n)]
-            if len(got) != len(want) or any(g != w for g, w in zip(got, want)):
-                raise CodecError(
-                    "SEAL's NTT-form plaintexts differ from its encoder's: is this the TenSEAL version cxr-mq expects?"
-                )
+        probe = rng.integers(-(1 << 40), 1 << 40, (2, n)).astype(np.float64)
+        rows = [self.encrypt_chunks(row, 1.0 / self.scale)[0] for row in probe]
+        k = 2
+        seeds = np.frombuffer(b"".join(sorted(r[: self.SEED_BYTES] for r in rows)), dtype=np.uint8)
+        c0 = [np.frombuffer(r[self.SEED_BYTES :] + bytes(1), dtype=np.uint8) for r in rows]
+        words = [_strided_words(c, 0, (n,), (self.PACKED_BYTES,)) & self._word_mask for c in c0]
+        total = (words[0] + words[1]) % np.uint64(self.q)
+        got = self._decrypt_chunk(total, seeds.tobytes(), k) * self.scale
+        if np.max(np.abs(got - probe.sum(axis=0))) > k * (self.NOISE_BOUND + 1):
+            raise CodecError("the compact encryption path does not decrypt: is this the TenSEAL version cxr-mq expects?")
 
-    def _plaintexts(self, rows: np.ndarray) -> list:
-        """NTT-form plaintexts whose polynomial coefficients are the 1 or 2 rows (uint64, < q)."""
-        seal, evaluator = self._seal, self._evaluator
-        first = rows[0]
-        second = rows[1] if rows.shape[0] == 2 else None
-        # c1 must not be zero; NTT(0) is 0, so a zero row goes first or is never read
-        if second is not None and second.any():
-            order = (0, 1)
-        elif second is not None and first.any():
-            first, second, order = second, first, (1, 0)
-        else:
-            second, order = self._filler, (0,) if rows.shape[0] == 1 else (0, 0)
-        ct = self._plain_loader.load(self._context, first, second)
-        evaluator.transform_to_ntt_inplace(ct)  # (NTT(first), NTT(second))
-        plains = (seal.Plaintext(), seal.Plaintext())
-        self._c0_reader.decrypt(ct, plains[0])  # c0 + c1 * 0
-        if 1 in order:
-            evaluator.sub_plain_inplace(ct, plains[0])  # (0, NTT(second))
-            self._c1_reader.decrypt(ct, plains[1])  # 0 + c1 * 1
-        return [plains[i] for i in order]
+    @property
+    def _word_mask(self) -> np.uint64:
+        return np.uint64((1 << (8 * self.PACKED_BYTES)) - 1)
+
+    def _plain_words(self, plain) -> np.ndarray:
+        """The coefficients (uint64) of an NTT-form plaintext, through SEAL's serialization."""
+        n = self.POLY_MODULUS_DEGREE
+        raw = self._decompress_seal(self._scratch.save(plain), len(self._plain_prefix) + 8 * n)
+        if len(raw) != len(self._plain_prefix) + 8 * n or raw[: -8 * n] != self._plain_prefix:
+            raise CodecError("SEAL wrote an unexpected plaintext layout")
+        return np.frombuffer(raw, dtype="<u8", count=n, offset=len(self._plain_prefix))
+
+    def _load_plain(self, words: np.ndarray):
+        """An NTT-form plaintext whose coefficients are ``words`` (uint64, < q)."""
+        plain = self._seal.Plaintext()
+        blob = _seal_blob(self._seal_version, self._plain_prefix + np.ascontiguousarray(words, dtype="<u8").tobytes())
+        try:
+            self._scratch.load(plain, self._context, blob)
+        except (RuntimeError, ValueError) as exc:
+            raise CodecError(f"SEAL refused a plaintext: {exc}") from exc
+        return plain
 
     def _decompress_seal(self, saved: bytes, limit: int) -> bytes:
         if len(saved) < _SEAL_HEADER.size or _SEAL_HEADER.unpack_from(saved)[4] != _SEAL_ZSTD:
@@ -855,7 +821,7 @@ class CompactCodec(CkksCodec):
 
     def encrypt_update(self, weights: np.ndarray, n_samples: int, out: BinaryIO) -> int:
         _check_samples(n_samples, "n_samples")
-        self._require_secret("encrypt (compact encrypts with the secret key: SEAL's seeded form is symmetric)")
+        self._require_secret("encrypt (compact encryption is symmetric: it needs the secret key)")
         values = _as_weights(weights)
         peak = float(np.max(np.abs(values))) * n_samples
         if peak > self.VALUE_LIMIT:
@@ -873,7 +839,7 @@ class CompactCodec(CkksCodec):
         n = self.POLY_MODULUS_DEGREE
         if self._use_pool(weights.size):
             per_task = -(-self.n_chunks(weights.size) // (4 * self.workers))  # >= 4 tasks per worker
-            step = 2 * n * max(1, min(self.TASK_CHUNKS, per_task) // 2)  # whole pairs (see _plaintexts)
+            step = 2 * n * max(1, min(self.TASK_CHUNKS, per_task) // 2)  # whole pairs (see _PlainLoader.residues)
             # the workers scale: float32 weights cross the pipe at half the float64 size
             tasks = ((weights[i : i + step], n_samples) for i in range(0, weights.size, step))
             for blobs in self._ordered_map(_pool_encrypt, tasks):
@@ -881,29 +847,27 @@ class CompactCodec(CkksCodec):
         else:
             yield from self.encrypt_chunks(weights, n_samples)
 
-    def encrypt_chunks(self, weights: np.ndarray, n_samples: int) -> list[bytes]:
+    def encrypt_chunks(self, weights: np.ndarray, n_samples: float) -> list[bytes]:
         """Encrypt ``n_samples * weights`` as chunk blobs, in this process."""
         step = 2 * self.POLY_MODULUS_DEGREE
         factor = float(n_samples) * self.scale  # w * factor == (w * n) * 2^28, exactly
         loader = self._plain_loader
+        noise = _aes_ctr(os.urandom(32))  # one secret keystream for this call's noise
         blobs = []
         for start in range(0, weights.size, step):
-            for plain in self._plaintexts(loader.residues(weights[start : start + step], factor)):
-                blobs.append(self._encrypt_plain(plain))
+            for row in loader.residues(weights[start : start + step], factor, noise=noise, noise_bits=self.NOISE_BITS):
+                blobs.append(self._encrypt_row(row))
         return blobs
 
-    def _encrypt_plain(self, plain) -> bytes:
-        """One chunk blob: the seed and c0 of SEAL's seeded encryption of ``plain``."""
-        saved = self._scratch.save(self._encryptor.encrypt_symmetric(plain))
-        raw = self._decompress_seal(saved, self._raw_len)
-        if (
-            len(raw) != self._raw_len
-            or raw[: self._c0_at] != self._raw_prefix
-            or raw[self._info_at : self._info_at + _SEAL_HEADER.size] != self._raw_info_header
-        ):
-            raise CodecError("SEAL wrote an unexpected ciphertext layout")
-        c0 = np.frombuffer(raw, dtype="<u8", count=self.POLY_MODULUS_DEGREE, offset=self._c0_at)
-        return raw[-self.SEED_BYTES :] + _pack_words(c0, self.PACKED_BYTES)
+    def _encrypt_row(self, row: np.ndarray) -> bytes:
+        """One chunk blob (tag, seed, packed c0) encrypting the residues ``row`` = m + e mod q."""
+        seed = os.urandom(self.SEED_BYTES - 1)
+        u = _expand_seed(seed, self.POLY_MODULUS_DEGREE, self.q, self.PACKED_BYTES)
+        ct = self._plain_loader.load(self._context, row, u)  # (m + e, u), coefficient form
+        self._evaluator.transform_to_ntt_inplace(ct)  # (NTT(m + e), NTT(u))
+        plain = self._seal.Plaintext()
+        self._decryptor.decrypt(ct, plain)  # NTT(m + e) + NTT(u) * s: c0 of (c0, -NTT(u))
+        return bytes((self.PRNG_TAG,)) + seed + _pack_words(self._plain_words(plain), self.PACKED_BYTES)
 
     # aggregator side
 
@@ -911,9 +875,9 @@ class CompactCodec(CkksCodec):
         return CompactSum(self, n_params)
 
     def _read_chunks(self, src: BinaryIO, header: UpdateHeader):
-        """Yield (first chunk index, c0 (b, N) uint64, seeds (b, 65 k) uint8) in batches.
+        """Yield (first chunk index, c0 (b, N) uint64, seeds (b, 33 k) uint8) in batches.
 
-        Everything in a batch is checked (frame lengths, PRNG types, c0 < q) before it is
+        Everything in a batch is checked (frame lengths, PRNG tags, c0 < q) before it is
         yielded, so a caller adds only well-formed chunks.
         """
         k, n, width = header.n_updates, self.POLY_MODULUS_DEGREE, self.PACKED_BYTES
@@ -933,10 +897,9 @@ class CompactCodec(CkksCodec):
                     f"chunk {first + bad}: frame of {int(lengths[bad])} bytes, expected {frame - _U32.size}"
                 )
             seeds = np.ndarray((b, self.SEED_BYTES * k), dtype=np.uint8, buffer=buf, offset=seeds_at, strides=(frame, 1))
-            prng_types = seeds[:, :: self.SEED_BYTES]
-            if not np.all((prng_types == 1) | (prng_types == 2)):
-                raise CodecError(f"chunks {first}..{first + b - 1}: unknown PRNG type in a seed")
-            c0 = _strided_words(buf, c0_at, (b, n), (frame, width)) & np.uint64((1 << (8 * width)) - 1)
+            if not np.all(seeds[:, :: self.SEED_BYTES] == self.PRNG_TAG):
+                raise CodecError(f"chunks {first}..{first + b - 1}: unknown PRNG tag in a seed")
+            c0 = _strided_words(buf, c0_at, (b, n), (frame, width)) & self._word_mask
             if c0.max() >= self.q:
                 raise CodecError(f"chunks {first}..{first + b - 1}: coefficient not reduced modulo q")
             yield first, c0, seeds.copy()
@@ -965,23 +928,23 @@ class CompactCodec(CkksCodec):
         return out
 
     def _decrypt_chunk(self, c0: np.ndarray, seeds: bytes, k: int) -> np.ndarray:
-        seal = self._seal
-        ct = self._load_ciphertext(c0.astype("<u8").tobytes(), seeds[: self.SEED_BYTES])
-        for j in range(1, k):  # the sum's c1 is the sum of the expanded seeds
-            seed = seeds[j * self.SEED_BYTES : (j + 1) * self.SEED_BYTES]
-            self._evaluator.add_inplace(ct, self._load_ciphertext(self._zero_c0, seed))
-        plain = seal.Plaintext()
+        """Values of one chunk of a sum of k updates: (sum c0, -NTT(sum u)) through SEAL."""
+        q, width = np.uint64(self.q), self.SEED_BYTES
+        total = np.zeros(self.POLY_MODULUS_DEGREE, dtype=np.uint64)
+        for j in range(k):  # the sum's c1 is minus the NTT of the sum of the expanded seeds
+            record = seeds[j * width : (j + 1) * width]
+            if record[0] != self.PRNG_TAG:
+                raise CodecError("unknown PRNG tag in a seed")
+            total += _expand_seed(record[1:], self.POLY_MODULUS_DEGREE, self.q, self.PACKED_BYTES)
+            total = np.minimum(total, total - q)  # both < q < 2^63: wraps above where smaller
+        minus = q - total
+        minus[total == 0] = 0
+        ct = self._plain_loader.load(self._context, self._zero_row, minus)
+        self._evaluator.transform_to_ntt_inplace(ct)  # (0, -NTT(sum u))
+        self._evaluator.add_plain_inplace(ct, self._load_plain(c0))
+        plain = self._seal.Plaintext()
         self._decryptor.decrypt(ct, plain)
         return self._decode(plain)
-
-    def _load_ciphertext(self, c0: bytes, seed: bytes):
-        data = b"".join((self._load_header, self._raw_prefix, c0, self._raw_info_header, seed))
-        ct = self._seal.Ciphertext()
-        try:
-            self._scratch.load(ct, self._context, data)
-        except (RuntimeError, ValueError) as exc:
-            raise CodecError(f"SEAL refused a ciphertext: {exc}") from exc
-        return ct
 
     # process pool (hospital side: encryption and decryption)
 
@@ -1082,6 +1045,48 @@ def _seal_blob(version: tuple, body: bytes) -> bytes:
     return _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, *version, 0, 0, _SEAL_HEADER.size + len(body)) + body
 
 
+def _aes_ctr(key: bytes):
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    return Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+
+
+_ZEROS = bytes(1 << 17)
+
+
+def _expand_seed(key: bytes, n: int, q: int, width: int) -> np.ndarray:
+    """The n uniform coefficients modulo q that a chunk's seed stands for.
+
+    The AES-256-CTR keystream of ``key`` (counter block starting at zero) read as
+    consecutive little-endian ``width``-byte words; words >= q are skipped (for the compact
+    prime, probability (2^56 - q) / 2^56 ~ 4e-12 each), the first n kept. Deterministic:
+    the hospital that encrypts and whoever decrypts expand the same polynomial.
+    """
+    stream, out, got = _aes_ctr(key), np.empty(n, dtype=np.uint64), 0
+    mask = np.uint64((1 << (8 * width)) - 1)
+    while got < n:
+        want = n - got + 16
+        buf = bytearray(width * want + 16)  # update_into needs 15 spare bytes; the last word reads 1
+        stream.update_into(_ZEROS[: width * want], buf)
+        words = _strided_words(buf, 0, (want,), (width,)) & mask
+        kept = words[words < np.uint64(q)][: n - got]
+        out[got : got + kept.size] = kept
+        got += kept.size
+    return out
+
+
+def _cbd_noise(stream, count: int, bits: int) -> np.ndarray:
+    """``count`` samples of popcount(a) - popcount(b), a and b uniform ``bits``-bit integers
+    (SEAL's centered binomial noise for bits = 21: variance 10.5, |e| <= 21), from the
+    secret keystream ``stream`` (AES-256-CTR under a fresh random key: ``_aes_ctr``)."""
+    raw = stream.update(_ZEROS[: 8 * count])
+    words = np.frombuffer(raw, dtype="<u8")
+    mask = np.uint64((1 << bits) - 1)
+    noise = np.bitwise_count(words & mask).astype(np.int64)
+    noise -= np.bitwise_count((words >> np.uint64(bits)) & mask)
+    return noise
+
+
 class _PlainLoader:
     """Per-thread state of the encoder-free plaintext path (see ``_init_plain_path``): a memfd
     holding an uncompressed coefficient-form ciphertext of which only the two polynomials are
@@ -1102,9 +1107,11 @@ class _PlainLoader:
         self._ints = np.empty(2 * n, dtype=np.int64)
         self._tmp = np.empty(2 * n, dtype=np.int64)
 
-    def residues(self, values: np.ndarray, factor: float) -> np.ndarray:
-        """round(values * factor) modulo q, zero-padded to whole chunks: a (1 or 2, n) uint64
-        view of this loader's buffer, valid until the next call. |values * factor| < 2^52."""
+    def residues(self, values: np.ndarray, factor: float, noise=None, noise_bits: int = 0) -> np.ndarray:
+        """round(values * factor) (+ centered binomial noise of ``noise_bits`` + ``noise_bits``
+        bits drawn from the keystream ``noise``) modulo q, zero-padded to whole chunks: a
+        (1 or 2, n) uint64 view of this loader's buffer, valid until the next call.
+        |values * factor| < 2^52."""
         n, size = self._n, values.size
         k = -(-size // n)
         if not 1 <= k <= 2:
@@ -1114,6 +1121,8 @@ class _PlainLoader:
         np.multiply(values, factor, out=scaled[:size], dtype=np.float64)
         np.rint(scaled, out=scaled)
         np.copyto(ints, scaled, casting="unsafe")
+        if noise is not None:
+            ints += _cbd_noise(noise, k * n, noise_bits)
         np.right_shift(ints, 63, out=tmp)  # -1 where negative, else 0
         np.bitwise_and(tmp, self._q, out=tmp)
         np.add(ints, tmp, out=ints)

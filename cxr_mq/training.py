@@ -16,7 +16,7 @@ from .model import flat_weights, load_flat_weights
 
 __all__ = [
     "TrainingParams", "class_names", "build_model", "flat_weights", "load_flat_weights",
-    "LocalData", "DataError", "train_local", "evaluate", "predict_proba",
+    "LocalData", "DataError", "train_local", "evaluate", "predict_proba", "extrapolate",
 ]
 
 BALANCE_MODES = ("none", "weights", "resample")
@@ -38,6 +38,10 @@ class TrainingParams:
     # >0: every hospital takes this many steps per epoch whatever its size (FedAvg then weighs
     # hospitals by sample count alone, not count x steps); 0: one pass over the local data
     local_steps: int = 0
+    # the server learning rate of FedAvg: the new global model is base + server_lr * (mean
+    # of the hospitals' models - base). The aggregator only adds ciphertexts, so each
+    # hospital applies it to its own update before encrypting (see extrapolate()); 1 is FedAvg
+    server_lr: float = 1.0
 
     def __post_init__(self):
         self._validate()
@@ -59,10 +63,10 @@ class TrainingParams:
                 bad(name, f"must be an integer >= {lo}")
         if self.image_size > 1024:
             bad("image_size", "must be at most 1024")
-        for name in ("lr", "width"):
+        for name, hi in (("lr", 1e3), ("width", 1e3), ("server_lr", 10.0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < 1e3):
-                bad(name, "must be a positive number")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= hi):
+                bad(name, f"must be a number in (0, {hi:g}]")
         if not isinstance(self.augment, bool):
             bad("augment", "must be a boolean")
 
@@ -180,6 +184,19 @@ def train_local(
         "loss": float(history.history["loss"][-1]),
         "accuracy": float(history.history["accuracy"][-1]),
     }
+
+
+def extrapolate(base: np.ndarray, trained: np.ndarray, server_lr: float) -> np.ndarray:
+    """The weights a hospital encrypts: ``base + server_lr * (trained - base)`` (float32).
+
+    FedAvg of these, weighted by sample count, is ``base + server_lr * (FedAvg of the
+    trained models - base)``: a server learning rate applied without the aggregator ever
+    seeing a model. With ``server_lr`` 1 this is ``trained`` itself.
+    """
+    if server_lr == 1.0:
+        return trained
+    base64 = np.asarray(base, dtype=np.float64)
+    return (base64 + server_lr * (np.asarray(trained, dtype=np.float64) - base64)).astype(np.float32)
 
 
 def predict_proba(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

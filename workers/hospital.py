@@ -172,13 +172,14 @@ class HospitalWorker(Worker):
         timings = self.timings.setdefault(round_no, {})
         data = self._local_data(params)
         model = training.build_model(params)
-        training.load_flat_weights(model, self._base_weights(message))
+        base = self._base_weights(message)
+        training.load_flat_weights(model, base)
         self.status = "training"
         started = time.perf_counter()
         train_metrics = training.train_local(model, data, params, round_seed=round_no)
         timings["train_seconds"] = time.perf_counter() - started
         self.metrics.duration.labels(role=self.role, phase="train").observe(timings["train_seconds"])
-        weights = training.flat_weights(model)
+        weights = training.extrapolate(base, training.flat_weights(model), params.server_lr)
         self.status = "encrypting"
         started = time.perf_counter()
         fd, path = tempfile.mkstemp(prefix="update-", dir=self.work_dir)

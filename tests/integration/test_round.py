@@ -58,7 +58,7 @@ def test_two_encrypted_rounds_over_rabbitmq_and_s3(cluster: Cluster, amqp_url):
     assert first["status"] == "complete"
     assert sorted(first["contributors"]) == ["h1", "h2", "h3"]
     code2, second = cluster.start_round("--quorum", "3", "--image-size", "32", "--epochs", "1",
-                                        "--deadline", "300")
+                                        "--deadline", "300", "--server-lr", "1.5", "--balance", "none")
     assert code2 == 0, second
     assert second["round"] == first["round"] + 1
     # round 2 starts from round 1's result

@@ -262,19 +262,75 @@ def _chunk_rows(codec, pattern):
     return np.array(rows, dtype=np.float64)
 
 
-@pytest.mark.parametrize("pattern", ["rr", "r0", "0r", "00", "r", "0"])
-def test_compact_plaintexts_equal_the_encoders(compact_codec, pattern):
-    """The encoder-free path (coefficient-form ciphertext, NTT, constant-key decrypts) makes
-    exactly the plaintexts SEAL's CKKS encoder makes, in order, for every zero/non-zero pairing."""
+def test_compact_seed_expansion_is_deterministic_uniform_and_rejects_out_of_range(compact_codec):
+    """A seed stands for one polynomial: the same on every machine, uniform modulo q, and
+    words >= q are skipped (forced here with a small modulus), not reduced."""
+    n, q, width = compact_codec.POLY_MODULUS_DEGREE, compact_codec.q, compact_codec.PACKED_BYTES
+    key = bytes(range(32))
+    u = crypto._expand_seed(key, n, q, width)
+    assert u.dtype == np.uint64 and u.shape == (n,)
+    assert np.array_equal(u, crypto._expand_seed(key, n, q, width))
+    assert not np.array_equal(u, crypto._expand_seed(bytes(32), n, q, width))
+    assert int(u.max()) < q
+    # uniform: each of 16 equal bins of [0, q) holds n/16 +- 5 sigma
+    counts = np.bincount((u // np.uint64(q // 16 + 1)).astype(np.int64), minlength=16)
+    assert np.all(np.abs(counts - n / 16) < 5 * np.sqrt(n / 16)), counts
+    # the stream's first words, read by hand: 7-byte little-endian words of AES-256-CTR
+    stream = crypto._aes_ctr(key).update(bytes(7 * 4))
+    assert [int.from_bytes(stream[7 * i : 7 * i + 7], "little") for i in range(4)] == u[:4].tolist()
+    # a modulus of 2^55: about half the words are rejected; the kept ones are the words < q
+    small = 1 << 55
+    v = crypto._expand_seed(key, n, small, width)
+    words = np.frombuffer(crypto._aes_ctr(key).update(bytes(7 * 3 * n)) + bytes(1), dtype=np.uint8)
+    all_words = crypto._strided_words(words, 0, (3 * n,), (7,)) & np.uint64((1 << 56) - 1)
+    assert np.array_equal(v, all_words[all_words < np.uint64(small)][:n])
+
+
+def test_compact_noise_is_seals_centered_binomial_and_fresh():
+    stream = crypto._aes_ctr(bytes(32))
+    e = crypto._cbd_noise(stream, 1 << 16, 21)
+    assert e.dtype == np.int64 and int(np.abs(e).max()) <= 21
+    assert abs(e.mean()) < 0.06 and abs(e.var() - 10.5) < 0.4  # sigma 3.24, as SEAL's 3.2
+    # the stream moves on: the next draw is different
+    assert not np.array_equal(e[:1000], crypto._cbd_noise(stream, 1000, 21))
+    # by hand: the first sample is popcount of the low 21 bits minus popcount of the next 21
+    word = int.from_bytes(crypto._aes_ctr(bytes(32)).update(bytes(8)), "little")
+    mask = (1 << 21) - 1
+    assert e[0] == bin(word & mask).count("1") - bin((word >> 21) & mask).count("1")
+
+
+def test_compact_encryption_is_randomised_and_needs_the_key(compact_codec):
+    """The same update encrypts differently every time (fresh seed and noise); c0 on its own
+    is indistinguishable from uniform; another key does not decrypt it."""
     codec = compact_codec
-    rows = _chunk_rows(codec, pattern)
-    got = codec._plaintexts(codec._plain_loader.residues(rows.reshape(-1), 1.0))
-    assert len(got) == len(pattern)
-    for plain, row in zip(got, rows):
-        assert plain.is_ntt_form() and plain.scale == codec.scale
-        assert plain == codec._encode(row / codec.scale)
-    if pattern == "rr":  # and the check can fail: swapped rows are different plaintexts
-        assert got[0] != codec._encode(rows[1] / codec.scale)
+    n, width = codec.POLY_MODULUS_DEGREE, codec.SEED_BYTES
+    w = np.zeros(n)  # the worst case for leakage: a constant update
+    first, second = codec.encrypt_chunks(w, 1), codec.encrypt_chunks(w, 1)
+    assert first[0][0] == second[0][0] == codec.PRNG_TAG
+    assert first[0][:width] != second[0][:width] and first[0][width:] != second[0][width:]
+    c0 = crypto._strided_words(first[0][width:] + bytes(1), 0, (n,), (7,)) & np.uint64((1 << 56) - 1)
+    counts = np.bincount((c0 // np.uint64(codec.q // 16 + 1)).astype(np.int64), minlength=16)
+    assert np.all(np.abs(counts - n / 16) < 5 * np.sqrt(n / 16)), counts
+    other = crypto.load_context(crypto.generate_keys("compact").secret)
+    blob = _encrypt(codec, np.full(n, 0.5), 1)
+    assert np.max(np.abs(codec.decrypt_update(io.BytesIO(blob), 1) - 0.5)) < 1e-6
+    with pytest.raises(CodecMismatch):  # another key: refused by fingerprint, and would not decrypt either
+        other.decrypt_update(io.BytesIO(blob), 1)
+    c0_sum = crypto._strided_words(blob[-7 * n :] + bytes(1), 0, (n,), (7,)) & np.uint64((1 << 56) - 1)
+    seed = blob[-7 * n - width : -7 * n]
+    right = codec._decrypt_chunk(c0_sum, seed, 1)
+    assert np.max(np.abs(right - 0.5)) < 1e-6
+    wrong = other._decrypt_chunk(c0_sum, seed, 1)
+    assert np.max(np.abs(wrong - 0.5)) > 1.0
+
+
+def test_compact_sum_refuses_an_unknown_prng_tag(compact_codec):
+    codec = compact_codec
+    blob = bytearray(_encrypt(codec, np.ones(100), 1))
+    header_len = len(blob) - codec.frame_bytes()
+    blob[header_len + 4] ^= 0xFF  # the first seed's tag
+    with pytest.raises(CodecError, match="PRNG tag"):
+        codec.new_sum(100).add(io.BytesIO(bytes(blob)))
 
 
 def test_compact_residues_round_and_wrap(compact_codec):
@@ -293,7 +349,7 @@ def test_compact_residues_round_and_wrap(compact_codec):
 
 @pytest.mark.parametrize("pattern", ["r0r", "0r0", "000", "r0rr0"])
 def test_compact_zero_chunks_round_trip(compact_codec, pattern):
-    """Updates with all-zero chunks (frozen layers) take the other pairings; a partial last chunk too."""
+    """Updates with all-zero chunks (frozen layers) and a partial last chunk round-trip."""
     codec = compact_codec
     n = codec.POLY_MODULUS_DEGREE
     w = np.random.default_rng(11).uniform(-10, 10, len(pattern) * n - 17)
@@ -315,13 +371,22 @@ def test_compact_plain_loader_refuses_foreign_rows(compact_codec):
         loader.load(compact_codec._context, np.full(n, compact_codec.q, dtype=np.uint64), np.ones(n, dtype=np.uint64))
 
 
-def test_compact_context_refuses_a_plaintext_path_that_disagrees(monkeypatch):
-    """The construction-time check compares the encoder-free plaintexts with the encoder's."""
+def test_compact_context_refuses_an_encryption_path_that_does_not_decrypt(monkeypatch):
+    """Loading a secret context encrypts, sums and decrypts a probe; a broken path is refused."""
     secret = crypto.generate_keys("compact").secret
-    real = crypto.CompactCodec._plaintexts
-    monkeypatch.setattr(crypto.CompactCodec, "_plaintexts", lambda self, rows: real(self, rows)[::-1])
-    with pytest.raises(CodecError, match="differ from its encoder"):
+    real = crypto._expand_seed
+    calls = []
+
+    def drifting(key, n, q, width):  # the decryptor would expand a different polynomial
+        calls.append(key)
+        u = real(key, n, q, width)
+        return u if len(calls) <= 2 else (u + np.uint64(1)) % np.uint64(q)
+
+    monkeypatch.setattr(crypto, "_expand_seed", drifting)
+    with pytest.raises(CodecError, match="does not decrypt"):
         crypto.load_context(secret)
+    monkeypatch.setattr(crypto, "_expand_seed", real)
+    assert crypto.load_context(secret).has_secret_key
 
 
 def test_compact_refuses_values_beyond_headroom():
@@ -437,7 +502,7 @@ def test_compact_sum_allocation_does_not_grow_with_updates():
             tracemalloc.stop()
 
     two, twenty = peak_for(2), peak_for(20)
-    # Only the seeds grow: 65 bytes per chunk per update (0.9% of an update), kept for the
+    # Only the seeds grow: 33 bytes per chunk per update (0.06% of an update), kept for the
     # decryptor. The sum, its staging copy and the read buffers are allocated once.
     seeds_per_update = secret.SEED_BYTES * secret.n_chunks(n_params)
     assert twenty - two <= 18 * (seeds_per_update + 512), (two, twenty)

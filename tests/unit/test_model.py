@@ -46,7 +46,8 @@ def test_params_ignore_unknown_keys_and_accept_json_numbers():
 @pytest.mark.parametrize(
     "field, value",
     [("model", "resnet9000"), ("classes", "4class"), ("epochs", 0), ("lr", -1.0),
-     ("image_size", 4), ("batch_size", "16"), ("balance", "magic"), ("epochs", True)],
+     ("image_size", 4), ("batch_size", "16"), ("balance", "magic"), ("epochs", True),
+     ("server_lr", 0.0), ("server_lr", 11.0), ("server_lr", "2")],
 )
 def test_params_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -135,7 +136,7 @@ def test_train_rejects_mismatched_data(tiny_data):
 
 def test_interface_exports():
     for name in ("TrainingParams", "class_names", "build_model", "flat_weights", "load_flat_weights",
-                 "LocalData", "train_local", "evaluate", "predict_proba"):
+                 "LocalData", "train_local", "evaluate", "predict_proba", "extrapolate"):
         assert hasattr(training, name)
 
 
@@ -148,6 +149,25 @@ def test_encrypted_fedavg_equals_plaintext_fedavg():
     expected = sum(w.astype(np.float64) * n for w, n in updates) / 62
     assert np.allclose(plain, expected, atol=1e-6)
     assert np.allclose(_Aggregator(encrypted=True).fedavg(updates), plain, atol=1e-4)
+
+
+def test_server_learning_rate_through_encrypted_fedavg():
+    """Hospitals extrapolate their own updates; the encrypted FedAvg of those is the server
+    step base + server_lr * (FedAvg of the trained models - base)."""
+    from cxr_mq.central_bench import _Aggregator
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=500).astype(np.float32)
+    trained = [(base + rng.normal(scale=0.1, size=500).astype(np.float32), n) for n in (3, 50, 200)]
+    assert training.extrapolate(base, trained[0][0], 1.0) is trained[0][0]
+    mean = sum(w.astype(np.float64) * n for w, n in trained) / 253
+    for server_lr in (0.5, 1.5, 2.0):
+        sent = [(training.extrapolate(base, w, server_lr), n) for w, n in trained]
+        assert all(s.dtype == np.float32 for s, _ in sent)
+        got = _Aggregator(encrypted=True).fedavg(sent)
+        want = base + server_lr * (mean - base)
+        assert np.max(np.abs(got - want)) < 1e-5
+        assert np.max(np.abs(got - mean)) > 0.01  # and it is not plain FedAvg
 
 
 def test_central_vs_federated_smoke():
