@@ -462,5 +462,16 @@ def bench(obj: Context, params, hospitals, profiles, with_round, as_json):
     click.echo(json.dumps(result, indent=1, default=float) if as_json else results_table(result))
 
 
+@main.command("bench-federated", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_federated(args):
+    """Central vs federated (encrypted FedAvg) training on synthetic CXR; --help for options.
+
+    Trains for minutes: a benchmark, not a test (cxr_mq/central_bench.py)."""
+    from .central_bench import main as central_bench_main
+
+    central_bench_main(list(args), prog="cxr-mq bench-federated")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -568,6 +568,7 @@ class CompactCodec(CkksCodec):
     NOISE_BOUND = NOISE_BITS
     VALUE_LIMIT = 2.0 ** (PRIME_BITS - 1 - SCALE_BITS - 3)  # per update; the sum may reach 8x
     READ_BATCH = 16  # chunks per read and per vectorized add on the aggregator
+    ENCRYPT_BATCH = 8  # chunks computed in SEAL before they are serialized (see encrypt_chunks)
     TASK_CHUNKS = 32  # chunks per task of the hospital's process pool
     parallel_min_params = 1 << 21  # below this a process pool costs more than it saves
 
@@ -685,7 +686,6 @@ class CompactCodec(CkksCodec):
         except RuntimeError as exc:
             raise CodecError(f"unreadable compact key: {exc}") from exc
         self._encoder = seal.CKKSEncoder(self._context)
-        self._encryptor = seal.Encryptor(self._context, self._sk)
         self._decryptor = seal.Decryptor(self._context, self._sk)
         self._evaluator = seal.Evaluator(self._context)
         # SEAL's slot i holds m(zeta^p), p = 3^i mod 2N, zeta = exp(i pi / N). A half-size FFT of
@@ -848,26 +848,36 @@ class CompactCodec(CkksCodec):
             yield from self.encrypt_chunks(weights, n_samples)
 
     def encrypt_chunks(self, weights: np.ndarray, n_samples: float) -> list[bytes]:
-        """Encrypt ``n_samples * weights`` as chunk blobs, in this process."""
-        step = 2 * self.POLY_MODULUS_DEGREE
+        """Encrypt ``n_samples * weights`` as chunk blobs, in this process.
+
+        In batches of ``ENCRYPT_BATCH`` chunks: first every chunk's ``c0`` is computed in
+        SEAL, then all are serialized. Alternating SEAL's NTT with its zstd serialization
+        chunk by chunk evicts each other's tables from the cache (~8% slower measured)."""
+        step, batch = 2 * self.POLY_MODULUS_DEGREE, self.ENCRYPT_BATCH * self.POLY_MODULUS_DEGREE
         factor = float(n_samples) * self.scale  # w * factor == (w * n) * 2^28, exactly
         loader = self._plain_loader
         noise = _aes_ctr(os.urandom(32))  # one secret keystream for this call's noise
         blobs = []
-        for start in range(0, weights.size, step):
-            for row in loader.residues(weights[start : start + step], factor, noise=noise, noise_bits=self.NOISE_BITS):
-                blobs.append(self._encrypt_row(row))
+        for first in range(0, weights.size, batch):
+            pending = []
+            for start in range(first, min(first + batch, weights.size), step):
+                for row in loader.residues(weights[start : start + step], factor, noise=noise, noise_bits=self.NOISE_BITS):
+                    pending.append(self._encrypt_row(row))
+            tag = bytes((self.PRNG_TAG,))
+            for seed, plain in pending:
+                blobs.append(tag + seed + _pack_words(self._plain_words(plain), self.PACKED_BYTES))
         return blobs
 
-    def _encrypt_row(self, row: np.ndarray) -> bytes:
-        """One chunk blob (tag, seed, packed c0) encrypting the residues ``row`` = m + e mod q."""
+    def _encrypt_row(self, row: np.ndarray):
+        """(seed, NTT-form plaintext holding c0) of one chunk encrypting the residues
+        ``row`` = m + e mod q."""
         seed = os.urandom(self.SEED_BYTES - 1)
         u = _expand_seed(seed, self.POLY_MODULUS_DEGREE, self.q, self.PACKED_BYTES)
         ct = self._plain_loader.load(self._context, row, u)  # (m + e, u), coefficient form
         self._evaluator.transform_to_ntt_inplace(ct)  # (NTT(m + e), NTT(u))
         plain = self._seal.Plaintext()
         self._decryptor.decrypt(ct, plain)  # NTT(m + e) + NTT(u) * s: c0 of (c0, -NTT(u))
-        return bytes((self.PRNG_TAG,)) + seed + _pack_words(self._plain_words(plain), self.PACKED_BYTES)
+        return seed, plain
 
     # aggregator side
 
@@ -1088,7 +1098,7 @@ def _cbd_noise(stream, count: int, bits: int) -> np.ndarray:
 
 
 class _PlainLoader:
-    """Per-thread state of the encoder-free plaintext path (see ``_init_plain_path``): a memfd
+    """Per-thread state of the encryption path (see ``CompactCodec._init_paths``): a memfd
     holding an uncompressed coefficient-form ciphertext of which only the two polynomials are
     rewritten per load, the Ciphertext it loads into, and reused buffers for rounding two
     chunks (fresh 128 KB arrays per chunk cost page faults). A loader used after a fork

@@ -191,3 +191,26 @@ def test_local_steps_fix_the_step_count(tiny_data):
     train_local(model, tiny_data, params, lr=1e-4, lr_end=1e-5)  # compiled step reused, state reset
     assert int(model.optimizer.iterations.numpy()) == 10
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-5, rel=1e-3)
+
+
+def test_bench_federated_command_writes_json(tmp_path):
+    """``cxr-mq bench-federated`` forwards its options; --federated-only skips the central run."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cxr_mq.cli import main
+
+    out = tmp_path / "result.json"
+    result = CliRunner().invoke(main, [
+        "bench-federated", "--n", "36", "--hospitals", "2", "--alpha", "1.0", "--rounds", "1",
+        "--plaintext", "--classes", "binary", "--model", "small-cnn", "--image-size", "32",
+        "--server-lr", "1.5", "--federated-only", "--json", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["central"] is None and data["accuracy_gap_points"] is None
+    assert data["setup"]["server_lr"] == 1.5 and data["setup"]["total_epochs"] == 1
+    assert 0.0 <= data["federated"]["summary"]["accuracy"] <= 1.0
+    bad = CliRunner().invoke(main, ["bench-federated", "--server-lr", "0"])
+    assert bad.exit_code == 2 and "server_lr" in bad.output
