@@ -10,7 +10,9 @@ Method notes (docs/performance.md has the table and what bounds each figure):
 - 10 hospitals with sample counts up to 100,000 (some tiny, to test precision where the
   total is small) and weights uniform in [-10, 10] with a run of +-10 extremes.
 - Speeds are wall-clock throughput of the codec calls only (key generation, pool start-up and
-  vector generation excluded; pool start-up is reported separately).
+  vector generation excluded; pool start-up is reported separately). Encryption figures and
+  the seed reference are the best of ``REPEATS`` passes: neighbours on a shared host take
+  cores away for seconds at a time, and one pass cannot tell that from the codec's speed.
 - "per core" = throughput / cores used; "per CPU second" = parameters / process CPU time of
   the one-core run, which a shared, loaded machine disturbs less than wall time. The seed
   profile has no parallel encryption path (TenSEAL's CKKSVector); both profiles' all-core
@@ -50,6 +52,9 @@ TARGETS = {
 
 def available_cores() -> int:
     return crypto._available_cores()
+
+
+REPEATS = 3  # timed passes of the encryption figures and the seed reference; the best counts
 
 
 def make_updates(params: int, seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
@@ -185,7 +190,9 @@ def _encrypt_all(secret, weights, counts, folder: Path, cores: int, log):
 
     if hasattr(secret, "workers"):
         secret.workers = 1
-    timed = [encrypt(i) for i in range(serial_count)]
+    # best of REPEATS per update: this shared machine's neighbours take whole cores away for
+    # a second at a time, which one pass cannot tell from the codec's own speed
+    timed = [min(encrypt(i) for _ in range(REPEATS if parallel else 1)) for i in range(serial_count)]
     wall = sum(t[0] for t in timed)
     cpu = sum(t[1] for t in timed)
     out = {
@@ -202,11 +209,15 @@ def _encrypt_all(secret, weights, counts, folder: Path, cores: int, log):
     secret.warm_up()
     out["encrypt_pool_start_seconds"] = time.perf_counter() - started
     pids = secret.pool_pids()
-    cpu_before = _cpu_seconds(pids)
-    timed = [encrypt(i) for i in range(serial_count, len(weights))]
-    cpu = _cpu_seconds(pids) - cpu_before + sum(t[1] for t in timed)
+    passes = []
+    for _ in range(REPEATS):  # best pass of REPEATS over the remaining updates
+        cpu_before = _cpu_seconds(pids)
+        timed = [encrypt(i) for i in range(serial_count, len(weights))]
+        cpu = _cpu_seconds(pids) - cpu_before + sum(t[1] for t in timed)
+        passes.append((sum(t[0] for t in timed), cpu))
+    wall, cpu = min(passes)
     n = (len(weights) - serial_count) * params
-    rate = n / sum(t[0] for t in timed) / 1e6
+    rate = n / wall / 1e6
     out.update(
         encrypt_mparams_per_s=rate,
         encrypt_mparams_per_s_per_core=rate / cores,
@@ -353,15 +364,17 @@ def seed_reference(vectors: int = 64) -> dict:
     ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60])
     ctx.global_scale = 2.0**40
     values = np.random.default_rng(0).uniform(-10, 10, 4096).tolist()
-    started = time.perf_counter()
-    encrypted = [ts.ckks_vector(ctx, values) for _ in range(vectors)]
-    encrypt = vectors * 4096 / (time.perf_counter() - started) / 1e6
-    blobs = [v.serialize() for v in encrypted]
-    total = ts.ckks_vector_from(ctx, blobs[0])
-    started = time.perf_counter()
-    for blob in blobs[1:]:
-        total += ts.ckks_vector_from(ctx, blob)
-    add = (vectors - 1) * 4096 / (time.perf_counter() - started) / 1e6
+    encrypt = add = 0.0
+    for _ in range(REPEATS):  # best of REPEATS, as the codec's own figures
+        started = time.perf_counter()
+        encrypted = [ts.ckks_vector(ctx, values) for _ in range(vectors)]
+        encrypt = max(encrypt, vectors * 4096 / (time.perf_counter() - started) / 1e6)
+        blobs = [v.serialize() for v in encrypted]
+        total = ts.ckks_vector_from(ctx, blobs[0])
+        started = time.perf_counter()
+        for blob in blobs[1:]:
+            total += ts.ckks_vector_from(ctx, blob)
+        add = max(add, (vectors - 1) * 4096 / (time.perf_counter() - started) / 1e6)
     enc_ref, add_ref = TARGETS["seed_encrypt_mparams_per_s_reference"], TARGETS["seed_aggregate_mparams_per_s_reference"]
     return {
         "encrypt_only_mparams_per_s": encrypt,

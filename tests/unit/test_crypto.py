@@ -530,3 +530,20 @@ def test_aggregator_process_memory_is_flat(tmp_path, profile):
     growth = {k: run["peak_rss_mb"] - run["loaded_rss_mb"] for k, run in runs.items()}
     # holding 10 more updates would add 10 * update_mb
     assert growth[12] - growth[2] < max(2.0, 2 * update_mb), (growth, update_mb)
+
+
+def test_codec_bench_runs_and_reports_every_figure():
+    """``cxr-mq bench`` in miniature: every figure the issue asks for is present and sane."""
+    from cxr_mq import bench
+
+    n_params = 4 * crypto.CompactCodec.POLY_MODULUS_DEGREE
+    result = bench.run_codec_bench(n_params, [2, 3], ("compact",), log=lambda *_: None)
+    compact = result["profiles"]["compact"]
+    for key in ("bytes_per_param", "encrypt_mparams_per_s_per_core", "aggregate_mparams_per_s_per_core",
+                "aggregate_mparams_per_s", "max_abs_error", "aggregator_peak_rss_mb"):
+        assert key in compact, key
+    assert 7.0 < compact["bytes_per_param"] < 7.1
+    assert compact["max_abs_error"] < 1e-6 and compact["aggregate_deterministic"] is True
+    assert set(compact["aggregator_peak_rss_mb"]) == {"2", "3"}
+    assert compact["encrypt_mparams_per_s_per_core"] > 0 and compact["aggregate_mparams_per_s_per_core"] > 0
+    assert "encrypt_mparams_per_s_per_core" in bench.results_table(result)
