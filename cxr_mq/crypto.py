@@ -524,6 +524,14 @@ def _pack_words(values: np.ndarray, width: int) -> bytes:
     return out[: values.size * width].tobytes()
 
 
+def _unpack_words(data, width: int) -> np.ndarray:
+    """The uint64 values of consecutive little-endian ``width``-byte records (the inverse of
+    :func:`_pack_words`)."""
+    buf = bytes(data) + bytes(8 - width)  # the last record is read as a whole word
+    count = (len(buf) - (8 - width)) // width
+    return _strided_words(buf, 0, (count,), (width,)) & np.uint64((1 << (8 * width)) - 1)
+
+
 def _strided_words(buf, offset: int, shape: tuple, strides: tuple) -> np.ndarray:
     return np.ndarray(shape, dtype="<u8", buffer=buf, offset=offset, strides=strides)
 
@@ -758,11 +766,10 @@ class CompactCodec(CkksCodec):
         probe = rng.integers(-(1 << 40), 1 << 40, (2, n)).astype(np.float64)
         rows = [self.encrypt_chunks(row, 1.0 / self.scale)[0] for row in probe]
         k = 2
-        seeds = np.frombuffer(b"".join(sorted(r[: self.SEED_BYTES] for r in rows)), dtype=np.uint8)
-        c0 = [np.frombuffer(r[self.SEED_BYTES :] + bytes(1), dtype=np.uint8) for r in rows]
-        words = [_strided_words(c, 0, (n,), (self.PACKED_BYTES,)) & self._word_mask for c in c0]
+        seeds = b"".join(sorted(r[: self.SEED_BYTES] for r in rows))
+        words = [_unpack_words(r[self.SEED_BYTES :], self.PACKED_BYTES) for r in rows]
         total = (words[0] + words[1]) % np.uint64(self.q)
-        got = self._decrypt_chunk(total, seeds.tobytes(), k) * self.scale
+        got = self._decrypt_chunk(total, seeds, k) * self.scale
         if np.max(np.abs(got - probe.sum(axis=0))) > k * (self.NOISE_BOUND + 1):
             raise CodecError("the compact encryption path does not decrypt: is this the TenSEAL version cxr-mq expects?")
 
@@ -1177,10 +1184,6 @@ class _PlainLoader:
         except (RuntimeError, ValueError) as exc:
             raise CodecError(f"SEAL refused a plaintext: {exc}") from exc
         return self._ct
-
-
-def _words(value: int, count: int) -> bytes:
-    return np.full(count, value, dtype="<u8").tobytes()
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

@@ -281,8 +281,7 @@ def test_compact_seed_expansion_is_deterministic_uniform_and_rejects_out_of_rang
     # a modulus of 2^55: about half the words are rejected; the kept ones are the words < q
     small = 1 << 55
     v = crypto._expand_seed(key, n, small, width)
-    words = np.frombuffer(crypto._aes_ctr(key).update(bytes(7 * 3 * n)) + bytes(1), dtype=np.uint8)
-    all_words = crypto._strided_words(words, 0, (3 * n,), (7,)) & np.uint64((1 << 56) - 1)
+    all_words = crypto._unpack_words(crypto._aes_ctr(key).update(bytes(7 * 3 * n)), 7)
     assert np.array_equal(v, all_words[all_words < np.uint64(small)][:n])
 
 
@@ -308,7 +307,8 @@ def test_compact_encryption_is_randomised_and_needs_the_key(compact_codec):
     first, second = codec.encrypt_chunks(w, 1), codec.encrypt_chunks(w, 1)
     assert first[0][0] == second[0][0] == codec.PRNG_TAG
     assert first[0][:width] != second[0][:width] and first[0][width:] != second[0][width:]
-    c0 = crypto._strided_words(first[0][width:] + bytes(1), 0, (n,), (7,)) & np.uint64((1 << 56) - 1)
+    c0 = crypto._unpack_words(first[0][width:], 7)
+    assert c0.shape == (n,)
     counts = np.bincount((c0 // np.uint64(codec.q // 16 + 1)).astype(np.int64), minlength=16)
     assert np.all(np.abs(counts - n / 16) < 5 * np.sqrt(n / 16)), counts
     other = crypto.load_context(crypto.generate_keys("compact").secret)
@@ -316,7 +316,7 @@ def test_compact_encryption_is_randomised_and_needs_the_key(compact_codec):
     assert np.max(np.abs(codec.decrypt_update(io.BytesIO(blob), 1) - 0.5)) < 1e-6
     with pytest.raises(CodecMismatch):  # another key: refused by fingerprint, and would not decrypt either
         other.decrypt_update(io.BytesIO(blob), 1)
-    c0_sum = crypto._strided_words(blob[-7 * n :] + bytes(1), 0, (n,), (7,)) & np.uint64((1 << 56) - 1)
+    c0_sum = crypto._unpack_words(blob[-7 * n :], 7)
     seed = blob[-7 * n - width : -7 * n]
     right = codec._decrypt_chunk(c0_sum, seed, 1)
     assert np.max(np.abs(right - 0.5)) < 1e-6
@@ -331,6 +331,13 @@ def test_compact_sum_refuses_an_unknown_prng_tag(compact_codec):
     blob[header_len + 4] ^= 0xFF  # the first seed's tag
     with pytest.raises(CodecError, match="PRNG tag"):
         codec.new_sum(100).add(io.BytesIO(bytes(blob)))
+
+
+def test_pack_and_unpack_words_are_inverse():
+    values = np.array([0, 1, (1 << 56) - 1, 0x0123456789ABCD], dtype=np.uint64)
+    packed = crypto._pack_words(values, 7)
+    assert len(packed) == 4 * 7 and packed[7:14] == b"\x01" + bytes(6)
+    assert np.array_equal(crypto._unpack_words(packed, 7), values)
 
 
 def test_compact_residues_round_and_wrap(compact_codec):
