@@ -29,6 +29,10 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Settings:
     amqp_url: str | None = None
+    amqp_ca_file: str | None = None  # CA bundle that signs the broker's certificate
+    amqp_cert_file: str | None = None  # optional client certificate (PEM) ...
+    amqp_key_file: str | None = None  # ... and its private key
+    amqp_tls_required: bool = False  # refuse a plain amqp:// URL
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None
     kms_key_id: str | None = None
@@ -41,6 +45,8 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     work_dir: str = field(default_factory=lambda: str(Path.home() / ".cxr-mq"))
+    retain_updates: bool = False  # keep individual encrypted updates after the aggregate
+    keep_plaintext_updates: int = 0  # rounds of plaintext update .npy a hospital keeps (0: none)
 
     # -- requirements, checked by the commands that need them ------------------------------
     def require(self, *names: str) -> "Settings":
@@ -135,7 +141,23 @@ def load_settings(flags: Mapping[str, object] | None = None, env: Mapping[str, s
             values[name] = value
     if "hospitals" in values:
         values["hospitals"] = _split_list(values["hospitals"])
+    typed = {f.name: type(f.default) for f in fields(Settings) if type(f.default) in (bool, int)}
     for key, value in values.items():
-        if key != "hospitals" and value is not None and not isinstance(value, str):
+        if key in typed:
+            values[key] = _typed(key, value, typed[key])
+        elif key != "hospitals" and value is not None and not isinstance(value, str):
             raise ConfigError(env_name(key), f"must be a string, got {type(value).__name__}")
     return _validate(replace(Settings(), **values))
+
+
+def _typed(key: str, value, kind: type):
+    """A bool or int setting from TOML (typed already) or the environment (a string)."""
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    text = str(value).strip().lower()
+    if kind is bool and text in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return text in ("true", "1", "yes", "on")
+    if kind is int and re.fullmatch(r"\d+", text):
+        return int(text)
+    expected = "true or false" if kind is bool else "a whole number >= 0"
+    raise ConfigError(env_name(key), f"must be {expected}, got {value!r}")
