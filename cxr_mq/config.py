@@ -30,6 +30,10 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Settings:
     amqp_url: str | None = None
+    amqp_ca_file: str | None = None  # CA bundle that signs the broker's certificate
+    amqp_cert_file: str | None = None  # optional client certificate (PEM) ...
+    amqp_key_file: str | None = None  # ... and its private key
+    amqp_tls_required: bool = False  # refuse a plain amqp:// URL
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None
     kms_key_id: str | None = None
@@ -39,12 +43,14 @@ class Settings:
     namespace: str = "cxr"
     hospitals: tuple[str, ...] = ()
     shared_broker_users: tuple[str, ...] = ()  # broker logins that may publish for any party (dev)
-    message_max_age: str = "86400"  # seconds a signed message stays usable
+    message_max_age: int = 86400  # seconds a signed message stays usable
     public_context_key: str = "keys/public-context"
     codec_profile: str = "compact"
     log_level: str = "info"
     log_format: str = "json"
     work_dir: str = field(default_factory=lambda: str(Path.home() / ".cxr-mq"))
+    retain_updates: bool = False  # keep individual encrypted updates after the aggregate
+    keep_plaintext_updates: int = 0  # rounds of plaintext update .npy a hospital keeps (0: none)
 
     # -- requirements, checked by the commands that need them ------------------------------
     def require(self, *names: str) -> "Settings":
@@ -53,10 +59,6 @@ class Settings:
                 raise ConfigError(env_name(name), "is required but not set "
                                   f"(set {env_name(name)} or '{name}' in the config file)")
         return self
-
-    @property
-    def max_message_age(self) -> float:
-        return float(self.message_max_age)
 
     def identity_path(self) -> Path:
         self.require("identity")
@@ -95,12 +97,8 @@ def _validate(s: Settings) -> Settings:
     for hospital in s.hospitals:
         if not _ID_RE.match(hospital):
             raise ConfigError(env_name("hospitals"), f"invalid hospital id {hospital!r}")
-    try:
-        if not float(s.message_max_age) > 0:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(env_name("message_max_age"),
-                          f"must be a positive number of seconds, got {s.message_max_age!r}") from None
+    if s.message_max_age < 1:
+        raise ConfigError(env_name("message_max_age"), f"must be at least 1 second, got {s.message_max_age}")
     if s.codec_profile not in ("seed", "compact"):
         raise ConfigError(env_name("codec_profile"), f"must be 'seed' or 'compact', got {s.codec_profile!r}")
     if s.log_format not in ("json", "console"):
@@ -157,9 +155,23 @@ def load_settings(flags: Mapping[str, object] | None = None, env: Mapping[str, s
     for key in LIST_KEYS:
         if key in values:
             values[key] = _split_list(values[key])
-    if isinstance(values.get("message_max_age"), (int, float)):
-        values["message_max_age"] = str(values["message_max_age"])
+    typed = {f.name: type(f.default) for f in fields(Settings) if type(f.default) in (bool, int)}
     for key, value in values.items():
-        if key not in LIST_KEYS and value is not None and not isinstance(value, str):
+        if key in typed:
+            values[key] = _typed(key, value, typed[key])
+        elif key not in LIST_KEYS and value is not None and not isinstance(value, str):
             raise ConfigError(env_name(key), f"must be a string, got {type(value).__name__}")
     return _validate(replace(Settings(), **values))
+
+
+def _typed(key: str, value, kind: type):
+    """A bool or int setting from TOML (typed already) or the environment (a string)."""
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    text = str(value).strip().lower()
+    if kind is bool and text in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return text in ("true", "1", "yes", "on")
+    if kind is int and re.fullmatch(r"\d+", text):
+        return int(text)
+    expected = "true or false" if kind is bool else "a whole number >= 0"
+    raise ConfigError(env_name(key), f"must be {expected}, got {value!r}")
