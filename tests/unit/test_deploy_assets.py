@@ -184,10 +184,11 @@ def test_every_notify_has_a_handler_in_its_play():
 SAMPLE_HOST = {
     "inventory_hostname": "hosp-a", "group_names": ["hospital"], "ansible_managed": "Ansible managed",
     "cxr_mq_hospital_id": "hospital-a", "cxr_mq_s3_bucket": "cxr-mq-test", "cxr_mq_kms_key_id": "alias/cxr-mq",
-    "vault_cxr_mq_amqp_user": "cxrmq", "vault_cxr_mq_amqp_password": "p@ss/word:x",
+    "vault_cxr_mq_amqp_passwords": {"hospital-a": "p@ss/word:x", "aggregator": "agg-pass", "controller": "ctl-pass"},
+    "ansible_playbook_python": sys.executable, "playbook_dir": str(ANSIBLE),
     "vault_cxr_mq_secret_context_b64": "QUJD",
     "groups": {"broker": ["mq-1"], "aggregator": ["agg-1"], "hospital": ["hosp-a", "hosp-b"]},
-    "hostvars": {"mq-1": {"ansible_host": "192.0.2.10"}, "hosp-a": {"cxr_mq_hospital_id": "hospital-a"},
+    "hostvars": {"mq-1": {"ansible_host": "192.0.2.10", "private_dns_name": "ip-192-0-2-10.eu-central-1.compute.internal"}, "hosp-a": {"cxr_mq_hospital_id": "hospital-a"},
                  "hosp-b": {"cxr_mq_hospital_id": "hospital-b"}},
 }
 
@@ -280,7 +281,7 @@ def test_hospital_unit_template():
     assert _one(unit, "Service", "EnvironmentFile") == "/etc/cxr-mq/cxr-mq.env"
     assert "CXR_MQ_SECRET_CONTEXT=/etc/cxr-mq/secret.ctx" in service["Environment"]
     argv = shlex.split(_one(unit, "Service", "ExecStart"))
-    assert argv[:2] == ["/opt/cxr-mq/venv/bin/cxr-mq", "hospital"]
+    assert argv[:4] == ["/opt/cxr-mq/venv/bin/cxr-mq", "--config", "/etc/cxr-mq/config.toml", "hospital"]
     assert argv[argv.index("--id") + 1] == "hospital-a" and "--data" in argv
     assert not any("amqp" in a or "p@ss" in a or a == "--secret-context" for a in argv), "secret on the command line"
     assert _one(unit, "Install", "WantedBy") == "multi-user.target"
@@ -292,7 +293,7 @@ def test_aggregator_unit_template_has_no_secret():
     unit = _unit(text)
     assert _one(unit, "Service", "Restart") == "on-failure"
     assert _one(unit, "Service", "KillSignal") == "SIGTERM"
-    assert shlex.split(_one(unit, "Service", "ExecStart"))[1:2] == ["aggregator"]
+    assert shlex.split(_one(unit, "Service", "ExecStart"))[1:4] == ["--config", "/etc/cxr-mq/config.toml", "aggregator"]
     assert "SECRET" not in text.upper()
 
 
@@ -319,13 +320,16 @@ def test_hospital_secret_context_is_private():
     variables = _host_vars("common", "hospital")
     assert variables["hospital_secret_ctx_dest"] == "/etc/cxr-mq/secret.ctx"
     tasks = _tasks(_load(ROLES / "hospital/tasks/secret.yml"))
-    perms = [t["ansible.builtin.file"] for t in tasks if "ansible.builtin.file" in t]
+    install = [t for t in tasks if "secret_ctx_b64" in yaml.safe_dump(t)]
+    assert len(install) == 1, "the secret must reach the host in one place only"
+    command = install[0]["ansible.builtin.command"]
+    # on the decoder's standard input, never in argv, a staged file or the log
+    assert "secret_ctx_b64" in command["stdin"] and "secret_ctx_b64" not in yaml.safe_dump(command["argv"])
+    assert install[0].get("no_log") is True
+    assert not [t for t in tasks if "ansible.builtin.copy" in t or "ansible.builtin.template" in t]
+    perms = [t["ansible.builtin.file"] for t in tasks if "ansible.builtin.file" in t and "mode" in t["ansible.builtin.file"]]
     assert perms and perms[-1]["mode"] == "0400" and perms[-1]["owner"] == "{{ cxr_mq_user }}"
-    for task in tasks:
-        if "secret_ctx_b64" in yaml.safe_dump(task) or "ansible.builtin.shell" in task:
-            assert task.get("no_log") is True, f"{task['name']!r} could log the secret context"
-    staged = [t["ansible.builtin.copy"] for t in tasks if "ansible.builtin.copy" in t]
-    assert staged and staged[0]["mode"] == "0400" and staged[0]["owner"] == "root"
+    assert (ROLES / "hospital/files/install_secret.py").is_file()
 
 
 def test_rabbitmq_password_never_in_argv_and_timeout_raised():
@@ -349,7 +353,10 @@ def test_rendered_config_is_accepted_by_cxr_mq(tmp_path):
     toml_text = _render(ROLES / "common/templates/config.toml.j2", variables)
     env_text = _render(ROLES / "common/templates/cxr-mq.env.j2", variables)
     env = dict(re.findall(r'^(\w+)="(.*)"$', env_text, re.M))
-    assert env["CXR_MQ_AMQP_URL"] == "amqp://cxrmq:p%40ss%2Fword%3Ax@192.0.2.10:5672/cxr-mq"
+    # the party's own user, the broker by name (its certificate names it), AMQPS with the CA
+    assert env["CXR_MQ_AMQP_URL"] == \
+        "amqps://hospital-a:p%40ss%2Fword%3Ax@ip-192-0-2-10.eu-central-1.compute.internal:5671/cxr-mq"
+    assert env["CXR_MQ_AMQP_CA_FILE"] == "/etc/cxr-mq/broker-ca.pem" and env["CXR_MQ_AMQP_TLS_REQUIRED"] == "true"
     assert "p@ss" not in toml_text and "amqp_url" not in toml_text, "secrets belong in the env file"
     config = pytest.importorskip("cxr_mq.config")
     path = tmp_path / "config.toml"
@@ -358,6 +365,7 @@ def test_rendered_config_is_accepted_by_cxr_mq(tmp_path):
     assert settings.hospitals == ("hospital-a", "hospital-b")
     assert settings.s3_bucket == "cxr-mq-test" and settings.kms_key_id == "alias/cxr-mq"
     assert settings.amqp_url == env["CXR_MQ_AMQP_URL"]
+    assert settings.amqp_ca_file == "/etc/cxr-mq/broker-ca.pem" and settings.amqp_tls_required is True
 
 
 # -- inventories ------------------------------------------------------------------------------
