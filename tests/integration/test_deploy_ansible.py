@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shlex
 import subprocess
 import sys
@@ -244,11 +245,17 @@ def sandbox(tmp_path_factory, moto_endpoint, aws_env, amqp_url):
     boto3.client("s3", endpoint_url=moto_endpoint, region_name=aws_env["AWS_REGION"]).create_bucket(Bucket=bucket)
     _seed_venv(root / "venv")
     secret = os.urandom(3000)
+    # Broker users on the shared RabbitMQ: unique names, removed at the end.
+    tag = uuid.uuid4().hex[:8]
+    parties = {"hospital": f"h-{tag}", "aggregator": f"agg-{tag}", "controller": f"ctl-{tag}", "admin": f"adm-{tag}"}
+    passwords = {name: secrets.token_urlsafe(24) for name in parties.values()}
     (root / "inventory.ini").write_text(
+        "[broker]\n"
+        "sandbox-broker rabbitmq_manage_server=false\n"
         "[aggregator]\n"
         f"sandbox-aggregator cxr_mq_prefix={root / 'aggregator'}\n"
         "[hospital]\n"
-        f"sandbox-hospital cxr_mq_prefix={root / 'hospital'} cxr_mq_hospital_id=hospital-a\n"
+        f"sandbox-hospital cxr_mq_prefix={root / 'hospital'} cxr_mq_hospital_id={parties['hospital']}\n"
         "[all:vars]\n"
         f"ansible_connection=local\nansible_python_interpreter={sys.executable}\n")
     user = pwd.getpwuid(os.getuid()).pw_name
@@ -259,7 +266,11 @@ def sandbox(tmp_path_factory, moto_endpoint, aws_env, amqp_url):
         "cxr_mq_python_version": f"{sys.version_info[0]}.{sys.version_info[1]}",
         "cxr_mq_venv": str(root / "venv"),
         "cxr_mq_amqp_tls": False, "cxr_mq_amqp_host": "127.0.0.1", "cxr_mq_amqp_vhost": "/",
-        "cxr_mq_amqp_user": "guest", "vault_cxr_mq_amqp_passwords": {"guest": "guest"},
+        # The workers log in as guest here: they still declare their topology, which their
+        # least-privilege users may not do.
+        "cxr_mq_amqp_user": "guest", "cxr_mq_amqp_password": "guest", "vault_cxr_mq_amqp_passwords": passwords,
+        "cxr_mq_aggregator_id": parties["aggregator"], "cxr_mq_controller_id": parties["controller"],
+        "rabbitmq_admin_user": parties["admin"],
         "cxr_mq_namespace": f"t{uuid.uuid4().hex[:10]}", "cxr_mq_metrics_port": 0,
         "cxr_mq_s3_bucket": bucket, "cxr_mq_kms_key_id": key_id, "cxr_mq_s3_endpoint_url": moto_endpoint,
         "cxr_mq_aws_region": aws_env["AWS_REGION"],
@@ -269,11 +280,19 @@ def sandbox(tmp_path_factory, moto_endpoint, aws_env, amqp_url):
     (root / "host_vars" / "sandbox-hospital.yml").write_text(
         json.dumps({"vault_cxr_mq_secret_context_b64": base64.b64encode(secret).decode()}))
     args = ["-i", str(root / "inventory.ini"), "site.yml", "-e", json.dumps(given)]
-    check = _playbook([*args, "--check", "--diff"])
-    first = _playbook(args)
-    assert not _failures(first), _failures(first)
-    second = _playbook(args)
-    return {"root": root, "given": given, "secret": secret, "check": check, "first": first, "second": second}
+    try:
+        check = _playbook([*args, "--check", "--diff"])
+        first = _playbook(args)
+        assert not _failures(first), _failures(first)
+        second = _playbook(args)
+        yield {"root": root, "given": given, "secret": secret, "check": check, "first": first, "second": second,
+               "parties": parties, "passwords": passwords}
+    finally:
+        listed = subprocess.run(["rabbitmqctl", "-q", "list_users", "--formatter", "json"],
+                                capture_output=True, text=True, timeout=120)
+        for user in json.loads(listed.stdout or "[]"):
+            if user["user"] in parties.values():
+                subprocess.run(["rabbitmqctl", "-q", "delete_user", user["user"]], capture_output=True, timeout=120)
 
 
 def test_sandbox_check_diff_runs_on_an_empty_host(sandbox):
@@ -306,7 +325,7 @@ def test_sandbox_files_rendered_with_content_and_modes(sandbox):
         assert env["CXR_MQ_AMQP_URL"] == "amqp://guest:guest@127.0.0.1:5672/%2F"
         assert env["CXR_MQ_S3_BUCKET"] == given["cxr_mq_s3_bucket"]
         config = tomllib.loads((etc / "config.toml").read_text())
-        assert config["namespace"] == given["cxr_mq_namespace"] and config["hospitals"] == ["hospital-a"]
+        assert config["namespace"] == given["cxr_mq_namespace"] and config["hospitals"] == [sandbox["parties"]["hospital"]]
         assert "guest" not in (etc / "config.toml").read_text(), "the password belongs in the env file only"
         unit = root / host / "etc" / "systemd" / "system" / f"cxr-mq-{host}.service"
         assert _mode(unit) == "0o644"
@@ -390,9 +409,42 @@ def test_sandbox_aggregator_unit_starts_and_connects(sandbox, moto_endpoint, aws
             proc.kill()
         log.close()
         channel = connection.channel()
-        for name in (queue, f"{given['cxr_mq_namespace']}.dead-letter", f"{given['cxr_mq_namespace']}.hospital.hospital-a"):
+        for name in (queue, f"{given['cxr_mq_namespace']}.dead-letter", f"{given['cxr_mq_namespace']}.hospital.{sandbox['parties']['hospital']}"):
             channel.queue_delete(name)
         for name in ("control", "dlx"):
             channel.exchange_delete(f"{given['cxr_mq_namespace']}.{name}")
         connection.close()
     assert proc.returncode == 0, "the aggregator did not exit cleanly on SIGTERM"
+
+
+def test_sandbox_broker_users_get_least_privilege(sandbox, amqp_url):
+    import pika
+
+    from cxr_mq.transport.permissions import permissions_for
+
+    ns, parties = sandbox["given"]["cxr_mq_namespace"], sandbox["parties"]
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_permissions", "-p", "/", "--formatter", "json"],
+                            capture_output=True, text=True, timeout=120)
+    granted = {p["user"]: (p["configure"], p["write"], p["read"]) for p in json.loads(listed.stdout)}
+    for role in ("hospital", "aggregator", "controller"):
+        want = permissions_for(role, parties[role], ns)
+        assert granted[parties[role]] == (want.configure, want.write, want.read), role
+    assert granted[parties["admin"]] == (".*", ".*", ".*")
+    # The attack: hospital h logs in with its own password and tries to read the aggregator's queue.
+    guest = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    victim = f"{ns}.aggregator-probe"
+    guest.channel().queue_declare(victim, auto_delete=False)
+    params = pika.URLParameters(amqp_url)
+    params.credentials = pika.PlainCredentials(parties["hospital"], sandbox["passwords"][parties["hospital"]])
+    try:
+        hospital = pika.BlockingConnection(params)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            hospital.channel().basic_get(victim)
+        assert refused.value.reply_code == 403
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            hospital.channel().queue_declare(f"{ns}.hospital.{parties['hospital']}", durable=True)
+        assert refused.value.reply_code == 403, "a hospital may not declare (configure) anything"
+        hospital.close()
+    finally:
+        guest.channel().queue_delete(victim)
+        guest.close()

@@ -333,15 +333,19 @@ def test_hospital_secret_context_is_private():
 
 
 def test_rabbitmq_password_never_in_argv_and_timeout_raised():
-    for task in _tasks(_load(ROLES / "rabbitmq/tasks/main.yml")):
-        command = task.get("ansible.builtin.command")
-        if command:
-            argv = yaml.safe_dump(command.get("argv", []))
-            assert "amqp_password" not in argv, f"{task['name']!r}: password in argv"
-            if {"add_user", "change_password", "authenticate_user"} & set(command.get("argv", [])):
-                assert "cxr_mq_amqp_password" in command.get("stdin", ""), f"{task['name']!r}: password not on stdin"
-            if "stdin" in command:
-                assert task.get("no_log") is True
+    commands = 0
+    for path in (ROLES / "rabbitmq/tasks").glob("*.yml"):
+        for task in _tasks(_load(path)):
+            command = task.get("ansible.builtin.command")
+            if command:
+                argv = yaml.safe_dump(command.get("argv", []))
+                assert "passwords" not in argv and "amqp_password" not in argv, f"{task['name']!r}: password in argv"
+                if {"add_user", "change_password", "authenticate_user"} & set(command.get("argv", [])):
+                    commands += 1
+                    assert "rabbitmq_passwords[" in command.get("stdin", ""), f"{task['name']!r}: password not on stdin"
+                if "stdin" in command:
+                    assert task.get("no_log") is True
+    assert commands == 3
     variables = _host_vars("rabbitmq")
     conf = _render(ROLES / "rabbitmq/templates/rabbitmq.conf.j2", variables)
     settings = dict(line.split(" = ", 1) for line in conf.splitlines() if " = " in line and not line.startswith("#"))
