@@ -49,6 +49,7 @@ class CeremonyParams:
     parties: tuple[str, ...]
     threshold: int
     ceremony_id: str
+    allow_minority: bool = False  # t <= n/2: two disjoint committees could each decrypt a round
 
     def __post_init__(self):
         parties = tuple(self.parties)
@@ -58,6 +59,10 @@ class CeremonyParams:
             raise CeremonyError(f"a committee has 2..{keylayer.MAX_PARTIES} parties, got {len(parties)}")
         if not 1 <= self.threshold <= len(parties):
             raise CeremonyError(f"threshold must be 1..{len(parties)}, got {self.threshold}")
+        if 2 * self.threshold <= len(parties) and not self.allow_minority:
+            raise CeremonyError(
+                f"threshold {self.threshold} of {len(parties)} is not a majority: two disjoint active sets could "
+                "each decrypt a different key sum of one round (pass allow_minority to accept that)")
         if not self.ceremony_id:
             raise CeremonyError("a ceremony needs an id")
 
@@ -74,13 +79,13 @@ class CeremonyParams:
 
     def to_dict(self) -> dict:
         return {"federation": self.federation, "parties": list(self.parties), "threshold": self.threshold,
-                "ceremony_id": self.ceremony_id}
+                "ceremony_id": self.ceremony_id, "allow_minority": self.allow_minority}
 
     @classmethod
     def from_dict(cls, fields: dict) -> "CeremonyParams":
         try:
             return cls(str(fields["federation"]), tuple(str(p) for p in fields["parties"]), int(fields["threshold"]),
-                       str(fields["ceremony_id"]))
+                       str(fields["ceremony_id"]), bool(fields.get("allow_minority", False)))
         except (KeyError, TypeError) as exc:
             raise CeremonyError(f"unreadable ceremony parameters: {exc}") from None
 
