@@ -199,13 +199,16 @@ def generate_share(params: CeremonyParams, me: str) -> tuple[PublicContribution,
     a = keylayer.crs(params.crs_seed())
     p = ring.sub(e, ring.mul(a, k))
     coefficients = [k] + [_uniform_ntt() for _ in range(params.threshold - 1)]
-    shares = {}
-    for party in params.parties:
-        x = params.point(party)
-        value = coefficients[-1]
-        for coefficient in reversed(coefficients[:-1]):  # Horner: f(x) = k + x (r_1 + x (...))
-            value = ring.add(ring.scalar(value, x), coefficient)
-        shares[party] = DealtShare(me, party, params.ceremony_id, value)
+    points = np.array([params.point(party) for party in params.parties], dtype=np.uint64)
+    values = np.empty((len(ring.primes), len(points), ring.n), dtype=np.uint64)
+    for i, (q, r) in enumerate(zip(ring.primes, ring.rings)):
+        x = (points % np.uint64(q)).reshape(-1, 1)
+        acc = np.broadcast_to(coefficients[-1][i], (len(points), ring.n)).copy()
+        for coefficient in reversed(coefficients[:-1]):  # Horner: f(x) = k + x (r_1 + x (...)), every x at once
+            acc = r.add(r.mul(acc, x), coefficient[i])
+        values[i] = acc
+    shares = {party: DealtShare(me, party, params.ceremony_id, np.ascontiguousarray(values[:, j]))
+              for j, party in enumerate(params.parties)}
     return PublicContribution(me, params.ceremony_id, p), shares
 
 
