@@ -296,16 +296,24 @@ def expand_uniform(seed: bytes, stream: int, count: int, q: int) -> np.ndarray:
 
 
 def expand_uniform_rows(seed: bytes, first: int, rows: int, n: int, q: int) -> np.ndarray:
-    """Rows ``first`` .. ``first + rows - 1`` of the public uniform polynomials of ``seed``
-    (row r is :func:`expand_uniform` of stream r), as uint32. A row whose first n words are
-    all below q (the common case) is taken as is; the others go through the general path."""
+    """Rows ``first`` .. ``first + rows - 1`` of the public uniform polynomials of ``seed``, uint32.
+
+    Row r is words r*n .. r*n + n - 1 of the AES-256-CTR keystream of ``seed`` (counter from
+    zero; 4-byte little-endian words), one keystream for the whole batch. A row holding a word
+    >= q (probability ~ n (2^32 - q) / 2^32, 12% for the chunk prime) is replaced by the
+    rejection-sampled :func:`expand_uniform` of stream 2^63 + r: the result is still exactly
+    uniform modulo q, and any row can be expanded alone.
+    """
     if len(seed) != 32:
         raise RingError("an expansion seed is 32 bytes")
-    zeros = bytes(4 * n)
-    stream = b"".join(_aes_ctr(seed, int(first + r).to_bytes(8, "big") + bytes(8)).update(zeros) for r in range(rows))
+    words_per_block = 4
+    if (first * n) % words_per_block:
+        raise RingError("rows must start on a keystream block")
+    counter = (first * n // words_per_block).to_bytes(16, "big")
+    stream = _aes_ctr(seed, counter).update(bytes(4 * n * rows))
     out = np.frombuffer(stream, dtype="<u4").reshape(rows, n).copy()
     for r in np.flatnonzero((out >= q).any(axis=1)):
-        out[r] = expand_uniform(seed, first + int(r), n, q)
+        out[r] = expand_uniform(seed, (1 << 63) + first + int(r), n, q)
     return out
 
 

@@ -72,8 +72,13 @@ def test_rns_lift_and_public_expansion():
     seed = ring.public_seed("test", "fed", 1)
     rows = ring.expand_uniform_rows(seed, 5, 3, 256, 3221225473)  # q = 0.75 * 2^32: every row takes the rejection path
     for i in range(3):
-        assert np.array_equal(rows[i], ring.expand_uniform(seed, 5 + i, 256, 3221225473))
+        assert np.array_equal(rows[i], ring.expand_uniform(seed, (1 << 63) + 5 + i, 256, 3221225473))
+        alone = ring.expand_uniform_rows(seed, 5 + i, 1, 256, 3221225473)[0]
+        assert np.array_equal(alone, rows[i])
     assert rows.max() < 3221225473 and not np.array_equal(rows[0], rows[1])
+    big_q = (1 << 32) - 5  # almost no rejections: rows come straight from one keystream
+    assert np.array_equal(ring.expand_uniform_rows(seed, 0, 4, 256, big_q)[2],
+                          ring.expand_uniform_rows(seed, 2, 1, 256, big_q)[0])
     assert ring.public_seed("test", "fed", 1) != ring.public_seed("test", "fed", 2)
 
 
@@ -245,3 +250,22 @@ def test_public_context_round_trips_through_the_profile_registry(committee):
     loaded.require_public_only()
     with pytest.raises(crypto.CodecError, match="ceremony"):
         crypto.generate_keys("threshold")
+
+
+def test_bench_reports_the_threshold_figures():
+    """``cxr-mq bench`` in miniature for the threshold profile: every figure of the issue."""
+    from cxr_mq import bench
+
+    result = bench.run_codec_bench(3 * 4096, [2, 12], ("threshold",), log=lambda *_: None)
+    th = result["profiles"]["threshold"]
+    assert th["chunk_bytes_per_param"] == 4.0
+    assert 65_000 < th["key_ciphertext_bytes"] <= th["per_round_overhead_bytes"] <= 130_000
+    assert th["max_abs_error"] < 1e-6 and th["max_abs_error_total_10"] < 1e-6
+    assert th["decrypted_total_samples_exact"] and th["aggregate_deterministic"]
+    assert set(th["aggregator_peak_rss_mb"]) == {"2", "12"}  # more senders than the committee
+    assert th["committee_cpu_seconds"] > 0 and th["decrypt_mparams_per_cpu_s"] > 0
+    targets = result["targets"]
+    for key in ("threshold_chunk_bytes_per_param", "threshold_per_round_overhead_bytes",
+                "threshold_max_abs_error", "threshold_aggregator_memory_flat"):
+        assert targets[key] is True, key
+    assert "committee_cpu_seconds" in bench.results_table(result)
