@@ -21,15 +21,16 @@ Layers, each a module that reads alone (lower ones never import higher ones):
 - ``keys``: key pairs, the profile registry, loading a context.
 """
 
-from .base import CkksCodec, EncryptedSum
+from .base import DEFAULT_MAX_CONTRIBUTORS, CkksCodec, EncryptedSum
 from .compact import CompactCodec, CompactSum
-from .errors import CodecError, CodecMismatch, SecretKeyPresent
+from .errors import CodecError, CodecMismatch, SecretKeyPresent, UpdateOutOfRange
 from .keys import DEFAULT_PROFILE, PROFILES, KeyPair, generate_keys, load_context, load_context_file
 from .seed import SeedCodec, SeedSum
 from .wire import (
     FORMAT_VERSION,
     KEY_MAGIC,
     MAX_CHUNK_BYTES,
+    MAX_CONTRIBUTORS,
     MAX_HEADER_BYTES,
     MAX_PARAMS,
     MAX_UPDATES,
@@ -41,6 +42,7 @@ __all__ = [
     "CodecError",
     "CodecMismatch",
     "SecretKeyPresent",
+    "UpdateOutOfRange",
     "KeyPair",
     "UpdateHeader",
     "CkksCodec",
@@ -61,4 +63,6 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_PARAMS",
     "MAX_UPDATES",
+    "MAX_CONTRIBUTORS",
+    "DEFAULT_MAX_CONTRIBUTORS",
 ]
