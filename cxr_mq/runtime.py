@@ -18,10 +18,12 @@ def make_store(settings: Settings) -> ObjectStore:
 
 
 def make_broker(settings: Settings) -> Broker:
-    from .transport.rabbitmq import RabbitMQBroker
+    from .transport.rabbitmq import RabbitMQBroker, TlsOptions
 
     settings.require("amqp_url")
-    return RabbitMQBroker(settings.amqp_url, Topology(settings.namespace))
+    tls = TlsOptions(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file,
+                     settings.amqp_tls_required)
+    return RabbitMQBroker(settings.amqp_url, Topology(settings.namespace), tls=tls)
 
 
 def load_public_codec(store: ObjectStore, settings: Settings, path: str | None = None):

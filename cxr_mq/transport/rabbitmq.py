@@ -15,9 +15,11 @@ are idempotent, so the redelivery is harmless.
 """
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import pika
@@ -38,8 +40,9 @@ NACK_ATTEMPTS = 5  # a publisher nack means "not stored, try again", e.g. a queu
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Connection trouble is retried; a broker's refusal (404, 406, bad credentials) is not."""
-    if isinstance(exc, (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError,
+    """Connection trouble is retried; a broker's refusal (404, 406, bad credentials) is not,
+    nor a broker certificate that fails verification (wrong CA, wrong host name)."""
+    if isinstance(exc, (ssl.SSLCertVerificationError, pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError,
                         pex.AuthenticationError)):
         return False
     if isinstance(exc, pex.ChannelClosedByBroker) and exc.reply_code in PERMANENT_CHANNEL_CODES:
@@ -47,11 +50,47 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, CONNECTION_ERRORS)
 
 
+@dataclass(frozen=True)
+class TlsOptions:
+    """AMQPS settings: the CA that signs the broker's certificate, an optional client
+    certificate, and whether a plain ``amqp://`` URL is refused."""
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    required: bool = False
+
+
+def connection_parameters(url: str, tls: TlsOptions | None = None) -> pika.URLParameters:
+    """pika parameters for ``url``; for ``amqps://`` a context that verifies the broker's
+    certificate against the CA and its name against the URL's host (CERT_REQUIRED and
+    check_hostname, TLS 1.2 or later). Refuses a plain URL when TLS is set up or required,
+    before anything is sent."""
+    tls = tls or TlsOptions()
+    params = pika.URLParameters(url)
+    if params.ssl_options is None:
+        if tls.required or tls.ca_file or tls.cert_file:
+            why = "TLS is required (amqp_tls_required)" if tls.required else "a TLS CA/certificate is set"
+            raise TransportError(f"{why} but the broker URL is plain amqp:// "
+                                 f"({params.host}:{params.port}); use amqps://")
+        return params
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)  # CERT_REQUIRED, check_hostname
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls.cert_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TransportError(f"cannot load the AMQP TLS files (CA {tls.ca_file}, "
+                             f"certificate {tls.cert_file}): {exc}") from exc
+    params.ssl_options = pika.SSLOptions(context, server_hostname=params.host)
+    return params
+
+
 class RabbitMQBroker(Broker):
     def __init__(self, url: str, topology: Topology | None = None, heartbeat: int = 30,
-                 reconnect_for: float = 600.0, max_backoff: float = 15.0):
+                 reconnect_for: float = 600.0, max_backoff: float = 15.0,
+                 tls: TlsOptions | None = None):
         self.topology = topology or Topology()
-        self._params = pika.URLParameters(url)
+        self._params = connection_parameters(url, tls)
         self._params.heartbeat = heartbeat
         self._params.blocked_connection_timeout = 60
         self._params.connection_attempts = 1
@@ -135,6 +174,9 @@ class RabbitMQBroker(Broker):
         except (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError,
                 pex.AuthenticationError) as exc:
             raise TransportError(f"broker refused the credentials: {exc!r}") from exc
+        except ssl.SSLCertVerificationError as exc:
+            raise TransportError(f"broker certificate refused ({self._params.host}:"
+                                 f"{self._params.port}): {exc.verify_message}") from exc
 
     def _reopen_channel(self) -> None:
         """A refused operation closes only the channel: open a new one on the same connection,

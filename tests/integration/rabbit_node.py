@@ -48,7 +48,7 @@ class RabbitNode:
     """One single-node RabbitMQ broker in ``base_dir``; ``url`` is its AMQP URL."""
 
     def __init__(self, base_dir: Path, consumer_timeout_ms: int | None = None,
-                 channel_tick_ms: int | None = None):
+                 channel_tick_ms: int | None = None, tls=None):
         self.base = Path(base_dir)
         self.name = f"cxrtest-{secrets.token_hex(4)}@localhost"
         self.port = _free_port()
@@ -68,7 +68,7 @@ class RabbitNode:
             f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
             "loopback_users = none\n"
             "log.console = false\n"
-            "log.file.level = info\n")
+            "log.file.level = info\n" + (self._tls_config(tls) if tls is not None else ""))
         advanced = []
         if consumer_timeout_ms is not None:
             advanced.append(f"{{consumer_timeout, {int(consumer_timeout_ms)}}}")
@@ -90,6 +90,18 @@ class RabbitNode:
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             "ERL_EPMD_ADDRESS": "127.0.0.1",
         }
+
+    def _tls_config(self, pki) -> str:
+        """An AMQPS listener on ``tls_port`` (127.0.0.1, and 127.0.0.2 for host-name tests)
+        with ``pki``'s server certificate, requiring a client certificate from the same CA."""
+        self.tls_port = _free_port()
+        return (f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}\n"
+                f"listeners.ssl.2 = 127.0.0.2:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {pki.ca}\n"
+                f"ssl_options.certfile = {pki.server_cert}\n"
+                f"ssl_options.keyfile = {pki.server_key}\n"
+                "ssl_options.verify = verify_peer\n"
+                "ssl_options.fail_if_no_peer_cert = true\n")
 
     # -- control ----------------------------------------------------------------------------
     def ctl(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
