@@ -189,7 +189,7 @@ def _encrypt_all(secret, weights, counts, folder: Path, cores: int, log):
     def encrypt(i: int) -> tuple[float, float]:
         buf = io.BytesIO()
         wall, cpu = time.perf_counter(), time.process_time()
-        secret.encrypt_update(weights[i], counts[i], buf)
+        secret.encrypt_update(weights[i], counts[i], buf, max_contributors=len(weights))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         files[i].write_bytes(buf.getbuffer())
         return wall, cpu
@@ -256,7 +256,7 @@ def _small_total_error(secret, public, weights, params: int = 1 << 16) -> float:
     total = public.new_sum(part[0].size)
     for w in part:
         buf = io.BytesIO()
-        secret.encrypt_update(w, 1, buf)
+        secret.encrypt_update(w, 1, buf, max_contributors=len(part))
         buf.seek(0)
         total.add(buf)
     buf = io.BytesIO()
@@ -295,9 +295,9 @@ def _aggregate_all_cores(public, public_path: Path, files, params: int, cores: i
         started = time.perf_counter()
         list(pool.map(_partial_sum, ctx, [params] * workers, shares, outs))
         merged = public.new_sum(params)
-        for path in outs:
+        for path, share in zip(outs, shares):
             with open(path, "rb") as fh:
-                merged.add(fh)
+                merged.add(fh, n_updates=len(share))
         buf = io.BytesIO()
         merged.write(buf)
         seconds = time.perf_counter() - started
@@ -322,7 +322,7 @@ def aggregate_files_main(argv: list[str]) -> None:
     codec.require_public_only()
     loaded = _reset_peak_rss()
     started = time.perf_counter()
-    total = codec.new_sum(int(params))
+    total = codec.new_sum(int(params), distinct_updates=False)  # the bench streams its files again
     for path in files:
         with open(path, "rb") as fh:
             total.add(fh)

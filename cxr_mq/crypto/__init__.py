@@ -25,9 +25,9 @@ Layers, each a module that reads alone (lower ones never import higher ones):
   and ``committee`` (checked partial decryption of a round's key sum, combination).
 """
 
-from .base import CkksCodec, EncryptedSum
+from .base import DEFAULT_MAX_CONTRIBUTORS, CkksCodec, EncryptedSum
 from .compact import CompactCodec, CompactSum
-from .errors import CodecError, CodecMismatch, SecretKeyPresent
+from .errors import CodecError, CodecMismatch, SecretKeyPresent, UpdateOutOfRange
 from .keys import DEFAULT_PROFILE, PROFILES, KeyPair, generate_keys, load_context, load_context_file
 from .seed import SeedCodec, SeedSum
 from .threshold import RoundEncoding, ThresholdCodec, ThresholdSum
@@ -35,6 +35,7 @@ from .wire import (
     FORMAT_VERSION,
     KEY_MAGIC,
     MAX_CHUNK_BYTES,
+    MAX_CONTRIBUTORS,
     MAX_HEADER_BYTES,
     MAX_PARAMS,
     MAX_UPDATES,
@@ -46,6 +47,7 @@ __all__ = [
     "CodecError",
     "CodecMismatch",
     "SecretKeyPresent",
+    "UpdateOutOfRange",
     "KeyPair",
     "UpdateHeader",
     "CkksCodec",
@@ -69,4 +71,6 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_PARAMS",
     "MAX_UPDATES",
+    "MAX_CONTRIBUTORS",
+    "DEFAULT_MAX_CONTRIBUTORS",
 ]
