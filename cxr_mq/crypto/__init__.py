@@ -28,7 +28,7 @@ Layers, each a module that reads alone (lower ones never import higher ones):
 from .base import DEFAULT_MAX_CONTRIBUTORS, CkksCodec, EncryptedSum
 from .compact import CompactCodec, CompactSum
 from .errors import CodecError, CodecMismatch, SecretKeyPresent, UpdateOutOfRange
-from .keys import DEFAULT_PROFILE, PROFILES, KeyPair, generate_keys, load_context, load_context_file
+from .keys import DEFAULT_PROFILE, PROFILES, SINGLE_KEY_PROFILES, KeyPair, generate_keys, load_context, load_context_file
 from .seed import SeedCodec, SeedSum
 from .threshold import RoundEncoding, ThresholdCodec, ThresholdSum
 from .wire import (
@@ -64,6 +64,7 @@ __all__ = [
     "load_context_file",
     "DEFAULT_PROFILE",
     "PROFILES",
+    "SINGLE_KEY_PROFILES",
     "FORMAT_VERSION",
     "KEY_MAGIC",
     "UPDATE_MAGIC",

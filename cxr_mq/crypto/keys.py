@@ -25,6 +25,8 @@ class KeyPair:
 
 
 PROFILES: dict[str, type[CkksCodec]] = {"seed": SeedCodec, "compact": CompactCodec, "threshold": ThresholdCodec}
+# profiles with one key pair that generate_keys makes (threshold keys come from a ceremony)
+SINGLE_KEY_PROFILES = ("seed", "compact")
 
 
 

@@ -393,8 +393,11 @@ class ThresholdCodec(CkksCodec):
 
     # aggregator side
 
-    def new_sum(self, n_params: int) -> "ThresholdSum":
-        return ThresholdSum(self, n_params)
+    def new_sum(self, n_params: int, *, max_updates: int | None = None,
+                distinct_updates: bool = True) -> "ThresholdSum":
+        """A running sum; at most ``max_updates`` (and the round's ``max_contributors``).
+        Contributors are always distinct here: the key sum names each one once."""
+        return ThresholdSum(self, n_params, max_updates)
 
     def key_sum_of(self, src: BinaryIO) -> KeyCiphertext:
         """The key ciphertext (sum) at the front of a stream: what the committee is asked about."""
@@ -457,18 +460,24 @@ class ThresholdSum:
     a staged copy while an update is read) and the key ciphertexts mod Q. Memory does not
     grow with the number of updates; a bad update leaves the sum as it was."""
 
-    def __init__(self, codec: ThresholdCodec, n_params: int):
+    def __init__(self, codec: ThresholdCodec, n_params: int, max_updates: int | None = None):
         if not 1 <= int(n_params) <= MAX_PARAMS:
             raise ThresholdCodecError(f"n_params must be 1..{MAX_PARAMS}, got {n_params}")
         self.codec, self.n_params = codec, int(n_params)
+        self.max_updates = MAX_CONTRIBUTORS if max_updates is None else int(max_updates)
         self.count = 0
         self.encoding: RoundEncoding | None = None
         self.key_sum: KeyCiphertext | None = None
         self._sum: np.ndarray | None = None
         self._staged: np.ndarray | None = None
 
-    def add(self, src: BinaryIO) -> None:
+    def add(self, src: BinaryIO, n_updates: int = 1) -> None:
+        """Add a stream that holds exactly ``n_updates`` updates (an upload holds one)."""
         header, key_ct = self.codec.read_prefix(src)
+        if header.n_updates != n_updates:
+            raise ThresholdCodecError(f"the stream holds {header.n_updates} updates, expected exactly {n_updates}")
+        if self.count + header.n_updates > self.max_updates:
+            raise ThresholdCodecError(f"the sum holds {self.count} of at most {self.max_updates} updates")
         if header.n_params != self.n_params:
             raise ThresholdCodecError(f"n_params mismatch: stream has {header.n_params}, expected {self.n_params}")
         if self.encoding is not None and header.encoding != self.encoding:
