@@ -4,8 +4,10 @@ Two steps (after Lattigo's ``multiparty`` threshold combiner and key switching):
 
 - :func:`partial_decrypt` - member j, in an active set S of exactly t members, turns its
   Shamir share into an additive one (``lambda_j^S sigma_j``, Lagrange at 0 modulo Q) and
-  returns ``h_j = lambda_j^S sigma_j c1 + E_j`` with ``E_j`` uniform in [-2^40, 2^40)
-  (os.urandom): the smudging that hides the exact noise, so nothing about sigma_j leaks.
+  returns ``h_j = lambda_j^S sigma_j c1 + E_j`` with ``E_j`` uniform in [-2^68, 2^68)
+  (os.urandom): the smudging that hides the exact noise (at most ~2^24 per summed key
+  ciphertext; statistical distance below N * 2^24 * K / 2^68 ~ 2^-28 for K = 16), so nothing
+  about sigma_j leaks.
   Before that it checks the request and refuses, with a reason, anything else:
 
   * a contributor set below ``min_clients`` (never below :data:`MIN_CLIENTS_FLOOR`);
@@ -40,7 +42,6 @@ import numpy as np
 from . import keylayer
 from .ceremony import CommitteeShare
 from .keylayer import KeyCiphertext, KeyLayerError
-from .ring import sample_wide_uniform
 
 MIN_CLIENTS_FLOOR = 3
 
@@ -238,8 +239,8 @@ def partial_decrypt(share: CommitteeShare, request: DecryptionRequest, *, min_cl
     points = [params.point(p) for p in request.active]
     lam = lagrange_at_zero(points, params.point(share.party), ring.modulus)
     additive = ring.scalar(share.sigma, lam)
-    smudge = sample_wide_uniform(ring.n, keylayer.SMUDGING_BITS)
-    h = ring.add(ring.mul(additive, request.key_sum.c[:, 1]), ring.forward(ring.from_signed(smudge)))
+    smudge = ring.wide_uniform(keylayer.SMUDGING_BITS)  # coefficient form
+    h = ring.add(ring.mul(additive, request.key_sum.c[:, 1]), ring.forward(smudge))
     partial = PartialDecryption(share.party, request.federation, request.round, digest, h)
     try:
         ledger.record(partial)
