@@ -115,8 +115,12 @@ def test_fedavg_through_fresh_keys_and_the_key_sum(committee):
     key_sum = codec.key_sum_of(io.BytesIO(out.getvalue()))
     assert key_sum.contributors == PARTIES[:4]
     s_sum = _key_sum(shares, key_sum)
-    avg, samples = codec.decrypt_aggregate(io.BytesIO(out.getvalue()), s_sum)
+    avg, samples = codec.decrypt_aggregate(io.BytesIO(out.getvalue()), s_sum, n_updates=4, min_updates=3)
     expected = sum(w * n for w, n in zip(weights, counts)) / sum(counts)
+    with pytest.raises(ThresholdCodecError, match="fewer than the minimum of 5"):
+        codec.decrypt_aggregate(io.BytesIO(out.getvalue()), s_sum, min_updates=5)
+    with pytest.raises(ThresholdCodecError, match="expected 3"):
+        codec.decrypt_aggregate(io.BytesIO(out.getvalue()), s_sum, n_updates=3)
     assert samples == sum(counts)
     assert np.max(np.abs(avg - expected)) < 1e-6
 
