@@ -25,7 +25,7 @@ import msgpack
 import numpy as np
 
 from .errors import CodecError
-from .ring import RnsRing, expand_uniform, ntt_primes, public_seed, rns_ring, sample_cbd, sample_ternary, secret_stream
+from .ring import RnsRing, expand_uniform, ntt_primes, rns_ring, sample_cbd, sample_ternary, secret_stream
 
 RING_DEGREE = 4096
 KEY_PRIME_BITS = 31
