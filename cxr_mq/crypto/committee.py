@@ -105,6 +105,31 @@ class PartialDecryption:
             raise KeyLayerError(f"unreadable partial decryption: {exc}") from None
 
 
+def partial_aad(partial: "PartialDecryption", recipient: str) -> bytes:
+    return f"cxr-mq/threshold/partial/{partial.federation}/{partial.round}/{partial.party}/{recipient}/{partial.request}".encode()
+
+
+def seal_partial(partial: PartialDecryption, recipients: dict[str, bytes]) -> dict[str, bytes]:
+    """The partial sealed to each hospital's X25519 identity key: t partials in the clear
+    would let anyone (the aggregator, a bucket reader) combine s_S and read the model."""
+    from .ceremony import seal
+
+    data = partial.to_bytes()
+    return {who: seal(key, data, partial_aad(partial, who)) for who, key in sorted(recipients.items())}
+
+
+def open_partial(sealed: bytes, me: str, agreement_key, *, party: str, request: DecryptionRequest) -> PartialDecryption:
+    """Open a partial sealed to ``me`` by ``party`` for ``request``; anything else is refused."""
+    from .ceremony import unseal
+
+    expected = PartialDecryption(party, request.federation, request.round, request.digest())
+    partial = PartialDecryption.from_bytes(unseal(agreement_key, sealed, partial_aad(expected, me)))
+    if (partial.party, partial.federation, partial.round, partial.request) != (
+            party, request.federation, request.round, expected.request):
+        raise KeyLayerError(f"a sealed partial from {party!r} answers another request")
+    return partial
+
+
 class Ledger:
     """A member's durable record of the rounds it decrypted (one file per round, created
     exclusively): the request digest and the partial it answered with."""
