@@ -577,7 +577,7 @@ def demo(obj: Context, hospitals, n_rounds, data, n_images, model, image_size, c
               help="Model parameters per update.")
 @click.option("--hospitals", "hospitals", type=int, multiple=True,
               help="Hospital counts for the aggregator memory figure (repeatable; default 2, 10, 50).")
-@click.option("--profile", "profiles", type=click.Choice(["seed", "compact"]), multiple=True,
+@click.option("--profile", "profiles", type=click.Choice(["seed", "compact", "threshold"]), multiple=True,
               help="Profiles to measure (default both).")
 @click.option("--round/--no-round", "with_round", default=True, show_default=True,
               help="Also time one embedded demo round encrypted and in plaintext.")
@@ -592,7 +592,7 @@ def bench(obj: Context, params, hospitals, profiles, with_round, as_json):
         _fail("--params and --hospitals must be positive")
     log = (lambda message: click.echo(message, err=True))
     result = run_codec_bench(params, list(hospitals) or [2, 10, 50],
-                             tuple(profiles) or ("seed", "compact"), log=log)
+                             tuple(profiles) or ("seed", "compact", "threshold"), log=log)
     if with_round:
         result.update(round_overhead(settings=settings, log=log))
         result["targets"] = _check_targets(result)
