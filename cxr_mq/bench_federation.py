@@ -408,3 +408,55 @@ def table(result: dict) -> str:
 
 def main_json(result: dict) -> str:
     return json.dumps(result, indent=1, default=float)
+
+
+def plot(results: list[dict], out: str | Path) -> Path:
+    """The curves of docs/performance.md from several runs' JSON: time to model_ready after
+    the last upload, round time, aggregator throughput and peak RSS, against N x P."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(select):
+        runs = sorted((r for r in results if select(r)), key=lambda r: r["hospitals"] * r["params"])
+        x = [r["hospitals"] * r["params"] / 1e6 for r in runs]
+        return runs, x
+
+    def mean(run, key):
+        return float(np.mean([rnd[key] for rnd in run["rounds"]]))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for label, select, marker in (("N hospitals x 1M params", lambda r: r["params"] == 1_000_000, "o-"),
+                                  ("3 hospitals x P params", lambda r: r["hospitals"] == 3, "s--")):
+        runs, x = series(select)
+        if not runs:
+            continue
+        axes[0][0].plot(x, [mean(r, "last_upload_to_model_ready_s") for r in runs], marker, label=label)
+        axes[0][1].plot(x, [mean(r, "round_start_to_last_model_s") for r in runs], marker, label=label)
+        axes[1][0].plot(x, [mean(r, "aggregator_mparams_per_s") for r in runs], marker, label=label)
+        axes[1][1].plot(x, [max(rnd["aggregator_peak_rss_mb"] for rnd in r["rounds"]) for r in runs],
+                        marker, label=label)
+        for ax, key in ((axes[0][0], "last_upload_to_model_ready_s"),):
+            for r, xv in zip(runs, x):
+                ax.annotate(f"{r['hospitals']}x{r['params'] / 1e6:g}M", (xv, mean(r, key)),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+    titles = ("last upload -> model_ready (s)", "round_start -> last hospital holds model (s)",
+              "aggregator throughput (M params/s of summing)", "aggregator peak RSS (MB)")
+    for ax, title in zip(axes.flat, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("N x P (M parameters per round)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_ylim(bottom=0)
+    fig.suptitle("cxr-mq bench-federation (2 shared cores, under contention; synthetic training)",
+                 fontsize=11)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":  # python -m cxr_mq.bench_federation plot OUT.png RUN.json ...
+    if len(sys.argv) < 4 or sys.argv[1] != "plot":
+        sys.exit("usage: python -m cxr_mq.bench_federation plot OUT.png RUN.json ...")
+    print(plot([json.loads(Path(p).read_text()) for p in sys.argv[3:]], sys.argv[2]))
