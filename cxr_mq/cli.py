@@ -138,7 +138,8 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
     store, broker = make_store(settings), make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
-                            skip_bad=skip_bad)
+                            skip_bad=skip_bad,
+                            keep_plaintext_updates=settings.keep_plaintext_updates)
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -162,7 +163,8 @@ def aggregator(obj: Context, public_context, metrics_port):
     codec = load_public_codec(store, settings, public_context)
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
-    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals)
+    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals,
+                              retain_updates=settings.retain_updates)
     worker.install_signal_handlers()
     try:
         worker.run()
