@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import crypto
+from .crypto.pool import available_cores
 
 SAMPLE_COUNTS = (100_000, 1, 99_999, 50_000, 7, 100_000, 3, 100_000, 12_345, 100_000)
 TARGETS = {
@@ -48,10 +49,6 @@ TARGETS = {
     "seed_encrypt_mparams_per_s_reference": 1.2,
     "seed_aggregate_mparams_per_s_reference": 7.6,
 }
-
-
-def available_cores() -> int:
-    return crypto._available_cores()
 
 
 REPEATS = 3  # timed passes of the encryption figures and the seed reference; the best counts

@@ -41,6 +41,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         from .crypto import CodecError
         from .data import DataError
+        from .identity import IdentityError
         from .storage.base import StoreError
         from .transport.base import TransportError
         try:
@@ -51,6 +52,8 @@ class _Group(click.Group):
             _fail(str(exc))
         except CodecError as exc:
             _fail(f"crypto: {exc}")
+        except IdentityError as exc:
+            _fail(f"identity: {exc}")
         except StoreError as exc:
             _fail(f"store: {exc}", 1)
         except TransportError as exc:
@@ -108,6 +111,115 @@ def keys_init(obj: Context, out_dir, profile, upload, force):
         info = store.put_bytes(settings.public_context_key, pair.public)
         result["uploaded"] = f"{settings.public_context_key} sha256={info.sha256}"
     click.echo(json.dumps(result, indent=1))
+
+
+# -- identities -------------------------------------------------------------------------------
+@main.group()
+def identity():
+    """Party identities: Ed25519 signing and X25519 key-agreement keys, and their registry."""
+
+
+@identity.command("init")
+@click.option("--id", "party_id", required=True, help="The party's id (also its broker user name).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for ID.key (mode 0600, private keys) and ID.pub (public keys).")
+@click.option("--force", is_flag=True, help="Replace existing identity files.")
+def identity_init(party_id, out_dir, force):
+    """Create an identity: DIR/ID.key (private, 0600) and DIR/ID.pub (public)."""
+    from .identity import Identity, IdentityError
+
+    try:
+        ident = Identity.generate(party_id)
+        key_path, pub_path = ident.save(out_dir, force=force)
+    except IdentityError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps({"id": ident.id, "key": str(key_path), "pub": str(pub_path),
+                           **{k: v for k, v in ident.public.to_dict().items() if k != "id"}}, indent=1))
+
+
+@identity.command("register")
+@click.argument("party_id")
+@click.argument("pubfile", type=click.Path(exists=True, dir_okay=False))
+@click.option("--role", required=True, type=click.Choice(["hospital", "aggregator", "controller"]))
+@click.option("--force", is_flag=True, help="Replace an entry registered with other keys or role.")
+@click.pass_obj
+def identity_register(obj: Context, party_id, pubfile, role, force):
+    """Add PUBFILE's public keys to the registry in the bucket (keys/identities/ID)."""
+    from .identity import IdentityError, PublicIdentity, register, registry_key
+    from .runtime import make_store
+
+    settings = obj.settings()
+    try:
+        public = PublicIdentity.load(pubfile)
+        if public.id != party_id:
+            _fail(f"{pubfile} holds the identity of {public.id!r}, not {party_id!r}")
+        entry = register(make_store(settings), public, role, force=force)
+    except IdentityError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps({"registered": registry_key(party_id), **entry.to_dict()}, indent=1))
+
+
+@identity.command("show")
+@click.argument("party_id", required=False)
+@click.pass_obj
+def identity_show(obj: Context, party_id):
+    """Print one registry entry, or every registered party."""
+    from .identity import IdentityError, Registry
+    from .runtime import make_store
+
+    registry = Registry(make_store(obj.settings()))
+    try:
+        entries = [registry.get(party_id)] if party_id else registry.parties()
+    except IdentityError as exc:
+        _fail(str(exc), 1)
+    click.echo(json.dumps([e.to_dict() for e in entries], indent=1))
+
+
+# -- broker administration --------------------------------------------------------------------
+@main.group()
+def broker():
+    """Broker administration: per-party permissions and the durable topology."""
+
+
+@broker.command("permissions")
+@click.option("--role", required=True,
+              type=click.Choice(["hospital", "aggregator", "controller", "admin"]))
+@click.option("--id", "party_id", required=True, help="The party's id: its broker user name.")
+@click.option("--namespace", default=None, help="Queue/exchange prefix (default: settings).")
+@click.option("--vhost", default="/", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (for Ansible).")
+@click.pass_obj
+def broker_permissions(obj: Context, role, party_id, namespace, vhost, as_json):
+    """The least-privilege permissions of one party's broker user."""
+    from .config import validate_hospital_id
+    from .transport.permissions import permissions_for
+
+    validate_hospital_id(party_id)
+    settings = obj.settings(namespace=namespace)
+    perms = permissions_for(role, party_id, settings.namespace)
+    if as_json:
+        click.echo(json.dumps({**perms.to_dict(), "vhost": vhost, "namespace": settings.namespace}))
+        return
+    import shlex
+    for args in perms.rabbitmqctl(vhost):
+        click.echo("rabbitmqctl " + " ".join(shlex.quote(a) for a in args))
+
+
+@broker.command("declare")
+@click.option("--hospital", "hospitals", multiple=True,
+              help="A hospital whose queue to declare (repeatable; default: configured hospitals).")
+@click.pass_obj
+def broker_declare(obj: Context, hospitals):
+    """Declare the exchanges and queues (admin login): workers only check that they exist."""
+    from .runtime import make_broker
+
+    settings = obj.settings(hospitals=tuple(hospitals) or None)
+    with make_broker(settings) as admin:
+        admin.declare_topology(settings.hospitals)
+    t = admin.topology
+    click.echo(json.dumps({"namespace": t.namespace, "exchanges": [t.control_exchange,
+                           t.dead_letter_exchange], "queues": [t.aggregator_queue, t.dead_letter_queue]
+                           + [t.hospital_queue(h) for h in settings.hospitals]}))
 
 
 # -- workers ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Mapping
 ENV_PREFIX = "CXR_MQ_"
 DEFAULT_CONFIG_PATH = Path("/etc/cxr-mq/config.toml")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+LIST_KEYS = ("hospitals", "shared_broker_users")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,62}$")
 
 
@@ -37,9 +38,12 @@ class Settings:
     s3_endpoint_url: str | None = None
     kms_key_id: str | None = None
     secret_context: str | None = None
+    identity: str | None = None  # path of this party's identity key file (cxr-mq identity init)
     aws_region: str | None = None
     namespace: str = "cxr"
     hospitals: tuple[str, ...] = ()
+    shared_broker_users: tuple[str, ...] = ()  # broker logins that may publish for any party (dev)
+    message_max_age: int = 86400  # seconds a signed message stays usable
     public_context_key: str = "keys/public-context"
     codec_profile: str = "compact"
     log_level: str = "info"
@@ -55,6 +59,13 @@ class Settings:
                 raise ConfigError(env_name(name), "is required but not set "
                                   f"(set {env_name(name)} or '{name}' in the config file)")
         return self
+
+    def identity_path(self) -> Path:
+        self.require("identity")
+        path = Path(self.identity)
+        if not path.is_file():
+            raise ConfigError(env_name("identity"), f"no such file: {path}")
+        return path
 
     def secret_context_path(self) -> Path:
         self.require("secret_context")
@@ -86,6 +97,8 @@ def _validate(s: Settings) -> Settings:
     for hospital in s.hospitals:
         if not _ID_RE.match(hospital):
             raise ConfigError(env_name("hospitals"), f"invalid hospital id {hospital!r}")
+    if s.message_max_age < 1:
+        raise ConfigError(env_name("message_max_age"), f"must be at least 1 second, got {s.message_max_age}")
     if s.codec_profile not in ("seed", "compact"):
         raise ConfigError(env_name("codec_profile"), f"must be 'seed' or 'compact', got {s.codec_profile!r}")
     if s.log_format not in ("json", "console"):
@@ -139,13 +152,14 @@ def load_settings(flags: Mapping[str, object] | None = None, env: Mapping[str, s
     for name, value in (flags or {}).items():
         if value not in (None, ()):
             values[name] = value
-    if "hospitals" in values:
-        values["hospitals"] = _split_list(values["hospitals"])
+    for key in LIST_KEYS:
+        if key in values:
+            values[key] = _split_list(values[key])
     typed = {f.name: type(f.default) for f in fields(Settings) if type(f.default) in (bool, int)}
     for key, value in values.items():
         if key in typed:
             values[key] = _typed(key, value, typed[key])
-        elif key != "hospitals" and value is not None and not isinstance(value, str):
+        elif key not in LIST_KEYS and value is not None and not isinstance(value, str):
             raise ConfigError(env_name(key), f"must be a string, got {type(value).__name__}")
     return _validate(replace(Settings(), **values))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cxr_mq import crypto
-from cxr_mq.crypto import CodecError, CodecMismatch, SecretKeyPresent
+from cxr_mq.crypto import CodecError, CodecMismatch, SecretKeyPresent, compact, sampling, sealio, wire
 
 PROFILES = sorted(crypto.PROFILES)
 
@@ -267,33 +267,33 @@ def test_compact_seed_expansion_is_deterministic_uniform_and_rejects_out_of_rang
     words >= q are skipped (forced here with a small modulus), not reduced."""
     n, q, width = compact_codec.POLY_MODULUS_DEGREE, compact_codec.q, compact_codec.PACKED_BYTES
     key = bytes(range(32))
-    u = crypto._expand_seed(key, n, q, width)
+    u = sampling.expand_seed(key, n, q, width)
     assert u.dtype == np.uint64 and u.shape == (n,)
-    assert np.array_equal(u, crypto._expand_seed(key, n, q, width))
-    assert not np.array_equal(u, crypto._expand_seed(bytes(32), n, q, width))
+    assert np.array_equal(u, sampling.expand_seed(key, n, q, width))
+    assert not np.array_equal(u, sampling.expand_seed(bytes(32), n, q, width))
     assert int(u.max()) < q
     # uniform: each of 16 equal bins of [0, q) holds n/16 +- 5 sigma
     counts = np.bincount((u // np.uint64(q // 16 + 1)).astype(np.int64), minlength=16)
     assert np.all(np.abs(counts - n / 16) < 5 * np.sqrt(n / 16)), counts
     # the stream's first words, read by hand: 7-byte little-endian words of AES-256-CTR
-    stream = crypto._aes_ctr(key).update(bytes(7 * 4))
+    stream = sampling.aes_ctr(key).update(bytes(7 * 4))
     assert [int.from_bytes(stream[7 * i : 7 * i + 7], "little") for i in range(4)] == u[:4].tolist()
     # a modulus of 2^55: about half the words are rejected; the kept ones are the words < q
     small = 1 << 55
-    v = crypto._expand_seed(key, n, small, width)
-    all_words = crypto._unpack_words(crypto._aes_ctr(key).update(bytes(7 * 3 * n)), 7)
+    v = sampling.expand_seed(key, n, small, width)
+    all_words = wire.unpack_words(sampling.aes_ctr(key).update(bytes(7 * 3 * n)), 7)
     assert np.array_equal(v, all_words[all_words < np.uint64(small)][:n])
 
 
 def test_compact_noise_is_seals_centered_binomial_and_fresh():
-    stream = crypto._aes_ctr(bytes(32))
-    e = crypto._cbd_noise(stream, 1 << 16, 21)
+    stream = sampling.aes_ctr(bytes(32))
+    e = sampling.cbd_noise(stream, 1 << 16, 21)
     assert e.dtype == np.int64 and int(np.abs(e).max()) <= 21
     assert abs(e.mean()) < 0.06 and abs(e.var() - 10.5) < 0.4  # sigma 3.24, as SEAL's 3.2
     # the stream moves on: the next draw is different
-    assert not np.array_equal(e[:1000], crypto._cbd_noise(stream, 1000, 21))
+    assert not np.array_equal(e[:1000], sampling.cbd_noise(stream, 1000, 21))
     # by hand: the first sample is popcount of the low 21 bits minus popcount of the next 21
-    word = int.from_bytes(crypto._aes_ctr(bytes(32)).update(bytes(8)), "little")
+    word = int.from_bytes(sampling.aes_ctr(bytes(32)).update(bytes(8)), "little")
     mask = (1 << 21) - 1
     assert e[0] == bin(word & mask).count("1") - bin((word >> 21) & mask).count("1")
 
@@ -307,7 +307,7 @@ def test_compact_encryption_is_randomised_and_needs_the_key(compact_codec):
     first, second = codec.encrypt_chunks(w, 1), codec.encrypt_chunks(w, 1)
     assert first[0][0] == second[0][0] == codec.PRNG_TAG
     assert first[0][:width] != second[0][:width] and first[0][width:] != second[0][width:]
-    c0 = crypto._unpack_words(first[0][width:], 7)
+    c0 = wire.unpack_words(first[0][width:], 7)
     assert c0.shape == (n,)
     counts = np.bincount((c0 // np.uint64(codec.q // 16 + 1)).astype(np.int64), minlength=16)
     assert np.all(np.abs(counts - n / 16) < 5 * np.sqrt(n / 16)), counts
@@ -316,7 +316,7 @@ def test_compact_encryption_is_randomised_and_needs_the_key(compact_codec):
     assert np.max(np.abs(codec.decrypt_update(io.BytesIO(blob), 1) - 0.5)) < 1e-6
     with pytest.raises(CodecMismatch):  # another key: refused by fingerprint, and would not decrypt either
         other.decrypt_update(io.BytesIO(blob), 1)
-    c0_sum = crypto._unpack_words(blob[-7 * n :], 7)
+    c0_sum = wire.unpack_words(blob[-7 * n :], 7)
     seed = blob[-7 * n - width : -7 * n]
     right = codec._decrypt_chunk(c0_sum, seed, 1)
     assert np.max(np.abs(right - 0.5)) < 1e-6
@@ -335,9 +335,9 @@ def test_compact_sum_refuses_an_unknown_prng_tag(compact_codec):
 
 def test_pack_and_unpack_words_are_inverse():
     values = np.array([0, 1, (1 << 56) - 1, 0x0123456789ABCD], dtype=np.uint64)
-    packed = crypto._pack_words(values, 7)
+    packed = wire.pack_words(values, 7)
     assert len(packed) == 4 * 7 and packed[7:14] == b"\x01" + bytes(6)
-    assert np.array_equal(crypto._unpack_words(packed, 7), values)
+    assert np.array_equal(wire.unpack_words(packed, 7), values)
 
 
 def test_compact_residues_round_and_wrap(compact_codec):
@@ -381,7 +381,7 @@ def test_compact_plain_loader_refuses_foreign_rows(compact_codec):
 def test_compact_context_refuses_an_encryption_path_that_does_not_decrypt(monkeypatch):
     """Loading a secret context encrypts, sums and decrypts a probe; a broken path is refused."""
     secret = crypto.generate_keys("compact").secret
-    real = crypto._expand_seed
+    real = sampling.expand_seed
     calls = []
 
     def drifting(key, n, q, width):  # the decryptor would expand a different polynomial
@@ -389,10 +389,10 @@ def test_compact_context_refuses_an_encryption_path_that_does_not_decrypt(monkey
         u = real(key, n, q, width)
         return u if len(calls) <= 2 else (u + np.uint64(1)) % np.uint64(q)
 
-    monkeypatch.setattr(crypto, "_expand_seed", drifting)
+    monkeypatch.setattr(compact, "expand_seed", drifting)
     with pytest.raises(CodecError, match="does not decrypt"):
         crypto.load_context(secret)
-    monkeypatch.setattr(crypto, "_expand_seed", real)
+    monkeypatch.setattr(compact, "expand_seed", real)
     assert crypto.load_context(secret).has_secret_key
 
 
@@ -423,8 +423,8 @@ def test_tampered_parameters_are_rejected():
 
 def test_security_check_refuses_oversized_modulus():
     with pytest.raises(CodecError, match="128-bit"):
-        crypto._check_security(1024, [60])
-    crypto._check_security(8192, [56])
+        sealio.check_security(1024, [60])
+    sealio.check_security(8192, [56])
 
 
 def test_absurd_header_claims_are_codec_errors(codecs):
