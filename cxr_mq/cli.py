@@ -231,26 +231,30 @@ def _serve_metrics(port):
 
 @main.command()
 @click.option("--id", "hospital_id", required=True, help="This hospital's id (letters, digits, - and _).")
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="COVIDx-format directory: a label file and the images.")
 @click.option("--secret-context", type=click.Path(dir_okay=False), default=None,
               help="Path of the secret CKKS context (or CXR_MQ_SECRET_CONTEXT).")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed label lines and missing images.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--synthetic", is_flag=True,
+              help="Benchmarks only: replace local training by a seeded synthetic update.")
 @click.pass_obj
-def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port):
+def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port, synthetic):
     """Run a hospital worker (long-running)."""
     from workers.hospital import HospitalWorker
 
     from .runtime import load_secret_codec, make_broker, make_store
 
     validate_hospital_id(hospital_id)
+    if data_dir is None and not synthetic:
+        _fail("--data: a hospital needs its image directory (or --synthetic for benchmarks)")
     settings = obj.settings(secret_context=secret_context)
     codec = load_secret_codec(settings)
     store, broker = make_store(settings), make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
-                            skip_bad=skip_bad,
+                            skip_bad=skip_bad, synthetic=synthetic,
                             keep_plaintext_updates=settings.keep_plaintext_updates)
     worker.install_signal_handlers()
     try:
@@ -322,9 +326,13 @@ def _training_options(f):
 @click.option("--timeout", type=float, default=None,
               help="With --wait: give up after this many seconds (default: deadline + 60).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--synthetic-params", type=click.IntRange(min=1), default=None,
+              help="Benchmarks only: a first round on a synthetic model of this many parameters "
+                   "(for hospitals run with --synthetic).")
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
-                epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json):
+                epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json,
+                synthetic_params):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
     from .runtime import load_public_codec, make_broker, make_store
@@ -339,7 +347,8 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
     quorum = quorum or max(1, len(settings.hospitals))
     request = controller.RoundRequest(quorum=quorum, min_clients=min_clients or quorum,
                                       deadline_seconds=deadline, training=params,
-                                      hospitals=settings.hospitals)
+                                      hospitals=settings.hospitals,
+                                      synthetic_params=synthetic_params or 0)
     if request.min_clients > request.quorum or request.quorum < 1 or deadline <= 0:
         _fail("--min-clients must be between 1 and --quorum, and --deadline positive")
     store = make_store(settings)
@@ -554,7 +563,7 @@ def demo(obj: Context, hospitals, n_rounds, data, n_images, model, image_size, c
               help="Model parameters per update.")
 @click.option("--hospitals", "hospitals", type=int, multiple=True,
               help="Hospital counts for the aggregator memory figure (repeatable; default 2, 10, 50).")
-@click.option("--profile", "profiles", type=click.Choice(["seed", "compact"]), multiple=True,
+@click.option("--profile", "profiles", type=click.Choice(["seed", "compact", "threshold"]), multiple=True,
               help="Profiles to measure (default both).")
 @click.option("--round/--no-round", "with_round", default=True, show_default=True,
               help="Also time one embedded demo round encrypted and in plaintext.")
@@ -569,7 +578,7 @@ def bench(obj: Context, params, hospitals, profiles, with_round, as_json):
         _fail("--params and --hospitals must be positive")
     log = (lambda message: click.echo(message, err=True))
     result = run_codec_bench(params, list(hospitals) or [2, 10, 50],
-                             tuple(profiles) or ("seed", "compact"), log=log)
+                             tuple(profiles) or ("seed", "compact", "threshold"), log=log)
     if with_round:
         result.update(round_overhead(settings=settings, log=log))
         result["targets"] = _check_targets(result)

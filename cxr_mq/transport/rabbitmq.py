@@ -18,6 +18,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -355,12 +356,15 @@ class RabbitMQBroker(Broker):
     def temporary_queue(self, routing_keys: Iterable[str]) -> str:
         keys = tuple(routing_keys)
 
+        # client-named: a reconnect re-declares it under this name (a server-named
+        # ``amq.gen-`` name is reserved and would be refused with 403)
+        name = f"{self.topology.namespace}.reply.{uuid.uuid4().hex}"
+
         def declare(ch):
-            name = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            ch.queue_declare(name, exclusive=True, auto_delete=True)
             for key in keys:
                 ch.queue_bind(name, self.topology.control_exchange, routing_key=key)
-            return name
-        name = self._with_retry(declare)
+        self._with_retry(declare)
         self._temporary[name] = keys
         return name
 

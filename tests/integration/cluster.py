@@ -25,10 +25,12 @@ class Cluster:
     """One federation: a bucket, a broker namespace, keys, and worker processes."""
 
     def __init__(self, tmp_path: Path, amqp_url: str, s3: dict, namespace: str,
-                 hospitals=("h1", "h2", "h3"), metrics: bool = False, retain: bool = True):
+                 hospitals=("h1", "h2", "h3"), metrics: bool = False, synthetic: bool = False,
+                 retain: bool = True):
         """``retain`` (the default here, not in production) keeps every update object and
         each hospital's plaintext updates, from which the tests compute reference sums."""
         self.metrics = metrics
+        self.synthetic = synthetic  # hospitals run with --synthetic: no TensorFlow, no images
         self.metrics_ports: dict[str, int] = {}
         self.tmp = tmp_path
         self.amqp_url = amqp_url
@@ -108,12 +110,13 @@ class Cluster:
         self.spawn_env[name] = dict(env or {})
         return proc
 
-    def start_aggregator(self, *extra, env: dict | None = None) -> subprocess.Popen:
-        return self._spawn("aggregator", ["aggregator", *extra], env)
+    def start_aggregator(self, *extra, env: dict | None = None,
+                         name: str = "aggregator") -> subprocess.Popen:
+        return self._spawn(name, ["aggregator", *extra], env)
 
     def start_hospital(self, hospital: str, *extra, env: dict | None = None) -> subprocess.Popen:
-        return self._spawn(hospital, ["hospital", "--id", hospital, "--data",
-                                      str(self.data_dirs[hospital]),
+        data = ["--synthetic"] if self.synthetic else ["--data", str(self.data_dirs[hospital])]
+        return self._spawn(hospital, ["hospital", "--id", hospital, *data,
                                       "--secret-context", str(self.keys_dir / "secret.ctx"),
                                       *extra], env)
 
