@@ -1,7 +1,8 @@
 """Retention of individual updates and of plaintext updates (issue 10 items 9 and 10).
 
 One federation (aggregator and three hospitals as OS processes, the real RabbitMQ, moto's S3
-with KMS) running with the production defaults: individual updates are deleted once their
+with KMS; the hospitals run ``--synthetic``: a seeded update in place of TensorFlow training,
+everything else, encryption included, as in production) with the production defaults: individual updates are deleted once their
 round is finished and announced, and hospitals keep no plaintext update (except ``h1``,
 which keeps one round's worth, to show the opt-in and its pruning).
 """
@@ -22,17 +23,15 @@ from .cluster import Cluster
 pytestmark = pytest.mark.integration
 
 HOSPITALS = ("h1", "h2", "h3")
-ROUND = ("--quorum", "3", "--min-clients", "3", "--deadline", "300", "--image-size", "32",
-         "--epochs", "1")
+ROUND = ("--quorum", "3", "--min-clients", "3", "--deadline", "300", "--synthetic-params", "4096")
 KEEP_ONE = {"CXR_MQ_KEEP_PLAINTEXT_UPDATES": "1"}
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, amqp_url, s3_settings_module):
     cluster = Cluster(tmp_path_factory.mktemp("retention"), amqp_url, s3_settings_module,
-                      f"t{uuid.uuid4().hex[:10]}", HOSPITALS, retain=False)
+                      f"t{uuid.uuid4().hex[:10]}", HOSPITALS, synthetic=True, retain=False)
     cluster.init_keys()
-    cluster.make_data()
     yield cluster
     cluster.stop_all()
     broker = RabbitMQBroker(amqp_url, Topology(cluster.namespace), reconnect_for=10)
@@ -124,7 +123,7 @@ def test_updates_are_deleted_after_the_round_and_restarts_stay_byte_identical(fe
     # the aggregate stays, byte-identical to the fault-free sum of the (now deleted) updates
     assert cluster.get(state["model_key"]) == reference
     for hospital in HOSPITALS:
-        cluster.wait_for_event(hospital, "global_model_evaluated", round=round_no, timeout=120)
+        cluster.wait_for_event(hospital, "global_model_applied", round=round_no, timeout=120)
     assert not cluster.find_events("h2", "training_started", after=h2_mark, round=round_no)
     assert cluster.dead_letters() == []
 
