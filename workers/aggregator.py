@@ -42,7 +42,7 @@ UNROUTED_REFUSALS_KEPT = 500
 class AggregatorWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, policy: RoundPolicy | None = None,
                  hospitals=(), work_dir: str | None = None, stop=None, clock=time.time,
-                 metrics=None, retain_updates: bool = False):
+                 metrics=None, lease=None, retain_updates: bool = False):
         super().__init__(broker, stop, metrics=metrics, role="aggregator")
         self.metrics.watch(self.role, store=store)
         self.crash = CrashPoints()
@@ -60,8 +60,31 @@ class AggregatorWorker(Worker):
         self.sums: dict[int, object] = {}
         self.events: list[tuple[str, int]] = []  # (event, round) for observers such as the demo
         self._rescan = False
+        self.lease = lease  # a cxr_mq.lease.Lease: active only while holding it (standby)
+        self.lease_lost: str | None = None
 
     # -- start-up ---------------------------------------------------------------------------
+    def run(self) -> None:
+        """With a lease, stand by until it is ours, then consume (and tick deadlines) only
+        while holding it. Losing it (paused past its TTL, a standby took over) stops this
+        worker; what it was doing is redelivered to the new holder."""
+        if self.lease is None:
+            super().run()
+            return
+        if not self.lease.wait_acquire(self.stop):
+            self.log.info("worker_stopped", standby=True)
+            return
+        self.log.info("aggregator_active", holder=self.lease.holder)
+        self.lease.keep(self._on_lease_lost)
+        try:
+            super().run()
+        finally:
+            self.lease.release()
+
+    def _on_lease_lost(self, reason: str) -> None:
+        self.lease_lost = reason
+        self.stop.set()
+
     def setup(self) -> None:
         self.broker.declare_topology(self.hospitals)
         self._restore_unfinished()

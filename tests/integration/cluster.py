@@ -276,7 +276,8 @@ class Cluster:
 
     # -- broker -----------------------------------------------------------------------------
     def _amqp(self):
-        return pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        # a cluster's URLs are comma-separated: the first node that answers
+        return pika.BlockingConnection([pika.URLParameters(u) for u in self.amqp_url.split(",")])
 
     def publish_raw(self, routing_key: str, body: bytes, headers: dict | None = None) -> None:
         """Publish bytes on the control exchange as any (possibly broken) client would."""
