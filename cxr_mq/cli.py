@@ -16,6 +16,7 @@ import click
 from .config import ConfigError, Settings, load_settings, validate_hospital_id
 
 EXIT_USAGE = 2
+EXIT_LEASE_LOST = 3
 
 
 class Context:
@@ -254,7 +255,8 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
     store, broker = make_store(settings), make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
-                            skip_bad=skip_bad, synthetic=synthetic)
+                            skip_bad=skip_bad, synthetic=synthetic,
+                            keep_plaintext_updates=settings.keep_plaintext_updates)
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -266,24 +268,40 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
 @click.option("--public-context", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Public CKKS context file (default: keys/public-context from the bucket).")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--lease", "lease_seconds", type=click.IntRange(min=1), default=None,
+              help="Run with a standby: aggregators share a lease of this many seconds in the "
+                   "store; one is active, the others take over when it lapses.")
+@click.option("--id", "aggregator_id", default=None,
+              help="This aggregator's name in the lease (default: host:pid).")
 @click.pass_obj
-def aggregator(obj: Context, public_context, metrics_port):
+def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id):
     """Run the aggregator worker (long-running; public context only)."""
     from workers.aggregator import AggregatorWorker
 
     from .runtime import load_public_codec, make_broker, make_store
 
-    settings = obj.settings()
+    settings = obj.settings(aggregator_lease=lease_seconds, aggregator_id=aggregator_id)
     store = make_store(settings)
     codec = load_public_codec(store, settings, public_context)
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
-    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals)
+    lease = None
+    if settings.aggregator_lease:
+        import socket
+
+        from .lease import Lease
+        lease = Lease(store, settings.aggregator_id or f"{socket.gethostname()}:{os.getpid()}",
+                      ttl=settings.aggregator_lease)
+    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease,
+                              retain_updates=settings.retain_updates)
     worker.install_signal_handlers()
     try:
         worker.run()
     finally:
         broker.close()
+    if worker.lease_lost:
+        _fail(f"aggregator lease lost: {worker.lease_lost}; restart this one as a standby",
+              EXIT_LEASE_LOST)
 
 
 # -- controller -------------------------------------------------------------------------------

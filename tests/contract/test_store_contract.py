@@ -129,6 +129,18 @@ def test_list_by_prefix_is_sorted_string_prefix(store):
     assert store.list("nothing/") == []
 
 
+def test_delete_removes_one_object_and_is_idempotent(store):
+    for key in ("rounds/r1/updates/h1", "rounds/r1/updates/h1.msg", "rounds/r1/aggregate"):
+        store.put_bytes(key, key.encode())
+    store.delete("rounds/r1/updates/h1")
+    store.delete("rounds/r1/updates/h1")  # gone already: not an error, as on S3
+    store.delete("rounds/r1/updates/never-there")
+    assert store.list("rounds/r1/") == ["rounds/r1/aggregate", "rounds/r1/updates/h1.msg"]
+    assert not store.exists("rounds/r1/updates/h1")
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("rounds/r1/updates/h1")
+
+
 def test_describe_reports_size_sha256_and_encryption(store):
     data = random_bytes(2048)
     info = store.put_bytes("rounds/r1/aggregate", data)
