@@ -255,7 +255,8 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
     store, broker = make_store(settings), make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
-                            skip_bad=skip_bad, synthetic=synthetic)
+                            skip_bad=skip_bad, synthetic=synthetic,
+                            keep_plaintext_updates=settings.keep_plaintext_updates)
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -291,7 +292,8 @@ def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggreg
         from .lease import Lease
         lease = Lease(store, settings.aggregator_id or f"{socket.gethostname()}:{os.getpid()}",
                       ttl=settings.aggregator_lease)
-    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease)
+    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease,
+                              retain_updates=settings.retain_updates)
     worker.install_signal_handlers()
     try:
         worker.run()
