@@ -496,14 +496,14 @@ class ThresholdSum:
         new_key = key_ct if self.key_sum is None else keylayer.sum_key_ciphertexts([self.key_sum, key_ct])
         n_coeffs = enc.n_coeffs(self.n_params)
         if self._sum is None:
-            self._sum = np.zeros(n_coeffs, dtype=np.uint64)
+            self._sum = np.zeros(n_coeffs, dtype="<u4")  # residues < q < 2^32: 4 bytes each
             self._staged = np.empty_like(self._sum)
         q = np.uint64(self.codec.q)
         step = BATCH_CHUNKS * RING_DEGREE
         for start in range(0, n_coeffs, step):
             stop = min(start + step, n_coeffs)
             c = self.codec.read_coefficients(src, header, start, stop - start)
-            c += self._sum[start:stop]
+            c += self._sum[start:stop]  # uint64 batch: no overflow
             self._staged[start:stop] = np.minimum(c, c - q)
         _expect_eof(src)
         self._sum, self._staged = self._staged, self._sum
@@ -515,7 +515,7 @@ class ThresholdSum:
             raise ThresholdCodecError("cannot write an empty sum")
         header = StreamHeader(self.codec.fingerprint, self.encoding, self.n_params, self.count)
         written = self.codec._write_prefix(out, header, self.key_sum)
-        data = self._sum.astype("<u4").tobytes()
+        data = self._sum.tobytes()
         out.write(data)
         return written + len(data)
 
