@@ -660,5 +660,45 @@ def bench_federated(args):
     central_bench_main(list(args), prog="cxr-mq bench-federated")
 
 
+@main.command("bench-federation")
+@click.option("--hospitals", type=click.IntRange(min=1), required=True, help="Hospitals (N).")
+@click.option("--params", type=click.IntRange(min=1), required=True, help="Model parameters (P).")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--round-timeout", type=float, default=3600.0, show_default=True,
+              help="Seconds a round may take before the bench gives up.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def bench_federation(obj: Context, hospitals, params, rounds, round_timeout, as_json):
+    """Rounds of N hospitals x P parameters through the real workers, RabbitMQ and S3.
+
+    Local training is replaced by a seeded synthetic update (said in the output); the store
+    is moto's server on loopback, started here, unless CXR_MQ_S3_ENDPOINT_URL is set (then
+    CXR_MQ_S3_BUCKET, if set, must hold no rounds). Uses its own broker namespace."""
+    from . import bench_federation as bench
+    from .log import configure_logging
+
+    settings = obj.settings()
+    configure_logging(obj.log_level or "warning", settings.log_format)  # N workers' logs
+    options = bench.BenchOptions(
+        hospitals=hospitals, params=params, rounds=rounds, round_timeout=round_timeout,
+        amqp_url=settings.amqp_url or bench.BenchOptions.amqp_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_bucket=settings.s3_bucket if settings.s3_endpoint_url else None,
+        kms_key_id=settings.kms_key_id if settings.s3_endpoint_url else None,
+        region=settings.aws_region or "us-east-1")
+    try:
+        result = bench.run(options)
+    except (RuntimeError, ValueError) as exc:
+        _fail(f"bench-federation: {exc}", 1)
+    if as_json:
+        click.echo(bench.main_json(result))
+        return
+    click.echo(f"bench-federation: {result['synthetic_training']}")
+    click.echo(f"store: {result['store']}; broker: {result['broker']} (namespace "
+               f"{result['namespace']}); load average before/after: "
+               f"{result['load_average_before'][0]:.1f} / {result['load_average_after'][0]:.1f}")
+    click.echo(bench.table(result))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
