@@ -93,12 +93,15 @@ def keys():
 @click.option("--upload/--no-upload", default=True,
               help="Upload the public context to the bucket (keys/public-context).")
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
+@click.option("--kms-wrap", is_flag=True,
+              help="Write secret.ctx KMS-wrapped (secret_kms_key_id, else kms_key_id).")
 @click.pass_obj
-def keys_init(obj: Context, out_dir, threshold, ceremony_id, timeout, profile, upload, force):
+def keys_init(obj: Context, out_dir, threshold, ceremony_id, timeout, profile, upload, force, kms_wrap):
     """Create a key pair: DIR/secret.ctx and DIR/public.ctx, and publish the public one; or,
     with --threshold T, run the key ceremony (docs/threshold.md)."""
     from . import crypto
-    from .runtime import make_store
+    from .crypto import keyfile
+    from .runtime import make_kms, make_store
 
     if threshold is not None:
         _threshold_ceremony(obj, threshold, ceremony_id, timeout, out_dir)
@@ -111,15 +114,20 @@ def keys_init(obj: Context, out_dir, threshold, ceremony_id, timeout, profile, u
     if not force and (secret_path.exists() or public_path.exists()):
         _fail(f"{out}: key files exist already (use --force to replace them)")
     store = make_store(settings) if upload else None
+    wrap_key = _wrap_key_id(settings) if kms_wrap else None
     pair = crypto.generate_keys(settings.codec_profile)
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pair.secret)
-    public_path.write_bytes(pair.public)
     codec = crypto.load_context(pair.public)
+    secret = pair.secret
+    if wrap_key:
+        secret = keyfile.wrap(secret, make_kms(settings), wrap_key,
+                              {"cxr-mq:fingerprint": codec.fingerprint})
+    out.mkdir(parents=True, exist_ok=True)
+    keyfile.write_secret_file(secret_path, secret)
+    public_path.write_bytes(pair.public)
     result = {"secret_context": str(secret_path), "public_context": str(public_path),
               "profile": codec.profile, "fingerprint": codec.fingerprint}
+    if wrap_key:
+        result["kms_wrapped"] = keyfile.read_header(secret)["kms_key_id"]
     if store is not None:
         info = store.put_bytes(settings.public_context_key, pair.public)
         result["uploaded"] = f"{settings.public_context_key} sha256={info.sha256}"
@@ -158,6 +166,46 @@ def _threshold_ceremony(obj: Context, threshold: int, ceremony_id, timeout: floa
     click.echo(json.dumps({"ceremony_id": params.ceremony_id, "parties": list(params.parties),
                            "threshold": params.threshold, "profile": codec.profile, "fingerprint": codec.fingerprint,
                            "uploaded": f"{settings.public_context_key} sha256={info.sha256}"}, indent=1))
+
+
+def _wrap_key_id(settings: Settings) -> str:
+    key = settings.secret_kms_key_id or settings.kms_key_id
+    if not key:
+        raise ConfigError("CXR_MQ_SECRET_KMS_KEY_ID", "is required to KMS-wrap a secret key file "
+                          "(or CXR_MQ_KMS_KEY_ID)")
+    return key
+
+
+@keys.command("wrap")
+@click.argument("secret_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help="The wrapped key file to write (mode 0600); may be SECRET_FILE itself.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@click.pass_obj
+def keys_wrap(obj: Context, secret_file, out_file, force):
+    """KMS-wrap a secret context file (envelope: KMS GenerateDataKey + AES-256-GCM)."""
+    from . import crypto
+    from .crypto import keyfile
+    from .runtime import make_kms
+
+    settings = obj.settings()
+    source, out = Path(secret_file), Path(out_file)
+    if out.exists() and not force:
+        _fail(f"{out}: exists already (use --force to replace it)")
+    data = source.read_bytes()
+    if keyfile.is_wrapped(data):
+        _fail(f"{source}: is KMS-wrapped already")
+    try:
+        codec = crypto.load_context(data)
+    except crypto.CodecError as exc:
+        raise type(exc)(f"{source}: {exc}") from exc
+    if not codec.has_secret_key:
+        _fail(f"{source}: holds no secret key (nothing to wrap)")
+    wrapped = keyfile.wrap(data, make_kms(settings), _wrap_key_id(settings),
+                           {"cxr-mq:fingerprint": codec.fingerprint})
+    keyfile.write_secret_file(out, wrapped)
+    click.echo(json.dumps({"wrapped": str(out), "fingerprint": codec.fingerprint,
+                           "kms_key_id": keyfile.read_header(wrapped)["kms_key_id"]}, indent=1))
 
 
 # -- identities -------------------------------------------------------------------------------
