@@ -23,7 +23,10 @@ pins = sorted((i["metadata"]["name"].lower().replace("_", "-"), i["metadata"]["v
 print("# cxr-mq runtime dependencies, pinned (scripts/lock.sh; do not edit by hand).")
 print(f"# Resolved for CPython {platform.python_version_tuple()[0]}.{platform.python_version_tuple()[1]}"
       f" on {platform.system()} {platform.machine()}: hosts must run this Python minor version.")
-for name, version in pins:
+versions = dict(pins)
+if "tensorflow-cpu" in versions:  # arm64 hosts and images install tensorflow (same release)
+    pins.append(("tensorflow", versions["tensorflow-cpu"]))
+for name, version in sorted(pins):
     print(f"{name}=={version}")
 PYEOF
 echo "constraints.txt: $(grep -c '==' constraints.txt) pins" >&2

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE = REPO / "ansible"
@@ -270,7 +270,7 @@ def sandbox(tmp_path_factory, moto_endpoint, aws_env, amqp_url):
         # least-privilege users may not do.
         "cxr_mq_amqp_user": "guest", "cxr_mq_amqp_password": "guest", "vault_cxr_mq_amqp_passwords": passwords,
         "cxr_mq_aggregator_id": parties["aggregator"], "cxr_mq_controller_id": parties["controller"],
-        "rabbitmq_admin_user": parties["admin"],
+        "cxr_mq_amqp_admin_user": parties["admin"],
         "cxr_mq_namespace": f"t{uuid.uuid4().hex[:10]}", "cxr_mq_metrics_port": 0,
         "cxr_mq_s3_bucket": bucket, "cxr_mq_kms_key_id": key_id, "cxr_mq_s3_endpoint_url": moto_endpoint,
         "cxr_mq_aws_region": aws_env["AWS_REGION"],
