@@ -191,7 +191,7 @@ class AggregatorWorker(Worker):
     def _accept(self, state: RoundState, update: dict) -> str | None:
         started = time.perf_counter()
         try:
-            self._add_object(self.sums[state.round], update["key"], update["sha256"])
+            download_seconds = self._add_object(self.sums[state.round], update["key"], update["sha256"])
         except IntegrityError as exc:
             return f"sha256 mismatch: {exc}"
         except ObjectNotFound as exc:
@@ -210,18 +210,25 @@ class AggregatorWorker(Worker):
             "size": update["size"], "accepted_at": self.clock()})
         state.timings["aggregate_seconds"] = (state.timings.get("aggregate_seconds", 0.0)
                                               + time.perf_counter() - started)
+        # of which fetching and hash-checking the object (the rest: the ciphertext add)
+        state.timings["download_seconds"] = (state.timings.get("download_seconds", 0.0)
+                                             + download_seconds)
         state.save(self.store)  # durable before the ack
         self.crash.reached("aggregator.after_accept", round=state.round, hospital=update["hospital"])
         return None
 
-    def _add_object(self, total, key: str, sha256: str) -> None:
-        """Verify the object's hash on a local copy, then stream it into the sum."""
+    def _add_object(self, total, key: str, sha256: str) -> float:
+        """Verify the object's hash on a local copy, then stream it into the sum; returns the
+        seconds the download and hash check took."""
         fd, path = tempfile.mkstemp(prefix="update-", dir=self.work_dir)
         os.close(fd)
         try:
+            started = time.perf_counter()
             self.store.download(key, path, sha256=sha256)
+            downloaded = time.perf_counter() - started
             with open(path, "rb") as fh:
                 total.add(fh)
+            return downloaded
         finally:
             if os.path.exists(path):
                 os.unlink(path)
