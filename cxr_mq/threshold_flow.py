@@ -143,7 +143,7 @@ def finalize_ceremony(store: ObjectStore, ceremony_id: str, registry, authority)
         contributions.append(ceremony.PublicContribution.from_bytes(data))
     public_key = ceremony.finalize(params, contributions)
     codec = ThresholdCodec(public_key, federation=params.federation, parties=params.parties,
-                           threshold=params.threshold)
+                           threshold=params.threshold, ceremony_id=params.ceremony_id)
     put_signed(store, ceremony_key(ceremony_id, "public"), codec.public_bytes(), authority)
     return codec
 
