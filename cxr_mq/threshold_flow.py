@@ -47,6 +47,10 @@ class FlowError(Exception):
     """A missing, unsigned, altered or inconsistent object; ``str(error)`` says which."""
 
 
+class RoundUndecryptable(FlowError):
+    """Fewer than t committee members were alive (or answered) by the committee deadline."""
+
+
 def ceremony_key(ceremony_id: str, *parts: str) -> str:
     return CEREMONY_PREFIX + "/".join((ceremony_id, *parts))
 
@@ -333,3 +337,37 @@ def collect(store: ObjectStore, request: DecryptionRequest, me, registry):
     return committee.combine(request, partials)
 
 
+
+
+def decrypt_round(store: ObjectStore, codec: ThresholdCodec, share: CommitteeShare, round_no: int, contributors,
+                  aggregate: bytes, me, registry, ledger: Ledger, *, min_clients: int, deadline: float,
+                  poll: float = 0.5, sleep=time.sleep, clock=time.time):
+    """What a hospital does after ``model_ready`` under the threshold profile: offer to
+    decrypt, learn the active set, answer if in it, collect the partials sealed to it and
+    decrypt the aggregate. Returns (FedAvg weights, total samples); raises
+    :class:`RoundUndecryptable` with the reason if the committee cannot finish by ``deadline``
+    (unix time), and ``CommitteeRefusal`` if this member refuses the request."""
+    volunteer(store, round_no, me)
+    active = None
+    while active is None:
+        active = choose_active(store, round_no, share, registry, me)
+        if active is None:
+            if clock() > deadline:
+                ready = [p for p in share.params.parties if store.exists(committee_key(round_no, "ready", p))]
+                raise RoundUndecryptable(
+                    f"round {round_no}: only {len(ready)} of the {share.params.threshold} committee members needed "
+                    f"were alive by the deadline ({', '.join(ready) or 'none'})")
+            sleep(poll)
+    request = build_request(store, codec, round_no, contributors, aggregate, active)
+    if me.id in active:
+        answer(store, request, share, me, registry, ledger, min_clients)
+    while True:
+        key_sum = collect(store, request, me, registry)
+        if key_sum is not None:
+            return codec.decrypt_aggregate(io.BytesIO(aggregate), key_sum, n_updates=len(request.contributors),
+                                           min_updates=min_clients)
+        if clock() > deadline:
+            missing = [m for m in active if not store.exists(committee_key(round_no, "partials", m))]
+            raise RoundUndecryptable(f"round {round_no}: active member(s) {', '.join(missing)} did not answer "
+                                     "by the deadline; a member answers once per round, so the round stays undecryptable")
+        sleep(poll)
