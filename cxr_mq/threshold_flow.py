@@ -231,6 +231,26 @@ def save_share(share: CommitteeShare, path) -> None:
     os.replace(tmp, path)
 
 
+def load_share(work_dir, codec: ThresholdCodec) -> CommitteeShare:
+    """This hospital's committee share for ``codec`` (the public context names its ceremony)."""
+    path = share_path(work_dir, codec.ceremony_id)
+    try:
+        share = CommitteeShare.from_bytes(path.read_bytes())
+    except OSError as exc:
+        raise FlowError(f"{path}: no committee share for ceremony {codec.ceremony_id!r} ({exc.strerror}); "
+                        "was this hospital running during 'cxr-mq keys init --threshold'?") from None
+    if share.committee != codec.committee_key.fingerprint():
+        raise FlowError(f"{path}: the committee share belongs to another collective key")
+    return share
+
+
+def encrypt_and_upload(store: ObjectStore, codec: ThresholdCodec, weights, n_samples: int, out, encoding, me) -> None:
+    """A hospital's upload under the threshold profile: the stream to ``out`` (the caller
+    stores it as today) and the round's key ciphertext with its signed message."""
+    key_ct = codec.encrypt_update(weights, n_samples, out, encoding=encoding, hospital=me.id)
+    upload_round_key(store, encoding.federation, encoding.round, me, key_ct)
+
+
 def on_ceremony_start(store: ObjectStore, message: dict, me, registry) -> str:
     """A hospital worker's handler body: deal (once). Returns what it did, for the log."""
     params = read_ceremony(store, message["ceremony_id"], registry)

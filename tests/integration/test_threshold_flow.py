@@ -51,8 +51,7 @@ def _round(federation, round_no, contributors, alive):
     total = public.new_sum(6000)
     for h in contributors:
         buf = io.BytesIO()
-        key_ct = public.encrypt_update(weights[h], 800, buf, encoding=enc, hospital=h)
-        flow.upload_round_key(store, "fed", round_no, ids[h], key_ct)
+        flow.encrypt_and_upload(store, public, weights[h], 800, buf, enc, ids[h])
         total.add(io.BytesIO(buf.getvalue()))
     out = io.BytesIO()
     total.write(out)
