@@ -237,20 +237,26 @@ def _serve_metrics(port):
               help="Path of the secret CKKS context (or CXR_MQ_SECRET_CONTEXT).")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed label lines and missing images.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
-def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port):
+def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port,
+             identity_path):
     """Run a hospital worker (long-running)."""
     from workers.hospital import HospitalWorker
 
-    from .runtime import load_secret_codec, make_broker, make_store
+    from .runtime import load_identity, load_secret_codec, make_broker, make_store, make_verifier
 
     validate_hospital_id(hospital_id)
-    settings = obj.settings(secret_context=secret_context)
+    settings = obj.settings(secret_context=secret_context, identity=identity_path)
     codec = load_secret_codec(settings)
-    store, broker = make_store(settings), make_broker(settings.require("amqp_url"))
+    store = make_store(settings)
+    ident = load_identity(settings, store, "hospital", hospital_id)
+    broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
-                            skip_bad=skip_bad)
+                            skip_bad=skip_bad, identity=ident,
+                            verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -262,19 +268,23 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
 @click.option("--public-context", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Public CKKS context file (default: keys/public-context from the bucket).")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
-def aggregator(obj: Context, public_context, metrics_port):
+def aggregator(obj: Context, public_context, metrics_port, identity_path):
     """Run the aggregator worker (long-running; public context only)."""
     from workers.aggregator import AggregatorWorker
 
-    from .runtime import load_public_codec, make_broker, make_store
+    from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
 
-    settings = obj.settings()
+    settings = obj.settings(identity=identity_path)
     store = make_store(settings)
     codec = load_public_codec(store, settings, public_context)
+    ident = load_identity(settings, store, "aggregator")
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
-    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals)
+    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, identity=ident,
+                              verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -320,14 +330,17 @@ def _training_options(f):
 @click.option("--timeout", type=float, default=None,
               help="With --wait: give up after this many seconds (default: deadline + 60).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
-                epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json):
+                epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json,
+                identity_path):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
-    from .runtime import load_public_codec, make_broker, make_store
+    from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
 
-    settings = obj.settings(hospitals=tuple(hospitals) or None)
+    settings = obj.settings(hospitals=tuple(hospitals) or None, identity=identity_path)
     try:
         params = training.TrainingParams(model=model, image_size=image_size, classes=classes,
                                          epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -342,10 +355,11 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
         _fail("--min-clients must be between 1 and --quorum, and --deadline positive")
     store = make_store(settings)
     codec = load_public_codec(store, settings)
+    ident = load_identity(settings, store, "controller")
     with make_broker(settings.require("amqp_url")) as broker:
         broker.declare_topology(settings.hospitals)
         queue = broker.temporary_queue(["model_ready", "round_aborted"]) if wait else None
-        start = controller.open_round(broker, store, codec, request)
+        start = controller.open_round(broker, store, codec, request, ident)
         if not wait:
             result = {"round": start["round"], "status": "started",
                       "base_model_key": start["base_model_key"]}
@@ -353,7 +367,8 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
             return
         try:
             outcome = controller.wait_for_round(broker, queue, start["round"],
-                                                timeout or deadline + 60, store=store)
+                                                timeout or deadline + 60, store=store,
+                                                verifier=make_verifier(settings, store))
         except controller.RoundTimeout as exc:
             _fail(str(exc), 1)
     result = controller.round_result(start, outcome)

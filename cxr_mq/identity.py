@@ -382,6 +382,13 @@ class Verifier:
             self._check_time(kind, signer, message.get(time_field))
         return sender
 
+    def verify_stored(self, message: dict, role: str | None = None) -> PublicIdentity:
+        """Check a signed message read from the store (e.g. the round record): signature,
+        sender and role; no broker user, and no age (a record outlives its round)."""
+        stored = Verifier(self.registry, check_broker_user=False, max_age=float("inf"),
+                          max_skew=float("inf"), clock=self.clock)
+        return stored.verify(message, role=role)
+
     def _check_broker_user(self, kind, signer: str, broker_user: str | None) -> None:
         if not self.check_broker_user or broker_user in self.shared_broker_users:
             return

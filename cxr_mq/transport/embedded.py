@@ -12,7 +12,9 @@ carries over from RabbitMQ, because the workers' correctness depends on it:
   handler returns, and every unacked message goes back to the head of its queue, marked
   redelivered, when the handler requeues it or the connection closes or aborts;
 - refused messages go to the dead-letter queue with their reason and origin queue headers;
-- temporary queues are exclusive to their connection and deleted with it.
+- temporary queues are exclusive to their connection and deleted with it;
+- a connection has a user: every message it publishes carries it as ``user_id``, as RabbitMQ
+  validates ``user_id`` against the login.
 
 Everything is guarded by the server's one condition variable; handlers run on the thread
 calling :meth:`EmbeddedBroker.run` and never while that lock is held.
@@ -28,8 +30,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 from ..log import get_logger
-from .base import (AGGREGATOR_BINDINGS, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER, Broker,
-                   Delivery, Handler, Refuse, Requeue, Topology, TransportError)
+from .base import (AGGREGATOR_BINDINGS, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER,
+                   USER_HEADER, Broker, Delivery, Handler, Refuse, Requeue, Topology, TransportError)
 
 IDLE_POLL = 0.05  # how often an idle run() loop looks at ``stop``
 ROUTING_KEY_HEADER = "x-cxr-routing-key"  # as RabbitMQBroker adds on dead-lettering
@@ -42,6 +44,7 @@ class _Message:
     headers: dict = field(default_factory=dict)
     message_id: str | None = None
     redelivered: bool = False
+    user_id: str | None = None
 
 
 @dataclass
@@ -148,8 +151,9 @@ class EmbeddedBroker(Broker):
     """One worker's connection to an :class:`EmbeddedServer`."""
 
     def __init__(self, server: EmbeddedServer, topology: Topology = Topology(),
-                 retry_delay: float = 0.2, max_retry_delay: float = 5.0):
+                 retry_delay: float = 0.2, max_retry_delay: float = 5.0, user: str | None = None):
         self.server = server
+        self.user = user  # the connection's login: the user_id of everything it publishes
         self.topology = topology
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
@@ -205,7 +209,8 @@ class EmbeddedBroker(Broker):
     def publish(self, routing_key: str, body: bytes, headers: dict | None = None,
                 message_id: str | None = None) -> None:
         self._check_open()
-        message = _Message(bytes(body), routing_key, dict(headers or {}), message_id)
+        message = _Message(bytes(body), routing_key, dict(headers or {}), message_id,
+                           user_id=self.user)
         if not self.server.route(self.topology.control_exchange, message):
             raise TransportError(f"broker refused {routing_key}: no queue is bound to it")
 
@@ -314,10 +319,13 @@ class EmbeddedBroker(Broker):
             elif dead_letter_reason is not None:
                 headers = {**message.headers, REASON_HEADER: dead_letter_reason,
                            ORIGIN_HEADER: queue, ROUTING_KEY_HEADER: message.routing_key}
+                if message.user_id:
+                    headers[USER_HEADER] = message.user_id
                 # Never drop a refused message for want of a declared dead-letter queue.
                 self._declare_dead_letter()
                 self.server.route(self.topology.dead_letter_exchange,
-                                  replace(message, headers=headers, redelivered=False))
+                                  replace(message, headers=headers, redelivered=False,
+                                          user_id=self.user))
 
     def _return_to_queue(self, queue: str, message: _Message) -> None:
         target = self.server.find_queue(queue)
@@ -397,4 +405,4 @@ class EmbeddedBroker(Broker):
     def _delivery(queue: str, message: _Message, tag: int | None) -> Delivery:
         return Delivery(body=message.body, routing_key=message.routing_key, queue=queue,
                         headers=dict(message.headers), redelivered=message.redelivered,
-                        message_id=message.message_id, tag=tag)
+                        message_id=message.message_id, tag=tag, user_id=message.user_id)
