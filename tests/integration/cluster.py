@@ -25,8 +25,10 @@ class Cluster:
     """One federation: a bucket, a broker namespace, keys, and worker processes."""
 
     def __init__(self, tmp_path: Path, amqp_url: str, s3: dict, namespace: str,
-                 hospitals=("h1", "h2", "h3"), metrics: bool = False):
+                 hospitals=("h1", "h2", "h3"), metrics: bool = False,
+                 controller_id: str = "controller", aggregator_id: str = "aggregator"):
         self.metrics = metrics
+        self.controller_id, self.aggregator_id = controller_id, aggregator_id
         self.metrics_ports: dict[str, int] = {}
         self.tmp = tmp_path
         self.amqp_url = amqp_url
@@ -46,7 +48,7 @@ class Cluster:
             # every worker logs in as the URL's one user here; see test_identities.py for
             # a federation with one broker user per party
             "CXR_MQ_SHARED_BROKER_USERS": pika.URLParameters(amqp_url).credentials.username,
-            "CXR_MQ_IDENTITY": str(tmp_path / "keys" / "identities" / "controller.key"),
+            "CXR_MQ_IDENTITY": str(tmp_path / "keys" / "identities" / f"{controller_id}.key"),
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "TF_NUM_INTEROP_THREADS": "1",
             "TF_NUM_INTRAOP_THREADS": "1",
@@ -75,7 +77,7 @@ class Cluster:
         """Play the key authority in-process (as ``identity init`` + ``identity register``
         would, without a subprocess per party): ``keys/identities/<id>.key`` for each party."""
         from cxr_mq import identity
-        parties = [("controller", "controller"), ("aggregator", "aggregator")]
+        parties = [(self.controller_id, "controller"), (self.aggregator_id, "aggregator")]
         parties += [(h, "hospital") for h in self.hospitals]
         store = self.store()
         for name, role in parties:
@@ -133,7 +135,7 @@ class Cluster:
 
     def start_aggregator(self, *extra, env: dict | None = None) -> subprocess.Popen:
         return self._spawn("aggregator", ["aggregator", "--identity",
-                                          str(self.identity_path("aggregator")), *extra], env)
+                                          str(self.identity_path(self.aggregator_id)), *extra], env)
 
     def start_hospital(self, hospital: str, *extra, env: dict | None = None) -> subprocess.Popen:
         return self._spawn(hospital, ["hospital", "--id", hospital, "--data",
