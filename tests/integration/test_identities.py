@@ -264,3 +264,20 @@ def test_forged_replayed_redirected_and_impersonating_updates_are_refused(federa
     assert f"refused {h1}: broker user '{h3}' published a update_ready signed by '{h1}'" in text
     # and the honest hospitals went on: each applied round 1's model
     cluster.wait_for_event(h1, "global_model_evaluated", round=round1)
+
+
+def test_identity_cli_registers_in_the_bucket_with_sse_kms(tmp_path, amqp_url, s3_settings):
+    cluster = Cluster(tmp_path, amqp_url, s3_settings, "unused")
+    init = json.loads(cluster.cli("identity", "init", "--id", "north", "--out", str(tmp_path / "ids")).stdout)
+    registered = json.loads(cluster.cli("identity", "register", "north", init["pub"],
+                                        "--role", "hospital").stdout)
+    assert registered["registered"] == "keys/identities/north" and registered["role"] == "hospital"
+    head = cluster.s3_client().head_object(Bucket=s3_settings["bucket"], Key="keys/identities/north")
+    assert head["ServerSideEncryption"] == "aws:kms"
+    shown = json.loads(cluster.cli("identity", "show", "north").stdout)
+    assert shown == [{"id": "north", "role": "hospital", "ed25519": init["ed25519"], "x25519": init["x25519"]}]
+    # another key under the same name is refused unless forced
+    identity.Identity.generate("north").save(tmp_path / "other")
+    again = cluster.cli("identity", "register", "north", str(tmp_path / "other" / "north.pub"),
+                        "--role", "hospital", check=False)
+    assert again.returncode == 2 and "registered already" in again.stderr
