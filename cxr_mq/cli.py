@@ -16,6 +16,7 @@ import click
 from .config import ConfigError, Settings, load_settings, validate_hospital_id
 
 EXIT_USAGE = 2
+EXIT_LEASE_LOST = 3
 
 
 class Context:
@@ -231,16 +232,18 @@ def _serve_metrics(port):
 
 @main.command()
 @click.option("--id", "hospital_id", required=True, help="This hospital's id (letters, digits, - and _).")
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="COVIDx-format directory: a label file and the images.")
 @click.option("--secret-context", type=click.Path(dir_okay=False), default=None,
               help="Path of the secret CKKS context (or CXR_MQ_SECRET_CONTEXT).")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed label lines and missing images.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--synthetic", is_flag=True,
+              help="Benchmarks only: replace local training by a seeded synthetic update.")
 @click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
               help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
-def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port,
+def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port, synthetic,
              identity_path):
     """Run a hospital worker (long-running)."""
     from workers.hospital import HospitalWorker
@@ -248,6 +251,8 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
     from .runtime import load_identity, load_secret_codec, make_broker, make_store, make_verifier
 
     validate_hospital_id(hospital_id)
+    if data_dir is None and not synthetic:
+        _fail("--data: a hospital needs its image directory (or --synthetic for benchmarks)")
     settings = obj.settings(secret_context=secret_context, identity=identity_path)
     codec = load_secret_codec(settings)
     store = make_store(settings)
@@ -255,7 +260,7 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
-                            skip_bad=skip_bad, identity=ident,
+                            skip_bad=skip_bad, synthetic=synthetic, identity=ident,
                             verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
@@ -268,28 +273,44 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
 @click.option("--public-context", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Public CKKS context file (default: keys/public-context from the bucket).")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--lease", "lease_seconds", type=click.IntRange(min=1), default=None,
+              help="Run with a standby: aggregators share a lease of this many seconds in the "
+                   "store; one is active, the others take over when it lapses.")
+@click.option("--id", "aggregator_id", default=None,
+              help="This aggregator's name in the lease (default: host:pid).")
 @click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
               help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
-def aggregator(obj: Context, public_context, metrics_port, identity_path):
+def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id, identity_path):
     """Run the aggregator worker (long-running; public context only)."""
     from workers.aggregator import AggregatorWorker
 
     from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
 
-    settings = obj.settings(identity=identity_path)
+    settings = obj.settings(aggregator_lease=lease_seconds, aggregator_id=aggregator_id,
+                            identity=identity_path)
     store = make_store(settings)
     codec = load_public_codec(store, settings, public_context)
     ident = load_identity(settings, store, "aggregator")
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
-    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, identity=ident,
-                              verifier=make_verifier(settings, store))
+    lease = None
+    if settings.aggregator_lease:
+        import socket
+
+        from .lease import Lease
+        lease = Lease(store, settings.aggregator_id or f"{socket.gethostname()}:{os.getpid()}",
+                      ttl=settings.aggregator_lease)
+    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease,
+                              identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
         worker.run()
     finally:
         broker.close()
+    if worker.lease_lost:
+        _fail(f"aggregator lease lost: {worker.lease_lost}; restart this one as a standby",
+              EXIT_LEASE_LOST)
 
 
 # -- controller -------------------------------------------------------------------------------
@@ -330,12 +351,15 @@ def _training_options(f):
 @click.option("--timeout", type=float, default=None,
               help="With --wait: give up after this many seconds (default: deadline + 60).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--synthetic-params", type=click.IntRange(min=1), default=None,
+              help="Benchmarks only: a first round on a synthetic model of this many parameters "
+                   "(for hospitals run with --synthetic).")
 @click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
               help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
                 epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json,
-                identity_path):
+                synthetic_params, identity_path):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
     from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
@@ -350,7 +374,8 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
     quorum = quorum or max(1, len(settings.hospitals))
     request = controller.RoundRequest(quorum=quorum, min_clients=min_clients or quorum,
                                       deadline_seconds=deadline, training=params,
-                                      hospitals=settings.hospitals)
+                                      hospitals=settings.hospitals,
+                                      synthetic_params=synthetic_params or 0)
     if request.min_clients > request.quorum or request.quorum < 1 or deadline <= 0:
         _fail("--min-clients must be between 1 and --quorum, and --deadline positive")
     store = make_store(settings)
@@ -567,7 +592,7 @@ def demo(obj: Context, hospitals, n_rounds, data, n_images, model, image_size, c
               help="Model parameters per update.")
 @click.option("--hospitals", "hospitals", type=int, multiple=True,
               help="Hospital counts for the aggregator memory figure (repeatable; default 2, 10, 50).")
-@click.option("--profile", "profiles", type=click.Choice(["seed", "compact"]), multiple=True,
+@click.option("--profile", "profiles", type=click.Choice(["seed", "compact", "threshold"]), multiple=True,
               help="Profiles to measure (default both).")
 @click.option("--round/--no-round", "with_round", default=True, show_default=True,
               help="Also time one embedded demo round encrypted and in plaintext.")
@@ -582,7 +607,7 @@ def bench(obj: Context, params, hospitals, profiles, with_round, as_json):
         _fail("--params and --hospitals must be positive")
     log = (lambda message: click.echo(message, err=True))
     result = run_codec_bench(params, list(hospitals) or [2, 10, 50],
-                             tuple(profiles) or ("seed", "compact"), log=log)
+                             tuple(profiles) or ("seed", "compact", "threshold"), log=log)
     if with_round:
         result.update(round_overhead(settings=settings, log=log))
         result["targets"] = _check_targets(result)

@@ -23,7 +23,7 @@ from cxr_mq import bound, messages, rounds
 from cxr_mq.crypto import CodecError
 from cxr_mq.faults import CrashPoints
 from cxr_mq.policy import RoundPolicy
-from cxr_mq.rounds import ABORTED, COMPLETE, OPEN, RoundState
+from cxr_mq.rounds import ABORTED, COMPLETE, OPEN, RoundState, StateConflict
 from cxr_mq.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StoreError
 from cxr_mq.transport.base import Broker, Delivery, Refuse
 
@@ -35,7 +35,7 @@ UNROUTED_REFUSALS_KEPT = 500
 class AggregatorWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, policy: RoundPolicy | None = None,
                  hospitals=(), work_dir: str | None = None, stop=None, clock=time.time,
-                 metrics=None, *, identity, verifier):
+                 metrics=None, lease=None, *, identity, verifier):
         super().__init__(broker, stop, metrics=metrics, role="aggregator", identity=identity,
                          verifier=verifier)
         self.metrics.watch(self.role, store=store)
@@ -47,15 +47,46 @@ class AggregatorWorker(Worker):
         self.work_dir = work_dir
         self.clock = clock
         self.queue = broker.topology.aggregator_queue
-        self.handlers = {"round_start": self.on_round_start, "update_ready": self.on_update_ready}
+        self.handlers = {"round_start": self._guarded(self.on_round_start),
+                         "update_ready": self._guarded(self.on_update_ready)}
         self.states: dict[int, RoundState] = {}
         self.sums: dict[int, object] = {}
         self.events: list[tuple[str, int]] = []  # (event, round) for observers such as the demo
+        self._rescan = False
+        self.lease = lease  # a cxr_mq.lease.Lease: active only while holding it (standby)
+        self.lease_lost: str | None = None
 
     # -- start-up ---------------------------------------------------------------------------
+    def run(self) -> None:
+        """With a lease, stand by until it is ours, then consume (and tick deadlines) only
+        while holding it. Losing it (paused past its TTL, a standby took over) stops this
+        worker; what it was doing is redelivered to the new holder."""
+        if self.lease is None:
+            super().run()
+            return
+        if not self.lease.wait_acquire(self.stop):
+            self.log.info("worker_stopped", standby=True)
+            return
+        self.log.info("aggregator_active", holder=self.lease.holder)
+        self.lease.keep(self._on_lease_lost)
+        try:
+            super().run()
+        finally:
+            self.lease.release()
+
+    def _on_lease_lost(self, reason: str) -> None:
+        self.lease_lost = reason
+        self.stop.set()
+
     def setup(self) -> None:
         self.broker.declare_topology(self.hospitals)
+        self._restore_unfinished()
+
+    def _restore_unfinished(self) -> None:
+        self._rescan = False
         for round_no in rounds.list_rounds(self.store):
+            if round_no in self.states:
+                continue
             state = RoundState.load(self.store, round_no)
             if state is not None and (state.status == OPEN or not state.announced):
                 self._restore(state)
@@ -81,8 +112,7 @@ class AggregatorWorker(Worker):
             record = rounds.read_json(self.store, rounds.round_key(round_no))
             if record is None:
                 return None
-            state = RoundState.from_round_start(record, self.clock())
-            state.save(self.store)
+            state = self._create(RoundState.from_round_start(record, self.clock()))
         self.states[round_no] = state
         if state.status == OPEN and round_no not in self.sums:
             self._restore(state)
@@ -91,13 +121,38 @@ class AggregatorWorker(Worker):
     def on_round_start(self, message: dict, delivery: Delivery) -> None:
         state = self._state(message["round"])
         if state is None:  # the controller writes the record first; be robust anyway
-            state = RoundState.from_round_start(message, self.clock())
-            state.save(self.store)
+            state = self._create(RoundState.from_round_start(message, self.clock()))
             self.states[state.round] = state
         if state.status == OPEN and state.round not in self.sums:
             self.sums[state.round] = self.codec.new_sum(state.n_params)
         self.log.info("round_opened", round=state.round, quorum=state.quorum,
                       min_clients=state.min_clients, deadline=state.deadline)
+
+    def _create(self, state: RoundState) -> RoundState:
+        """Write a new round's first record, or take the one another aggregator just wrote."""
+        try:
+            state.save(self.store)
+            return state
+        except StateConflict:
+            return RoundState.load(self.store, state.round)
+
+    def _guarded(self, handler):
+        """Run ``handler``; if another aggregator moved the round on meanwhile (a conditional
+        write lost), forget this process's copy and let the message come back: it is then
+        handled against the stored record, whose updates are summed afresh."""
+        def run(message: dict, delivery: Delivery) -> None:
+            try:
+                handler(message, delivery)
+            except StateConflict as exc:
+                self._forget(message["round"], exc)
+                raise
+        return run
+
+    def _forget(self, round_no: int, exc: Exception) -> None:
+        self.log.warning("round_state_conflict_reloading", round=round_no, error=str(exc))
+        self.states.pop(round_no, None)
+        self.sums.pop(round_no, None)
+        self._rescan = True  # deadlines of forgotten rounds are picked up again on the next tick
 
     def on_update_ready(self, message: dict, delivery: Delivery) -> None:
         log = self.log.bind(round=message["round"], hospital=message["hospital"], key=message["key"])
@@ -198,8 +253,13 @@ class AggregatorWorker(Worker):
 
     # -- finishing --------------------------------------------------------------------------
     def tick(self) -> None:
+        if self._rescan:
+            self._restore_unfinished()
         for state in list(self.states.values()):
-            self._finish_if_due(state)
+            try:
+                self._finish_if_due(state)
+            except StateConflict as exc:
+                self._forget(state.round, exc)
 
     def _finish_if_due(self, state: RoundState) -> None:
         outcome = self.policy.outcome(state, self.clock())

@@ -19,17 +19,23 @@ Layers, each a module that reads alone (lower ones never import higher ones):
 - ``base``: the ``CkksCodec`` / ``EncryptedSum`` interface and the checks profiles share.
 - ``seed``, ``compact`` (with ``pool``, its process pool): the profiles.
 - ``keys``: key pairs, the profile registry, loading a context.
+- ``threshold`` (no shared key; see ``docs/security.md``), built on ``ring`` (Z_q[X]/(X^N+1)
+  in numpy: NTT, RNS, sampling), ``keylayer`` (collective public key, key ciphertexts),
+  ``ceremony`` (t-of-n Shamir-shared collective secret, shares sealed to X25519 identities)
+  and ``committee`` (checked partial decryption of a round's key sum, combination).
 """
 
-from .base import CkksCodec, EncryptedSum
+from .base import DEFAULT_MAX_CONTRIBUTORS, CkksCodec, EncryptedSum
 from .compact import CompactCodec, CompactSum
-from .errors import CodecError, CodecMismatch, SecretKeyPresent
-from .keys import DEFAULT_PROFILE, PROFILES, KeyPair, generate_keys, load_context, load_context_file
+from .errors import CodecError, CodecMismatch, SecretKeyPresent, UpdateOutOfRange
+from .keys import DEFAULT_PROFILE, PROFILES, SINGLE_KEY_PROFILES, KeyPair, generate_keys, load_context, load_context_file
 from .seed import SeedCodec, SeedSum
+from .threshold import RoundEncoding, ThresholdCodec, ThresholdSum
 from .wire import (
     FORMAT_VERSION,
     KEY_MAGIC,
     MAX_CHUNK_BYTES,
+    MAX_CONTRIBUTORS,
     MAX_HEADER_BYTES,
     MAX_PARAMS,
     MAX_UPDATES,
@@ -41,6 +47,7 @@ __all__ = [
     "CodecError",
     "CodecMismatch",
     "SecretKeyPresent",
+    "UpdateOutOfRange",
     "KeyPair",
     "UpdateHeader",
     "CkksCodec",
@@ -49,11 +56,15 @@ __all__ = [
     "SeedSum",
     "CompactCodec",
     "CompactSum",
+    "ThresholdCodec",
+    "ThresholdSum",
+    "RoundEncoding",
     "generate_keys",
     "load_context",
     "load_context_file",
     "DEFAULT_PROFILE",
     "PROFILES",
+    "SINGLE_KEY_PROFILES",
     "FORMAT_VERSION",
     "KEY_MAGIC",
     "UPDATE_MAGIC",
@@ -61,4 +72,6 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_PARAMS",
     "MAX_UPDATES",
+    "MAX_CONTRIBUTORS",
+    "DEFAULT_MAX_CONTRIBUTORS",
 ]

@@ -1,16 +1,40 @@
 """The interface every CKKS profile implements: a codec (one profile, one key) and a
-running encrypted sum, plus the checks they share (weights, sample counts, headers)."""
+running encrypted sum, plus what they share: the checks (weights, sample counts, headers)
+and the limits no profile may cross.
+
+Limits, in the units of a parameter's value ``n_samples * w`` ("value units"):
+
+- A round declares the most contributors ``K`` its aggregate may sum. An update is
+  encrypted only if ``n_samples * |w| <= update_limit(K)``, so that ``K`` such updates, their
+  noise and the decoder's rounding stay below the modulus: a sum cannot wrap. A larger
+  update is refused (``UpdateOutOfRange``) before anything is encrypted.
+- An uploaded update holds exactly one update; a sum refuses a stream of any other count,
+  and more than ``max_updates`` in all, before it allocates anything for the stream.
+- Decrypted values carry no noise. An update is quantized to a grid (``grid(K)``, a power
+  of two at least twice the largest noise of ``K`` updates plus the decoder's error) before
+  it is encrypted; the decryptor of a sum of ``k <= K`` updates rounds to ``grid(k)``, which
+  divides ``grid(K)``, and so gets back exactly the sum of the quantized updates: the same
+  values for every encryption of the same updates, nothing of the RLWE noise (which would
+  give away the secret key, see docs/security.md). Each update loses at most
+  ``precision(K) = grid(K) / 2`` to the quantization.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import BinaryIO
 
 import numpy as np
 
-from .errors import CodecError, CodecMismatch, SecretKeyPresent
-from .wire import UpdateHeader, expect_eof, parse_header, write_frame, write_header
+from .errors import CodecError, CodecMismatch, SecretKeyPresent, UpdateOutOfRange
+from .wire import MAX_CONTRIBUTORS, UpdateHeader, expect_eof, parse_header, write_frame, write_header
+
+# The most contributors an update encrypted without a round's bound may be summed with
+# (benchmarks, tests, tools); a round always states its own.
+DEFAULT_MAX_CONTRIBUTORS = 3
+
 
 def fingerprint_of(profile: str, params: dict, public_key: bytes) -> str:
     h = hashlib.sha256()
@@ -39,12 +63,71 @@ def check_samples(n: int, what: str) -> None:
         raise CodecError(f"{what} must be a positive integer, got {n!r}")
 
 
+def check_contributors(k, what: str = "max_contributors") -> int:
+    """A count of summed updates within what any round may take."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_CONTRIBUTORS:
+        raise CodecError(f"{what} must be a whole number from 1 to {MAX_CONTRIBUTORS}, got {k!r}")
+    return int(k)
+
+
+def power_of_two_at_least(x: float) -> float:
+    return 2.0 ** math.ceil(math.log2(x))
+
+
 class CkksCodec:
     """One CKKS profile with one key; see the module docstring for the stream format."""
 
     profile: str
     fingerprint: str
     has_secret_key: bool
+
+    # Set by each profile, in value units (see the module docstring):
+    noise_bound: float  # the largest error one encryption adds to a decrypted value
+    decode_slack: float  # the largest error of decoding a sum (floating point)
+    sum_limit: float  # the largest |sum| that decodes without wrapping modulo q
+    value_cap: float  # the largest n_samples * |w| of one update, whatever the round
+
+    # limits
+
+    def grid(self, n_updates: int) -> float:
+        """The step decrypted values of a sum of ``n_updates`` are rounded to: a power of two
+        more than twice their largest noise, so rounding removes all of it."""
+        k = check_contributors(n_updates, "n_updates")
+        return power_of_two_at_least(2 * (self.noise_of_sum(k) + self.decode_slack))
+
+    def noise_of_sum(self, n_updates: int) -> float:
+        """The largest noise of a sum of ``n_updates`` encryptions (value units)."""
+        return n_updates * self.noise_bound
+
+    def precision(self, max_contributors: int) -> float:
+        """The largest error quantization adds to one update (value units) in a round of at
+        most ``max_contributors``; a FedAvg value is off by at most k * this / total samples."""
+        return self.grid(max_contributors) / 2
+
+    def update_limit(self, max_contributors: int) -> float:
+        """The largest ``n_samples * |w|`` one update may carry so that ``max_contributors``
+        such updates, quantized and with their noise, sum below ``sum_limit``."""
+        k = check_contributors(max_contributors)
+        room = (self.sum_limit - self.decode_slack) / k - self.precision(k) - self.noise_bound
+        return max(0.0, min(self.value_cap, room))
+
+    def check_update_range(self, peak: float, max_contributors: int) -> None:
+        """Refuse an update whose largest ``n_samples * |w|`` is ``peak`` before encrypting it."""
+        limit = self.update_limit(max_contributors)
+        if not peak <= limit:
+            raise UpdateOutOfRange(
+                f"n_samples * |weight| reaches {peak:.6g}; the {self.profile} profile takes at most "
+                f"{limit:.6g} per update in a round of at most {max_contributors} contributors "
+                f"(a larger update could make their sum wrap modulo q)"
+            )
+
+    def round_to_grid(self, values: np.ndarray, n_updates: int) -> np.ndarray:
+        """Decrypted values rounded to ``grid(n_updates)``, in place: no noise leaves the codec."""
+        step = self.grid(n_updates)
+        np.multiply(values, 1.0 / step, out=values)
+        np.rint(values, out=values)
+        np.multiply(values, step, out=values)
+        return values
 
     def require_public_only(self) -> None:
         if self.has_secret_key:
@@ -56,10 +139,18 @@ class CkksCodec:
     def public_bytes(self) -> bytes:
         raise NotImplementedError
 
-    def encrypt_update(self, weights: np.ndarray, n_samples: int, out: BinaryIO) -> int:
+    def encrypt_update(self, weights: np.ndarray, n_samples: int, out: BinaryIO, *,
+                       max_contributors: int | None = None) -> int:
+        """Encrypt ``n_samples * weights`` as one update of a round of at most
+        ``max_contributors`` (default ``DEFAULT_MAX_CONTRIBUTORS``); ``UpdateOutOfRange``
+        if it is too large for that many."""
         raise NotImplementedError
 
-    def new_sum(self, n_params: int) -> "EncryptedSum":
+    def new_sum(self, n_params: int, *, max_updates: int | None = None,
+                distinct_updates: bool = True) -> "EncryptedSum":
+        """A running sum of at most ``max_updates`` updates (default: any number up to the
+        codec's limit). ``distinct_updates=False`` lets the same upload be added again (the
+        bench's memory figure); a round's sum never does."""
         raise NotImplementedError
 
     def n_chunks(self, n_params: int) -> int:
@@ -71,16 +162,32 @@ class CkksCodec:
         self._check_header(header)
         return header
 
-    def decrypt_aggregate(self, src: BinaryIO, total_samples: int) -> np.ndarray:
+    def decrypt_aggregate(self, src: BinaryIO, total_samples: int, *, n_updates: int | None = None,
+                          min_updates: int = 1) -> np.ndarray:
+        """The FedAvg values of an aggregate, rounded to its grid (no noise).
+
+        ``n_updates``: the count the aggregate must hold (e.g. ``model_ready``'s contributors);
+        ``min_updates``: the fewest it may hold. Both, and the aggregate's own consistency
+        (a profile's seed records: one per update per chunk, all distinct), are checked
+        before anything is decrypted."""
         check_samples(total_samples, "total_samples")
         self._require_secret()
         header = self.read_header(src)
+        if n_updates is not None and header.n_updates != n_updates:
+            raise CodecError(f"the aggregate sums {header.n_updates} updates, expected {n_updates}")
+        if header.n_updates < min_updates:
+            raise CodecError(
+                f"the aggregate sums {header.n_updates} update(s), fewer than the minimum of {min_updates}: "
+                "decrypting it would reveal them"
+            )
+        check_contributors(header.n_updates, "the aggregate's n_updates")
         total = self._decrypt_chunks(src, header)
         expect_eof(src)
+        self.round_to_grid(total, header.n_updates)
         return total / float(total_samples)
 
     def decrypt_update(self, src: BinaryIO, n_samples: int) -> np.ndarray:
-        return self.decrypt_aggregate(src, n_samples)
+        return self.decrypt_aggregate(src, n_samples, n_updates=1)
 
     # helpers shared by the profiles
 
@@ -128,17 +235,31 @@ class EncryptedSum:
     as it was. Memory is two sums, whatever the number of updates.
     """
 
-    def __init__(self, codec: CkksCodec, n_params: int):
+    def __init__(self, codec: CkksCodec, n_params: int, max_updates: int | None = None,
+                 distinct_updates: bool = True):
         if n_params < 1:
             raise CodecError(f"n_params must be positive, got {n_params}")
         self.codec = codec
         self.n_params = int(n_params)
         self.n_chunks = codec.n_chunks(self.n_params)
+        self.max_updates = check_contributors(MAX_CONTRIBUTORS if max_updates is None else max_updates,
+                                              "max_updates")
+        self.distinct_updates = distinct_updates
         self.count = 0
 
-    def add(self, src: BinaryIO) -> None:
+    def add(self, src: BinaryIO, n_updates: int = 1) -> None:
+        """Add a stream that must hold exactly ``n_updates`` updates (an upload holds one;
+        a partial sum may hold more). Every count is checked before anything is allocated."""
+        check_contributors(n_updates, "n_updates")
         header = parse_header(src)
         self.codec._check_header(header, self.n_params)
+        if header.n_updates != n_updates:
+            raise CodecError(f"the stream holds {header.n_updates} updates, expected exactly {n_updates}")
+        if self.count + header.n_updates > self.max_updates:
+            raise CodecError(
+                f"the sum holds {self.count} of at most {self.max_updates} updates: "
+                f"no room for {header.n_updates} more"
+            )
         staged = self._stage(src, header)
         expect_eof(src)
         self._commit(staged, header)

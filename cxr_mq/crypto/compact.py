@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import struct
 import tempfile
@@ -11,7 +13,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .base import CkksCodec, EncryptedSum, as_weights, check_samples, fingerprint_of
+from .base import DEFAULT_MAX_CONTRIBUTORS, CkksCodec, EncryptedSum, as_weights, check_contributors, check_samples, fingerprint_of
 from .errors import CodecError, CodecMismatch
 from .pool import available_cores, pool_decrypt, pool_encrypt, pool_init, pool_ping
 from .sampling import aes_ctr, expand_seed
@@ -43,11 +45,16 @@ class CompactCodec(CkksCodec):
     - Hospitals encrypt and decrypt large models on a process pool (``workers``, default
       every core); a codec may be shared by threads, an EncryptedSum may not.
 
-    Precision (coefficient encoding, scale 2^28): each update contributes at most 22 / 2^28
-    of absolute error per parameter (noise 21, encoding rounding 1), so after dividing by a
-    total of at least one sample per update the FedAvg error is below 8.2e-8. Headroom: |sum of n_i * w_i| per parameter must
-    stay below 2^27 (about 1.3e8; e.g. 10 hospitals x 100,000 samples x |w| = 10 uses 1e7).
-    A single update above 2^24 per parameter is refused.
+    Limits and precision (coefficient encoding, scale 2^28; see ``base``): a decrypted
+    coefficient is exact while |sum| < (q - 1) / 2 (about 2^27 = 1.3e8 in value units).
+    One encryption adds noise of at most 21 units; decoding adds at most ``DECODE_SLACK``
+    (measured: below 13 units together with the noise at 2^52). A round of at most K
+    contributors takes updates up to ``update_limit(K)`` = min(2^24, ~2^27 / K) (K = 10:
+    1.3e7; K = 200: 6.7e5) and quantizes them to ``grid(K)``, a power of two above twice the
+    sum's noise (``noise_of_sum``) plus ``DECODE_SLACK``: 2^-20 for K <= 3, 2^-19 for K <= 31,
+    2^-18 for K <= 170, 2^-17 for K <= 781 (value units). Each update is off by at most
+    ``precision(K)`` = grid(K) / 2; a FedAvg value by at most k * precision(K) / total
+    samples (K = 10 and 100 samples per hospital: 9.5e-9; one sample each: 9.5e-7).
     """
 
     profile = "compact"
@@ -59,7 +66,9 @@ class CompactCodec(CkksCodec):
     SEED_BYTES = 1 + 32  # the tag and the AES-256 key
     NOISE_BITS = 21  # centered binomial: popcount of 21 bits minus popcount of 21 (SEAL's)
     NOISE_BOUND = NOISE_BITS
-    VALUE_LIMIT = 2.0 ** (PRIME_BITS - 1 - SCALE_BITS - 3)  # per update; the sum may reach 8x
+    VALUE_LIMIT = 2.0**24  # per update, whatever the round: |values * factor| < 2^52 in residues()
+    DECODE_SLACK = 64  # units of the scale: floating-point error of decoding a sum near q / 2
+    MAX_FRAME_BYTES = 1 << 26  # a chunk frame of a sum; the exact size is checked per stream
     READ_BATCH = 16  # chunks per read and per vectorized add on the aggregator
     ENCRYPT_BATCH = 8  # chunks computed in SEAL before they are serialized (see encrypt_chunks)
     TASK_CHUNKS = 32  # chunks per task of the hospital's process pool
@@ -74,6 +83,10 @@ class CompactCodec(CkksCodec):
         if claimed_params is not None and claimed_params != self.params():
             raise CodecMismatch(f"compact parameters differ: context {claimed_params}, this codec {self.params()}")
         self.scale = 2.0**self.SCALE_BITS
+        self.noise_bound = self.NOISE_BOUND / self.scale
+        self.decode_slack = self.DECODE_SLACK / self.scale
+        self.sum_limit = ((self.q - 1) // 2) / self.scale
+        self.value_cap = self.VALUE_LIMIT
         self.fingerprint = fingerprint_of(self.profile, self.params(), public_key)
         self.has_secret_key = secret_key is not None
         self.workers = available_cores()
@@ -308,29 +321,33 @@ class CompactCodec(CkksCodec):
     def n_chunks(self, n_params: int) -> int:
         return -(-int(n_params) // self.POLY_MODULUS_DEGREE)
 
+    def noise_of_sum(self, n_updates: int) -> float:
+        """The noise of k encryptions is a sum of 42 k coin flips minus 21 k (each in
+        [-1/2, 1/2]): by Hoeffding it exceeds 34.33 sqrt(k) with probability below 2^-80 per
+        coefficient (t^2 = 21 k ln 2^81); it never exceeds 21 k."""
+        return min(self.NOISE_BOUND * n_updates, 34.33 * math.sqrt(n_updates)) / self.scale
+
     def frame_bytes(self, n_updates: int = 1) -> int:
         """Bytes of one chunk frame of a stream summing ``n_updates`` updates."""
         return U32.size + self.SEED_BYTES * n_updates + self.PACKED_BYTES * self.POLY_MODULUS_DEGREE
 
-    def encrypt_update(self, weights: np.ndarray, n_samples: int, out: BinaryIO) -> int:
+    def encrypt_update(self, weights: np.ndarray, n_samples: int, out: BinaryIO, *,
+                       max_contributors: int | None = None) -> int:
         check_samples(n_samples, "n_samples")
+        k = check_contributors(DEFAULT_MAX_CONTRIBUTORS if max_contributors is None else max_contributors)
         self._require_secret("encrypt (compact encryption is symmetric: it needs the secret key)")
         values = as_weights(weights, dtype=None)  # float32 stays float32: no 2x copy to check it
-        peak = float(np.max(np.abs(values))) * n_samples
-        if peak > self.VALUE_LIMIT:
-            raise CodecError(
-                f"n_samples * |weight| reaches {peak:.3g}; the compact profile takes at most "
-                f"{self.VALUE_LIMIT:.3g} per update (sum headroom {8 * self.VALUE_LIMIT:.3g})"
-            )
+        self.check_update_range(float(np.max(np.abs(values))) * n_samples, k)
+        grid = int(self.grid(k) * self.scale)  # in units of the scale: a power of two
         header = UpdateHeader(self.profile, self.fingerprint, values.size, self.n_chunks(values.size))
         written = write_header(out, header)
-        for blob in self._encrypted_chunks(values, n_samples):
+        for blob in self._encrypted_chunks(values, n_samples, grid):
             written += write_frame(out, blob)
         return written
 
-    def _encrypted_chunks(self, weights: np.ndarray, n_samples: int):
+    def _encrypted_chunks(self, weights: np.ndarray, n_samples: int, grid: int):
         if not self._use_pool(weights.size):
-            yield from self.encrypt_chunks(weights, n_samples)
+            yield from self.encrypt_chunks(weights, n_samples, grid)
             return
         # The weights and the chunk blobs cross between processes through two files in
         # memory (tmpfs), not through the pool's pipes: pickling ~1 MB each way per task and
@@ -347,7 +364,8 @@ class CompactCodec(CkksCodec):
             src.flush()
             dst.truncate(chunks * blob_len)
             tasks = (
-                (src.name, values.dtype.str, values.size, first, min(step, chunks - first), n_samples, dst.name)
+                (src.name, values.dtype.str, values.size, first, min(step, chunks - first), n_samples, grid,
+                 dst.name)
                 for first in range(0, chunks, step)
             )
             for first, count in self._ordered_map(pool_encrypt, tasks):
@@ -358,8 +376,9 @@ class CompactCodec(CkksCodec):
                 for i in range(count):
                     yield view[i * blob_len : (i + 1) * blob_len]
 
-    def encrypt_chunks(self, weights: np.ndarray, n_samples: float) -> list[bytes]:
-        """Encrypt ``n_samples * weights`` as chunk blobs, in this process.
+    def encrypt_chunks(self, weights: np.ndarray, n_samples: float, grid: int = 1) -> list[bytes]:
+        """Encrypt ``n_samples * weights``, quantized to multiples of ``grid`` units of the
+        scale, as chunk blobs, in this process (no range check: see ``encrypt_update``).
 
         In batches of ``ENCRYPT_BATCH`` chunks: first every chunk's ``c0`` is computed in
         SEAL, then all are serialized. Alternating SEAL's NTT with its zstd serialization
@@ -372,7 +391,8 @@ class CompactCodec(CkksCodec):
         for first in range(0, weights.size, batch):
             pending = []
             for start in range(first, min(first + batch, weights.size), step):
-                for row in loader.residues(weights[start : start + step], factor, noise=noise, noise_bits=self.NOISE_BITS):
+                for row in loader.residues(weights[start : start + step], factor, noise=noise,
+                                           noise_bits=self.NOISE_BITS, grid=grid):
                     pending.append(self._encrypt_row(row))
             tag = bytes((self.PRNG_TAG,))
             for seed, plain in pending:
@@ -392,8 +412,28 @@ class CompactCodec(CkksCodec):
 
     # aggregator side
 
-    def new_sum(self, n_params: int) -> "CompactSum":
-        return CompactSum(self, n_params)
+    def new_sum(self, n_params: int, *, max_updates: int | None = None,
+                distinct_updates: bool = True) -> "CompactSum":
+        return CompactSum(self, n_params, max_updates, distinct_updates)
+
+    def seed_records(self, seeds: np.ndarray) -> list[bytes]:
+        """The seed records of a batch of chunks' seeds (rows of 33 k bytes), one per update
+        per chunk."""
+        return [row.tobytes() for row in np.ascontiguousarray(seeds).reshape(-1, self.SEED_BYTES)]
+
+    def check_seed_records(self, src: BinaryIO, header: UpdateHeader) -> None:
+        """Read a stream's chunks once and refuse it unless every seed record in it is
+        distinct: the same seed twice in a sum means the same update twice (a sum of k copies
+        decrypts to k times one hospital's update). Leaves ``src`` where it was."""
+        start = src.tell()
+        seen: set[bytes] = set()
+        for first, _, seeds in self._read_chunks(src, header):
+            records = self.seed_records(seeds)
+            seen.update(records)
+            if len(seen) != (first + seeds.shape[0]) * header.n_updates:
+                raise CodecError(f"chunks {first}..{first + seeds.shape[0] - 1}: a seed record appears twice "
+                                 "(the same encryption summed more than once)")
+        src.seek(start)
 
     def _read_chunks(self, src: BinaryIO, header: UpdateHeader):
         """Yield (first chunk index, c0 (b, N) uint64, seeds (b, 33 k) uint8) in batches.
@@ -429,6 +469,9 @@ class CompactCodec(CkksCodec):
 
     def _decrypt_chunks(self, src: BinaryIO, header: UpdateHeader) -> np.ndarray:
         n = self.POLY_MODULUS_DEGREE
+        if not src.seekable():
+            src = io.BytesIO(src.read(header.n_chunks * self.frame_bytes(header.n_updates) + 1))
+        self.check_seed_records(src, header)  # before anything is decrypted
         total = np.empty(header.n_chunks * n, dtype=np.float64)
         batches = self._read_chunks(src, header)
         if self._use_pool(header.n_params * header.n_updates):
@@ -522,12 +565,14 @@ class CompactSum(EncryptedSum):
 
     codec: CompactCodec
 
-    def __init__(self, codec: CompactCodec, n_params: int):
-        super().__init__(codec, n_params)
+    def __init__(self, codec: CompactCodec, n_params: int, max_updates: int | None = None,
+                 distinct_updates: bool = True):
+        super().__init__(codec, n_params, max_updates, distinct_updates)
         n = codec.POLY_MODULUS_DEGREE
         self._sum = np.zeros((self.n_chunks, n), dtype=np.uint64)
         self._staged: np.ndarray | None = None
-        self._seeds: list[np.ndarray] = []  # one (n_chunks, 65 k) array per added stream
+        self._seeds: list[np.ndarray] = []  # one (n_chunks, 33 k) array per added stream
+        self._records: set[bytes] = set()  # every seed record in the sum (distinct_updates)
 
     def _stage(self, src: BinaryIO, header: UpdateHeader) -> np.ndarray:
         if self._staged is None:
@@ -542,11 +587,19 @@ class CompactSum(EncryptedSum):
             np.subtract(c0, q, out=work)  # wraps to above c0 where c0 < q
             np.minimum(c0, work, out=self._staged[rows])
             seeds[rows] = chunk_seeds
-        return seeds
+        records = set(self.codec.seed_records(seeds))
+        if len(records) != self.n_chunks * header.n_updates:
+            raise CodecError("a seed record appears twice in the stream: each chunk of each update has its own seed")
+        if self.distinct_updates and not records.isdisjoint(self._records):
+            raise CodecError("a seed record of this stream is in the sum already: the same encryption added twice")
+        return seeds, records
 
-    def _commit(self, seeds: np.ndarray, header: UpdateHeader) -> None:
+    def _commit(self, staged: tuple, header: UpdateHeader) -> None:
+        seeds, records = staged
         self._sum, self._staged = self._staged, self._sum
         self._seeds.append(seeds)
+        if self.distinct_updates:
+            self._records |= records
 
     def _chunk_blobs(self):
         width = self.codec.SEED_BYTES

@@ -13,3 +13,7 @@ class CodecMismatch(CodecError):
 
 class SecretKeyPresent(CodecError):
     """A context that must be public-only holds the secret key."""
+
+
+class UpdateOutOfRange(CodecError):
+    """An update too large for the round: a sum of the round's most contributors could wrap."""

@@ -34,11 +34,11 @@ def pool_init(secret: bytes) -> None:
 def pool_encrypt(task) -> tuple[int, int]:
     """Encrypt chunks ``first`` .. ``first + count - 1`` of the weights in file ``src`` into
     their fixed-size slots of file ``dst`` (see ``CompactCodec._encrypted_chunks``)."""
-    src, dtype, size, first, count, n_samples, dst = task
+    src, dtype, size, first, count, n_samples, grid, dst = task
     n = _POOL_CODEC.POLY_MODULUS_DEGREE
     weights = np.memmap(src, dtype=np.dtype(dtype), mode="r", shape=(size,))
     try:
-        blobs = _POOL_CODEC.encrypt_chunks(weights[first * n : (first + count) * n], n_samples)
+        blobs = _POOL_CODEC.encrypt_chunks(weights[first * n : (first + count) * n], n_samples, grid)
     finally:
         del weights
     blob_len = len(blobs[0])

@@ -97,19 +97,22 @@ class PlainLoader:
         self._ints = np.empty(2 * n, dtype=np.int64)
         self._tmp = np.empty(2 * n, dtype=np.int64)
 
-    def residues(self, values: np.ndarray, factor: float, noise=None, noise_bits: int = 0) -> np.ndarray:
-        """round(values * factor) (+ centered binomial noise of ``noise_bits`` + ``noise_bits``
-        bits drawn from the keystream ``noise``) modulo q, zero-padded to whole chunks: a
-        (1 or 2, n) uint64 view of this loader's buffer, valid until the next call.
-        |values * factor| < 2^52."""
+    def residues(self, values: np.ndarray, factor: float, noise=None, noise_bits: int = 0,
+                 grid: int = 1) -> np.ndarray:
+        """round(values * factor / grid) * grid (+ centered binomial noise of ``noise_bits`` +
+        ``noise_bits`` bits drawn from the keystream ``noise``) modulo q, zero-padded to whole
+        chunks: a (1 or 2, n) uint64 view of this loader's buffer, valid until the next call.
+        |values * factor| < 2^52; ``grid`` a power of two (scaling by it is exact)."""
         n, size = self._n, values.size
         k = -(-size // n)
         if not 1 <= k <= 2:
             raise CodecError(f"{size} values are not one or two chunks")
         scaled, ints, tmp = self._float[: k * n], self._ints[: k * n], self._tmp[: k * n]
         scaled[size:] = 0.0
-        np.multiply(values, factor, out=scaled[:size], dtype=np.float64)
+        np.multiply(values, factor / grid, out=scaled[:size], dtype=np.float64)
         np.rint(scaled, out=scaled)
+        if grid != 1:
+            np.multiply(scaled, grid, out=scaled)
         np.copyto(ints, scaled, casting="unsafe")
         if noise is not None:
             ints += cbd_noise(noise, k * n, noise_bits)

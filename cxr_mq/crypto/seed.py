@@ -6,7 +6,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .base import CkksCodec, EncryptedSum, as_weights, check_samples, fingerprint_of
+from .base import DEFAULT_MAX_CONTRIBUTORS, CkksCodec, EncryptedSum, as_weights, check_contributors, check_samples, fingerprint_of
 from .errors import CodecError, CodecMismatch
 from .sealio import check_security, seal_save
 from .wire import UpdateHeader, pack_key, read_frame, write_frame, write_header
@@ -18,6 +18,10 @@ class SeedCodec(CkksCodec):
     public-key encryption. A fresh ciphertext lives at the top level (140 data bits), so
     |n_samples * w| * 2^40 has ~2^99 of headroom: no pre-scaling is needed (sample counts of
     1e5 and weights of 10 use 2^60).
+
+    Limits (see ``base``): an update takes at most 2^24 per parameter (as ``compact``);
+    one encryption's noise stays below 2^-24 in value units (measured: 7e-9 per update, 6e-8
+    for 16 updates at 2^24), so the grid is 2^-22 for one update, 2^-19 for 16.
     """
 
     profile = "seed"
@@ -25,6 +29,11 @@ class SeedCodec(CkksCodec):
     COEFF_MOD_BIT_SIZES = (60, 40, 40, 60)
     SCALE_BITS = 40
     SLOTS = 4096
+    MAX_FRAME_BYTES = 1 << 20  # a serialized CKKSVector of 4096 slots: ~400 KB
+    noise_bound = 2.0**-24
+    decode_slack = 2.0**-24
+    sum_limit = 2.0**90  # the data modulus is at least 2^137 and the scale 2^40
+    value_cap = 2.0**24
 
     @classmethod
     def params(cls) -> dict:
@@ -89,9 +98,14 @@ class SeedCodec(CkksCodec):
     def n_chunks(self, n_params: int) -> int:
         return -(-int(n_params) // self.SLOTS)
 
-    def encrypt_update(self, weights: np.ndarray, n_samples: int, out: BinaryIO) -> int:
+    def encrypt_update(self, weights: np.ndarray, n_samples: int, out: BinaryIO, *,
+                       max_contributors: int | None = None) -> int:
         check_samples(n_samples, "n_samples")
+        k = check_contributors(DEFAULT_MAX_CONTRIBUTORS if max_contributors is None else max_contributors)
         scaled = as_weights(weights) * float(n_samples)
+        self.check_update_range(float(np.max(np.abs(scaled))), k)
+        grid = self.grid(k)
+        scaled = np.rint(scaled / grid) * grid
         header = UpdateHeader(self.profile, self.fingerprint, scaled.size, self.n_chunks(scaled.size))
         written = write_header(out, header)
         for start in range(0, scaled.size, self.SLOTS):
@@ -99,8 +113,9 @@ class SeedCodec(CkksCodec):
             written += write_frame(out, vec.serialize())
         return written
 
-    def new_sum(self, n_params: int) -> "SeedSum":
-        return SeedSum(self, n_params)
+    def new_sum(self, n_params: int, *, max_updates: int | None = None,
+                distinct_updates: bool = True) -> "SeedSum":
+        return SeedSum(self, n_params, max_updates, distinct_updates)
 
     def _load_chunk(self, blob: bytes, index: int, n_params: int):
         try:
@@ -115,7 +130,7 @@ class SeedCodec(CkksCodec):
     def _decrypt_chunks(self, src: BinaryIO, header: UpdateHeader) -> np.ndarray:
         total = np.empty(header.n_params, dtype=np.float64)
         for i in range(header.n_chunks):
-            vec = self._load_chunk(read_frame(src, f"chunk {i}"), i, header.n_params)
+            vec = self._load_chunk(read_frame(src, f"chunk {i}", self.MAX_FRAME_BYTES), i, header.n_params)
             start = i * self.SLOTS
             total[start : start + vec.size()] = vec.decrypt()
         return total
@@ -124,14 +139,15 @@ class SeedCodec(CkksCodec):
 class SeedSum(EncryptedSum):
     codec: SeedCodec
 
-    def __init__(self, codec: SeedCodec, n_params: int):
-        super().__init__(codec, n_params)
+    def __init__(self, codec: SeedCodec, n_params: int, max_updates: int | None = None,
+                 distinct_updates: bool = True):
+        super().__init__(codec, n_params, max_updates, distinct_updates)
         self._chunks: list = [None] * self.n_chunks
 
     def _stage(self, src: BinaryIO, header: UpdateHeader) -> list:
         staged = []
         for i in range(self.n_chunks):
-            vec = self.codec._load_chunk(read_frame(src, f"chunk {i}"), i, self.n_params)
+            vec = self.codec._load_chunk(read_frame(src, f"chunk {i}", self.codec.MAX_FRAME_BYTES), i, self.n_params)
             try:
                 staged.append(vec if self._chunks[i] is None else self._chunks[i] + vec)
             except Exception as exc:  # scale or parameter mismatch inside SEAL

@@ -28,7 +28,8 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 1 << 16
 MAX_CHUNK_BYTES = 1 << 26
 MAX_PARAMS = 1 << 33
-MAX_UPDATES = 1 << 20
+MAX_UPDATES = 1 << 20  # what a header may claim at all; a round allows far fewer
+MAX_CONTRIBUTORS = 10_000  # the most updates any round's sum may take
 U32 = struct.Struct(">I")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -85,15 +86,26 @@ def connection_parameters(url: str, tls: TlsOptions | None = None) -> pika.URLPa
     return params
 
 
+def split_urls(url: str) -> list[str]:
+    """``amqp://a,amqp://b``: the nodes of one cluster, tried in this order."""
+    urls = [u.strip() for u in url.split(",") if u.strip()]
+    if not urls:
+        raise TransportError("no AMQP URL given")
+    return urls
+
+
 class RabbitMQBroker(Broker):
     def __init__(self, url: str, topology: Topology | None = None, heartbeat: int = 30,
                  reconnect_for: float = 600.0, max_backoff: float = 15.0,
                  tls: TlsOptions | None = None):
         self.topology = topology or Topology()
-        self._params = connection_parameters(url, tls)
-        self._params.heartbeat = heartbeat
-        self._params.blocked_connection_timeout = 60
-        self._params.connection_attempts = 1
+        # a comma-separated list is a cluster's nodes: each connect tries them in turn
+        self._nodes = [connection_parameters(u, tls) for u in split_urls(url)]
+        for params in self._nodes:
+            params.heartbeat = heartbeat
+            params.blocked_connection_timeout = 60
+            params.connection_attempts = 1
+        self._params = self._nodes[0]
         self._reconnect_for = reconnect_for
         self._max_backoff = max_backoff
         self._hospitals: set[str] = set()
@@ -107,6 +119,7 @@ class RabbitMQBroker(Broker):
         self._ch = None
         self._stop: threading.Event | None = None  # set by run(): stop waiting for the broker
         self.reconnects = 0
+        self.node: str | None = None  # host:port of the node connected to
         self._connected_once = False
         self._log = get_logger(component="rabbitmq", namespace=self.topology.namespace)
 
@@ -126,7 +139,9 @@ class RabbitMQBroker(Broker):
 
     def _open(self) -> None:
         self._drop()
-        conn = pika.BlockingConnection(self._params)
+        conn = pika.BlockingConnection(self._nodes)
+        node = getattr(getattr(conn, "_impl", None), "params", None)
+        self.node = f"{node.host}:{node.port}" if node is not None else None
         ch = conn.channel()
         ch.confirm_delivery()
         self._conn, self._ch = conn, ch
@@ -150,7 +165,7 @@ class RabbitMQBroker(Broker):
                     self._open()
             if self._connected_once:
                 self.reconnects += 1
-                self._log.info("broker_reconnected", reconnects=self.reconnects)
+                self._log.info("broker_reconnected", reconnects=self.reconnects, node=self.node)
             self._connected_once = True
         return self._ch
 
@@ -398,12 +413,15 @@ class RabbitMQBroker(Broker):
     def temporary_queue(self, routing_keys: Iterable[str]) -> str:
         keys = tuple(routing_keys)
 
+        # client-named: a reconnect re-declares it under this name (a server-named
+        # ``amq.gen-`` name is reserved and would be refused with 403)
+        name = f"{self.topology.namespace}.reply.{uuid.uuid4().hex}"
+
         def declare(ch):
-            name = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            ch.queue_declare(name, exclusive=True, auto_delete=True)
             for key in keys:
                 ch.queue_bind(name, self.topology.control_exchange, routing_key=key)
-            return name
-        name = self._with_retry(declare)
+        self._with_retry(declare)
         self._temporary[name] = keys
         return name
 

@@ -205,3 +205,49 @@ def test_local_store_describe_notices_a_stale_sidecar(local):
     (local.root / "k").write_bytes(b"new content")
     assert local.describe("k")["sha256"] == sha256_bytes(b"new content")
     assert local.get_bytes("k", sha256=sha256_bytes(b"new content")) == b"new content"
+
+
+# -- conditional writes (S3's If-None-Match: * and If-Match) ------------------------------------
+def test_if_none_match_creates_once_and_refuses_a_second_writer(store):
+    from cxr_mq.storage.base import PreconditionFailed
+
+    first = store.put_bytes("rounds/000001/round", b"controller A", if_none_match=True)
+    assert first.etag
+    with pytest.raises(PreconditionFailed, match="rounds/000001/round"):
+        store.put_bytes("rounds/000001/round", b"controller B", if_none_match=True)
+    assert store.get_bytes("rounds/000001/round") == b"controller A"
+    # the same content again is a retried write that had landed, not a lost race
+    assert store.put_bytes("rounds/000001/round", b"controller A", if_none_match=True).sha256 == first.sha256
+
+
+def test_if_match_replaces_only_the_version_that_was_read(store):
+    from cxr_mq.storage.base import PreconditionFailed
+
+    store.put_bytes("rounds/000001/state", b"v1")
+    data, etag = store.get_versioned("rounds/000001/state")
+    assert data == b"v1"
+    second = store.put_bytes("rounds/000001/state", b"v2", if_match=etag)
+    assert store.get_versioned("rounds/000001/state") == (b"v2", second.etag)
+    with pytest.raises(PreconditionFailed):  # a writer still holding v1's etag lost
+        store.put_bytes("rounds/000001/state", b"v2 from a stale writer", if_match=etag)
+    assert store.get_bytes("rounds/000001/state") == b"v2"
+    with pytest.raises(PreconditionFailed):
+        store.put_bytes("rounds/000001/missing", b"x", if_match=etag)
+    assert not store.exists("rounds/000001/missing")
+
+
+def test_concurrent_if_none_match_writers_exactly_one_wins(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cxr_mq.storage.base import PreconditionFailed
+
+    def attempt(writer: int) -> bool:
+        try:
+            store.put_bytes("rounds/000007/round", f"writer {writer}".encode(), if_none_match=True)
+            return True
+        except PreconditionFailed:
+            return False
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(attempt, range(8)))
+    assert won.count(True) == 1
+    assert store.get_bytes("rounds/000007/round") == f"writer {won.index(True)}".encode()

@@ -25,9 +25,10 @@ class Cluster:
     """One federation: a bucket, a broker namespace, keys, and worker processes."""
 
     def __init__(self, tmp_path: Path, amqp_url: str, s3: dict, namespace: str,
-                 hospitals=("h1", "h2", "h3"), metrics: bool = False,
+                 hospitals=("h1", "h2", "h3"), metrics: bool = False, synthetic: bool = False,
                  controller_id: str = "controller", aggregator_id: str = "aggregator"):
         self.metrics = metrics
+        self.synthetic = synthetic  # hospitals run with --synthetic: no TensorFlow, no images
         self.controller_id, self.aggregator_id = controller_id, aggregator_id
         self.metrics_ports: dict[str, int] = {}
         self.tmp = tmp_path
@@ -133,13 +134,14 @@ class Cluster:
         self.spawn_env[name] = dict(env or {})
         return proc
 
-    def start_aggregator(self, *extra, env: dict | None = None) -> subprocess.Popen:
-        return self._spawn("aggregator", ["aggregator", "--identity",
-                                          str(self.identity_path(self.aggregator_id)), *extra], env)
+    def start_aggregator(self, *extra, env: dict | None = None,
+                         name: str = "aggregator") -> subprocess.Popen:
+        return self._spawn(name, ["aggregator", "--identity",
+                                  str(self.identity_path(self.aggregator_id)), *extra], env)
 
     def start_hospital(self, hospital: str, *extra, env: dict | None = None) -> subprocess.Popen:
-        return self._spawn(hospital, ["hospital", "--id", hospital, "--data",
-                                      str(self.data_dirs[hospital]),
+        data = ["--synthetic"] if self.synthetic else ["--data", str(self.data_dirs[hospital])]
+        return self._spawn(hospital, ["hospital", "--id", hospital, *data,
                                       "--secret-context", str(self.keys_dir / "secret.ctx"),
                                       "--identity", str(self.identity_path(hospital)),
                                       *extra], env)
@@ -302,7 +304,8 @@ class Cluster:
 
     # -- broker -----------------------------------------------------------------------------
     def _amqp(self):
-        return pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        # a cluster's URLs are comma-separated: the first node that answers
+        return pika.BlockingConnection([pika.URLParameters(u) for u in self.amqp_url.split(",")])
 
     def publish_raw(self, routing_key: str, body: bytes, headers: dict | None = None,
                     url: str | None = None, user_id: str | None = "login") -> None:

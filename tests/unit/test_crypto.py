@@ -10,7 +10,7 @@ import pytest
 from cxr_mq import crypto
 from cxr_mq.crypto import CodecError, CodecMismatch, SecretKeyPresent, compact, sampling, sealio, wire
 
-PROFILES = sorted(crypto.PROFILES)
+PROFILES = sorted(crypto.SINGLE_KEY_PROFILES)  # the threshold profile: test_threshold_*.py
 
 
 @pytest.fixture(scope="module", params=PROFILES)
@@ -24,9 +24,9 @@ def codecs(keys):
     return crypto.load_context(pair.secret), crypto.load_context(pair.public)
 
 
-def _encrypt(codec, weights, n):
+def _encrypt(codec, weights, n, **kwargs):
     buf = io.BytesIO()
-    written = codec.encrypt_update(weights, n, buf)
+    written = codec.encrypt_update(weights, n, buf, **kwargs)
     assert written == len(buf.getvalue())
     return buf.getvalue()
 
@@ -106,7 +106,7 @@ def test_sum_of_sums_equals_sum(codecs):
     pbuf = io.BytesIO()
     partial.write(pbuf)
     total = public.new_sum(3000)
-    total.add(io.BytesIO(pbuf.getvalue()))
+    total.add(io.BytesIO(pbuf.getvalue()), n_updates=2)
     total.add(io.BytesIO(blobs[2]))
     assert total.count == 3
     out = io.BytesIO()
@@ -222,31 +222,35 @@ def test_load_context_file(tmp_path, keys, codecs):
 
 @pytest.mark.parametrize("count", [1, 100_000])
 def test_fedavg_precision_at_the_extremes(codecs, count):
-    """All 10 hospitals at one sample (smallest total) or 100,000 (largest sum), |w| = 10."""
+    """All 10 hospitals at one sample (smallest total) or 100,000 (largest sum), |w| = 10:
+    within 1e-6, or the stated quantization bound where one sample per hospital makes it
+    larger (10 * precision(10) / 10 = 1.9e-6 for compact)."""
     secret, public = codecs
     rng = np.random.default_rng(count)
     n_params = 12_000
     weights = [rng.choice([-10.0, 10.0], n_params) for _ in range(10)]
     for w in weights:
         w[:500] = 10.0  # the sum reaches 10 * 10 * count
-    total = public.new_sum(n_params)
+    total = public.new_sum(n_params, max_updates=10)
     for w in weights:
-        total.add(io.BytesIO(_encrypt(secret, w, count)))
+        total.add(io.BytesIO(_encrypt(secret, w, count, max_contributors=10)))
     buf = io.BytesIO()
     total.write(buf)
     buf.seek(0)
-    got = secret.decrypt_aggregate(buf, 10 * count)
+    got = secret.decrypt_aggregate(buf, 10 * count, n_updates=10)
     expected = sum(weights) / 10
-    assert np.max(np.abs(got - expected)) < 1e-6
+    stated = 10 * secret.precision(10) / (10 * count)
+    assert np.max(np.abs(got - expected)) <= max(1e-6, stated * (1 + 1e-9))
 
 
 def test_compact_noise_bound():
-    """Coefficient encoding: one update's error is SEAL's noise bound (21) plus rounding over the scale."""
+    """Coefficient encoding: one update's error is its quantization to the grid, nothing more
+    (the noise is rounded away)."""
     codec = crypto.load_context(crypto.generate_keys("compact").secret)
     w = np.random.default_rng(7).uniform(-10, 10, 3 * codec.POLY_MODULUS_DEGREE)
-    out = codec.decrypt_update(io.BytesIO(_encrypt(codec, w, 1)), 1)
-    bound = (codec.NOISE_BOUND + 1) / codec.scale
-    assert np.max(np.abs(out - w)) <= bound
+    out = codec.decrypt_update(io.BytesIO(_encrypt(codec, w, 1, max_contributors=1)), 1)
+    assert np.max(np.abs(out - w)) <= codec.precision(1)
+    assert codec.precision(1) == 2.0**-21  # grid 2^-20: 256 units of 2^-28, twice (21 + 64) rounded up
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +369,7 @@ def test_compact_zero_chunks_round_trip(compact_codec, pattern):
             w[i * n : (i + 1) * n] = 0.0
     n_samples = 1000
     out = codec.decrypt_update(io.BytesIO(_encrypt(codec, w, n_samples)), n_samples)
-    assert np.max(np.abs(out - w)) <= (codec.NOISE_BOUND + 1) / codec.scale / n_samples
+    assert np.max(np.abs(out - w)) <= codec.precision(crypto.DEFAULT_MAX_CONTRIBUTORS) / n_samples
 
 
 def test_compact_plain_loader_refuses_foreign_rows(compact_codec):
@@ -398,7 +402,7 @@ def test_compact_context_refuses_an_encryption_path_that_does_not_decrypt(monkey
 
 def test_compact_refuses_values_beyond_headroom():
     codec = crypto.load_context(crypto.generate_keys("compact").secret)
-    with pytest.raises(CodecError, match="at most"):
+    with pytest.raises(crypto.UpdateOutOfRange, match="at most"):
         codec.encrypt_update(np.full(10, 10.0), int(codec.VALUE_LIMIT), io.BytesIO())
 
 
@@ -500,7 +504,7 @@ def test_compact_sum_allocation_does_not_grow_with_updates():
     def peak_for(k):
         tracemalloc.start()
         try:
-            total = public.new_sum(n_params)
+            total = public.new_sum(n_params, distinct_updates=False)  # the same upload k times
             for _ in range(k):
                 total.add(io.BytesIO(blob))
             total.write(io.BytesIO())
@@ -554,3 +558,191 @@ def test_codec_bench_runs_and_reports_every_figure():
     assert set(compact["aggregator_peak_rss_mb"]) == {"2", "3"}
     assert compact["encrypt_mparams_per_s_per_core"] > 0 and compact["aggregate_mparams_per_s_per_core"] > 0
     assert "encrypt_mparams_per_s_per_core" in bench.results_table(result)
+
+
+# --------------------------------------------------------------------------- limits (issue 10: 3, 5, 6)
+
+
+def _sum_bytes(total) -> bytes:
+    out = io.BytesIO()
+    total.write(out)
+    return out.getvalue()
+
+
+def _forged_stream(codec, **fields) -> bytes:
+    """A stream whose header says what the attacker likes, followed by a few bytes."""
+    import msgpack
+
+    header = {"v": 1, "profile": codec.profile, "fingerprint": codec.fingerprint,
+              "n_params": 100, "n_chunks": codec.n_chunks(100), "n_updates": 1, **fields}
+    body = msgpack.packb(header)
+    return crypto.UPDATE_MAGIC + len(body).to_bytes(4, "big") + body + b"\0" * 16
+
+
+def test_an_upload_holding_two_updates_is_refused_and_the_sum_is_untouched(codecs):
+    secret, public = codecs
+    rng = np.random.default_rng(20)
+    blobs = [_encrypt(secret, rng.uniform(-1, 1, 100), 1) for _ in range(3)]
+    pair = public.new_sum(100)
+    pair.add(io.BytesIO(blobs[0]))
+    pair.add(io.BytesIO(blobs[1]))
+    total = public.new_sum(100, max_updates=3)
+    total.add(io.BytesIO(blobs[2]))
+    before = _sum_bytes(total)
+    with pytest.raises(CodecError, match="holds 2 updates, expected exactly 1"):
+        total.add(io.BytesIO(_sum_bytes(pair)))
+    assert total.count == 1 and _sum_bytes(total) == before
+
+
+def test_a_sum_refuses_more_updates_than_the_round_takes(codecs):
+    secret, public = codecs
+    rng = np.random.default_rng(21)
+    total = public.new_sum(100, max_updates=2)
+    for _ in range(2):
+        total.add(io.BytesIO(_encrypt(secret, rng.uniform(-1, 1, 100), 1)))
+    with pytest.raises(CodecError, match="at most 2 updates"):
+        total.add(io.BytesIO(_encrypt(secret, rng.uniform(-1, 1, 100), 1)))
+    assert total.count == 2
+
+
+def test_a_153_byte_upload_claiming_2_20_updates_is_refused_before_allocating(codecs):
+    """Before: the header's count sized the read buffers and seed arrays (529 MB)."""
+    import tracemalloc
+
+    _, public = codecs
+    forged = _forged_stream(public, n_updates=1 << 20)
+    assert len(forged) < 200
+    total = public.new_sum(100)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match=f"holds {1 << 20} updates, expected exactly 1"):
+            total.add(io.BytesIO(forged))
+        with pytest.raises(CodecError, match="expected 3"):  # a decryptor told the contributors
+            codecs[0].decrypt_aggregate(io.BytesIO(forged), 10, n_updates=3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    with pytest.raises(CodecError, match="out of range"):  # beyond any round, whatever the caller says
+        public.read_header(io.BytesIO(_forged_stream(public, n_updates=(1 << 20) + 1)))
+
+
+def test_huge_frame_lengths_are_refused_without_reading_them(codecs):
+    secret, public = codecs
+    blob = bytearray(_encrypt(secret, np.ones(100), 1))
+    header_len = len(blob) - (len(blob) - len(_forged_stream(public)) + 16)  # magic + header frame
+    assert blob[header_len:header_len + 4] == len(blob[header_len + 4:]).to_bytes(4, "big")
+    blob[header_len:header_len + 4] = b"\xff\xff\xff\xff"
+    with pytest.raises(CodecError, match="4294967295 bytes"):
+        public.new_sum(100).add(io.BytesIO(bytes(blob)))
+    forged = crypto.UPDATE_MAGIC + b"\xff\xff\xff\xff" + b"\0" * 64  # the header frame itself
+    with pytest.raises(CodecError, match="more than the limit"):
+        public.read_header(io.BytesIO(forged))
+
+
+def test_compact_refuses_repeated_seed_records(compact_codec):
+    codec = compact_codec
+    n = codec.POLY_MODULUS_DEGREE
+    blob = bytearray(_encrypt(codec, np.random.default_rng(22).uniform(-1, 1, 2 * n), 1))
+    frame = codec.frame_bytes()
+    first = len(blob) - 2 * frame
+    seed = blob[first + 4 : first + 4 + codec.SEED_BYTES]
+    twice = bytearray(blob)
+    twice[first + frame + 4 : first + frame + 4 + codec.SEED_BYTES] = seed  # chunk 1 reuses chunk 0's seed
+    total = codec.new_sum(2 * n)
+    with pytest.raises(CodecError, match="appears twice"):
+        total.add(io.BytesIO(bytes(twice)))
+    assert total.count == 0
+    total.add(io.BytesIO(bytes(blob)))
+    with pytest.raises(CodecError, match="in the sum already"):  # the same encryption again
+        total.add(io.BytesIO(bytes(blob)))
+    assert total.count == 1
+
+
+def test_an_aggregate_is_checked_against_its_contributors_before_decrypting(compact_codec):
+    """One hospital's update summed three times would decrypt to 3x that update: refused."""
+    codec = compact_codec
+    n = codec.POLY_MODULUS_DEGREE
+    w = np.random.default_rng(23).uniform(-1, 1, 2 * n)
+    blob = _encrypt(codec, w, 1)
+    copies = codec.new_sum(2 * n, distinct_updates=False)
+    for _ in range(3):
+        copies.add(io.BytesIO(blob))
+    aggregate = _sum_bytes(copies)
+    calls = []
+    real = codec.decrypt_chunks
+    codec.decrypt_chunks = lambda *a: calls.append(a) or real(*a)
+    try:
+        with pytest.raises(CodecError, match="appears twice"):
+            codec.decrypt_aggregate(io.BytesIO(aggregate), 3, n_updates=3)
+        assert calls == []  # refused before any chunk was decrypted
+    finally:
+        del codec.decrypt_chunks
+    with pytest.raises(CodecError, match="sums 3 updates, expected 2"):
+        codec.decrypt_aggregate(io.BytesIO(aggregate), 3, n_updates=2)
+    with pytest.raises(CodecError, match="fewer than the minimum of 3"):
+        codec.decrypt_aggregate(io.BytesIO(blob), 1, min_updates=3)
+
+
+@pytest.mark.parametrize("k", [1, 9, 200])
+def test_updates_at_the_limit_of_k_contributors_sum_without_wrapping(codecs, k):
+    """k updates at exactly update_limit(k), all one sign, decrypt to their sum; a hair more is
+    refused before encrypting. Before, 9 updates near the old per-update limit wrapped."""
+    secret, public = codecs
+    n_params = 64
+    limit = secret.update_limit(k)
+    assert limit > 0
+    w = np.full(n_params, limit)
+    w[1::2] = -limit
+    blob = _encrypt(secret, w, 1, max_contributors=k)
+    total = public.new_sum(n_params, max_updates=k, distinct_updates=False)  # k copies: same bound
+    for _ in range(k):
+        total.add(io.BytesIO(blob))
+    got = secret.decrypt_aggregate(io.BytesIO(_sum_bytes(total)), 1) if secret.profile == "seed" else None
+    if got is None:
+        # compact refuses copies when decrypting (distinct seeds): encrypt k fresh ones
+        total = public.new_sum(n_params, max_updates=k)
+        for _ in range(k):
+            total.add(io.BytesIO(_encrypt(secret, w, 1, max_contributors=k)))
+        got = secret.decrypt_aggregate(io.BytesIO(_sum_bytes(total)), 1, n_updates=k)
+    assert np.max(np.abs(got - k * w)) <= k * secret.precision(k)
+    with pytest.raises(crypto.UpdateOutOfRange, match=f"at most {k} contributors"):
+        secret.encrypt_update(w * (1 + 1e-6), 1, io.BytesIO(), max_contributors=k)
+
+
+def test_the_issues_wrapping_sum_is_refused_before_encrypting(compact_codec):
+    """200 hospitals x 100,000 samples x |w| = 10 decrypted to garbage; now refused (the seed
+    profile's modulus holds 2^90: it takes such a sum)."""
+    secret = compact_codec
+    out = io.BytesIO()
+    with pytest.raises(crypto.UpdateOutOfRange, match="at most 200 contributors"):
+        secret.encrypt_update(np.full(10, 10.0), 100_000, out, max_contributors=200)
+    assert out.getvalue() == b""  # nothing was written
+    secret.encrypt_update(np.full(10, 10.0), 100_000, io.BytesIO(), max_contributors=10)
+
+
+def test_decrypted_values_carry_no_noise(codecs):
+    """Two encryptions of the same updates decrypt to identical values (the noise differs,
+    so it is gone), within the stated precision, and on the grid."""
+    secret, public = codecs
+    rng = np.random.default_rng(24)
+    n_params, counts = 9000, [3, 50, 7]
+    ws = [rng.uniform(-5, 5, n_params) for _ in counts]
+    results, blobs = [], []
+    for _ in range(2):
+        total = public.new_sum(n_params, max_updates=3)
+        for w, n in zip(ws, counts):
+            blobs.append(_encrypt(secret, w, n, max_contributors=3))
+            total.add(io.BytesIO(blobs[-1]))
+        results.append(secret.decrypt_aggregate(io.BytesIO(_sum_bytes(total)), sum(counts), n_updates=3))
+    assert blobs[0] != blobs[3]  # fresh randomness each time
+    assert np.array_equal(results[0], results[1])
+    expected = sum(n * w for w, n in zip(ws, counts)) / sum(counts)
+    assert np.max(np.abs(results[0] - expected)) <= 3 * secret.precision(3) / sum(counts)
+    total = public.new_sum(n_params, max_updates=3)
+    for blob in blobs[:3]:
+        total.add(io.BytesIO(blob))
+    steps = secret.decrypt_aggregate(io.BytesIO(_sum_bytes(total)), 1) / secret.grid(3)
+    assert np.array_equal(steps, np.rint(steps))  # whole steps of the grid: no noise below it
+    single = [secret.decrypt_update(io.BytesIO(blobs[i]), counts[0]) for i in (0, 3)]
+    assert np.array_equal(single[0], single[1])
