@@ -42,6 +42,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -120,8 +121,8 @@ class PublicIdentity:
     x25519: bytes
     role: str | None = None
 
-    @property
-    def signing_key(self) -> Ed25519PublicKey:
+    @cached_property
+    def signing_key(self) -> Ed25519PublicKey:  # parsed once per registry entry
         return Ed25519PublicKey.from_public_bytes(self.ed25519)
 
     @property
@@ -368,8 +369,8 @@ class Verifier:
             raise IdentityError(f"unsigned {kind}: no signer or signature")
         sender = self.registry.get(signer)
         if sender.role != role:
-            raise IdentityError(f"wrong role: {kind} from {signer!r}, a {sender.role}; "
-                                f"only a {role} may send it")
+            raise IdentityError(f"wrong role: {kind} from {signer!r}, registered as {sender.role}; "
+                                f"only the {role} role may send it")
         try:
             sender.signing_key.verify(bytes.fromhex(signature), canonical_bytes(message))
         except (InvalidSignature, ValueError):

@@ -79,8 +79,8 @@ def test_unsigned_unknown_wrong_role_and_impersonation_are_refused(parties, veri
     mallory = Identity.generate("mallory")  # has keys, but nobody registered them
     with pytest.raises(IdentityError, match=r"^unknown sender 'mallory': no identity in the registry$"):
         verifier.verify(identity.sign(update(hospital="mallory"), mallory), broker_user="mallory")
-    with pytest.raises(IdentityError, match=r"^wrong role: update_ready from 'agg', a aggregator; "
-                                            r"only a hospital may send it$"):
+    with pytest.raises(IdentityError, match=r"^wrong role: update_ready from 'agg', registered as "
+                                            r"aggregator; only the hospital role may send it$"):
         verifier.verify(identity.sign(update(hospital="agg"), parties["agg"]), broker_user="agg")
     # h2 signs an update naming h1 (and h1's object): its own signature, someone else's name
     with pytest.raises(IdentityError, match=r"^update_ready signed by 'h2' names hospital 'h1'$"):

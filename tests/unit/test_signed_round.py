@@ -6,6 +6,7 @@ claims; the round completes on the honest updates, and their sum is exactly thei
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 
@@ -109,18 +110,18 @@ def test_forgeries_are_refused_first_and_the_round_completes_on_honest_updates(f
         ("h2", "update_ready", identity.sign({**unsigned, "hospital": "mallory"}, mallory),
          "unknown sender 'mallory': no identity in the registry"),
         ("h1", "round_start", identity.sign({**start, "round": 2}, parties["h1"]),
-         "wrong role: round_start from 'h1', a hospital; only a controller may send it"),
+         "wrong role: round_start from 'h1', registered as hospital; only the controller role may send it"),
         ("h2", "update_ready", identity.sign({**unsigned, "sent_at": time.time() - 90_000}, parties["h1"]),
          "broker user 'h2' published a update_ready signed by 'h1'"),  # login before age
         ("h1", "update_ready", identity.sign({**unsigned, "sent_at": time.time() - 90_000}, parties["h1"]),
-         "stale update_ready from 'h1': signed 90000s ago, more than 86400s"),
+         "stale update_ready from 'h1': signed 900\\d\\ds ago, more than 86400s"),  # a regex
     ]
     for login, key, message, _ in attacks:
         logins[login].publish(key, messages.encode(message))
     letters = _dead_letters(admin, len(attacks))
     for (login, key, message, reason), letter in zip(attacks, letters):
         assert letter.headers[USER_HEADER] == login
-        assert letter.headers[REASON_HEADER] == reason, (reason, letter.headers)
+        assert re.fullmatch(reason, letter.headers[REASON_HEADER]), (reason, letter.headers)
 
     logins["h2"].publish("update_ready", messages.encode(_update(store, secret, parties["h2"], 1, seed=2)))
     _wait(lambda: rounds.RoundState.load(store, 1).announced, "the round did not complete")
@@ -147,7 +148,7 @@ def test_forgeries_are_refused_first_and_the_round_completes_on_honest_updates(f
     reasons = [r["reason"] for r in rows[1]["refused"]]
     for _, key, _, reason in attacks:
         if key == "update_ready":
-            assert reason in reasons
+            assert any(re.fullmatch(reason, r) for r in reasons), (reason, reasons)
     assert rows[2]["state"] == "unknown"  # the hospital-signed round_start claimed round 2
     assert rows[2]["refused"][0]["reason"].startswith("wrong role")
 
