@@ -87,11 +87,14 @@ def keys():
 @click.option("--upload/--no-upload", default=True,
               help="Upload the public context to the bucket (keys/public-context).")
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
+@click.option("--kms-wrap", is_flag=True,
+              help="Write secret.ctx KMS-wrapped (secret_kms_key_id, else kms_key_id).")
 @click.pass_obj
-def keys_init(obj: Context, out_dir, profile, upload, force):
+def keys_init(obj: Context, out_dir, profile, upload, force, kms_wrap):
     """Create a key pair: DIR/secret.ctx and DIR/public.ctx, and publish the public one."""
     from . import crypto
-    from .runtime import make_store
+    from .crypto import keyfile
+    from .runtime import make_kms, make_store
 
     settings = obj.settings(codec_profile=profile)
     out = Path(out_dir)
@@ -99,19 +102,64 @@ def keys_init(obj: Context, out_dir, profile, upload, force):
     if not force and (secret_path.exists() or public_path.exists()):
         _fail(f"{out}: key files exist already (use --force to replace them)")
     store = make_store(settings) if upload else None
+    wrap_key = _wrap_key_id(settings) if kms_wrap else None
     pair = crypto.generate_keys(settings.codec_profile)
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pair.secret)
-    public_path.write_bytes(pair.public)
     codec = crypto.load_context(pair.public)
+    secret = pair.secret
+    if wrap_key:
+        secret = keyfile.wrap(secret, make_kms(settings), wrap_key,
+                              {"cxr-mq:fingerprint": codec.fingerprint})
+    out.mkdir(parents=True, exist_ok=True)
+    keyfile.write_secret_file(secret_path, secret)
+    public_path.write_bytes(pair.public)
     result = {"secret_context": str(secret_path), "public_context": str(public_path),
               "profile": codec.profile, "fingerprint": codec.fingerprint}
+    if wrap_key:
+        result["kms_wrapped"] = keyfile.read_header(secret)["kms_key_id"]
     if store is not None:
         info = store.put_bytes(settings.public_context_key, pair.public)
         result["uploaded"] = f"{settings.public_context_key} sha256={info.sha256}"
     click.echo(json.dumps(result, indent=1))
+
+
+def _wrap_key_id(settings: Settings) -> str:
+    key = settings.secret_kms_key_id or settings.kms_key_id
+    if not key:
+        raise ConfigError("CXR_MQ_SECRET_KMS_KEY_ID", "is required to KMS-wrap a secret key file "
+                          "(or CXR_MQ_KMS_KEY_ID)")
+    return key
+
+
+@keys.command("wrap")
+@click.argument("secret_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help="The wrapped key file to write (mode 0600); may be SECRET_FILE itself.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@click.pass_obj
+def keys_wrap(obj: Context, secret_file, out_file, force):
+    """KMS-wrap a secret context file (envelope: KMS GenerateDataKey + AES-256-GCM)."""
+    from . import crypto
+    from .crypto import keyfile
+    from .runtime import make_kms
+
+    settings = obj.settings()
+    source, out = Path(secret_file), Path(out_file)
+    if out.exists() and not force:
+        _fail(f"{out}: exists already (use --force to replace it)")
+    data = source.read_bytes()
+    if keyfile.is_wrapped(data):
+        _fail(f"{source}: is KMS-wrapped already")
+    try:
+        codec = crypto.load_context(data)
+    except crypto.CodecError as exc:
+        raise type(exc)(f"{source}: {exc}") from exc
+    if not codec.has_secret_key:
+        _fail(f"{source}: holds no secret key (nothing to wrap)")
+    wrapped = keyfile.wrap(data, make_kms(settings), _wrap_key_id(settings),
+                           {"cxr-mq:fingerprint": codec.fingerprint})
+    keyfile.write_secret_file(out, wrapped)
+    click.echo(json.dumps({"wrapped": str(out), "fingerprint": codec.fingerprint,
+                           "kms_key_id": keyfile.read_header(wrapped)["kms_key_id"]}, indent=1))
 
 
 # -- identities -------------------------------------------------------------------------------
@@ -260,8 +308,9 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
-                            skip_bad=skip_bad, synthetic=synthetic, identity=ident,
-                            verifier=make_verifier(settings, store))
+                            skip_bad=skip_bad, synthetic=synthetic,
+                            keep_plaintext_updates=settings.keep_plaintext_updates,
+                            identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -302,6 +351,7 @@ def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggreg
         lease = Lease(store, settings.aggregator_id or f"{socket.gethostname()}:{os.getpid()}",
                       ttl=settings.aggregator_lease)
     worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease,
+                              retain_updates=settings.retain_updates,
                               identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
@@ -623,6 +673,46 @@ def bench_federated(args):
     from .central_bench import main as central_bench_main
 
     central_bench_main(list(args), prog="cxr-mq bench-federated")
+
+
+@main.command("bench-federation")
+@click.option("--hospitals", type=click.IntRange(min=1), required=True, help="Hospitals (N).")
+@click.option("--params", type=click.IntRange(min=1), required=True, help="Model parameters (P).")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--round-timeout", type=float, default=3600.0, show_default=True,
+              help="Seconds a round may take before the bench gives up.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def bench_federation(obj: Context, hospitals, params, rounds, round_timeout, as_json):
+    """Rounds of N hospitals x P parameters through the real workers, RabbitMQ and S3.
+
+    Local training is replaced by a seeded synthetic update (said in the output); the store
+    is moto's server on loopback, started here, unless CXR_MQ_S3_ENDPOINT_URL is set (then
+    CXR_MQ_S3_BUCKET, if set, must hold no rounds). Uses its own broker namespace."""
+    from . import bench_federation as bench
+    from .log import configure_logging
+
+    settings = obj.settings()
+    configure_logging(obj.log_level or "warning", settings.log_format)  # N workers' logs
+    options = bench.BenchOptions(
+        hospitals=hospitals, params=params, rounds=rounds, round_timeout=round_timeout,
+        amqp_url=settings.amqp_url or bench.BenchOptions.amqp_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_bucket=settings.s3_bucket if settings.s3_endpoint_url else None,
+        kms_key_id=settings.kms_key_id if settings.s3_endpoint_url else None,
+        region=settings.aws_region or "us-east-1")
+    try:
+        result = bench.run(options)
+    except (RuntimeError, ValueError) as exc:
+        _fail(f"bench-federation: {exc}", 1)
+    if as_json:
+        click.echo(bench.main_json(result))
+        return
+    click.echo(f"bench-federation: {result['synthetic_training']}")
+    click.echo(f"store: {result['store']}; broker: {result['broker']} (namespace "
+               f"{result['namespace']}); load average before/after: "
+               f"{result['load_average_before'][0]:.1f} / {result['load_average_after'][0]:.1f}")
+    click.echo(bench.table(result))
 
 
 if __name__ == "__main__":  # pragma: no cover

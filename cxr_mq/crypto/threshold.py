@@ -405,12 +405,19 @@ class ThresholdCodec(CkksCodec):
 
     # decryption by the holder of s_S
 
-    def decrypt_aggregate(self, src: BinaryIO, key_sum: np.ndarray) -> tuple[np.ndarray, int]:
+    def decrypt_aggregate(self, src: BinaryIO, key_sum: np.ndarray, *, n_updates: int | None = None,
+                          min_updates: int = 1) -> tuple[np.ndarray, int]:
         """(FedAvg weights, total samples) of an aggregate, with the round's key sum ``s_S``
         (integer polynomial from :func:`committee.combine`). A key sum that does not belong
-        to this aggregate is refused (the zero coefficients do not decrypt to zero)."""
+        to this aggregate is refused (the zero coefficients do not decrypt to zero), and so
+        is an aggregate of other than ``n_updates`` or fewer than ``min_updates`` updates."""
         header, key_ct = self.read_prefix(src)
         enc, k = header.encoding, header.n_updates
+        if n_updates is not None and k != n_updates:
+            raise ThresholdCodecError(f"the aggregate sums {k} updates, expected {n_updates}")
+        if k < min_updates:
+            raise ThresholdCodecError(f"the aggregate sums {k} update(s), fewer than the minimum of {min_updates}: "
+                                      "decrypting it would reveal them")
         s = np.asarray(key_sum, dtype=np.int64)
         if s.shape != (self.n,) or np.abs(s).max(initial=0) > k:
             raise ThresholdCodecError(f"a key sum of {k} round keys has {self.n} coefficients in [-{k}, {k}]")

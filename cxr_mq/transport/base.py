@@ -30,6 +30,10 @@ AGGREGATOR_BINDINGS = ("round_start", "update_ready")
 REASON_HEADER = "x-cxr-reason"
 USER_HEADER = "x-cxr-user-id"  # on a dead letter: the user_id the refused message carried
 ORIGIN_HEADER = "x-cxr-queue"
+# Deliveries of one message before the broker dead-letters it (a handler that fails on every
+# delivery must not loop for ever). Past the limit a message reaches the dead-letter queue
+# with RabbitMQ's ``x-death`` header (reason ``delivery_limit``) instead of ``x-cxr-reason``.
+DELIVERY_LIMIT = 100
 
 
 @dataclass(frozen=True)

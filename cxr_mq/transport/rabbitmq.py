@@ -28,14 +28,14 @@ from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_aft
                       stop_when_event_set, wait_exponential_jitter)
 
 from ..log import get_logger
-from .base import (AGGREGATOR_BINDINGS, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER,
-                   USER_HEADER, Broker, Delivery, Handler, Refuse, Requeue, Topology, TransportError)
+from .base import (AGGREGATOR_BINDINGS, DELIVERY_LIMIT, HOSPITAL_BINDINGS, ORIGIN_HEADER,
+                   REASON_HEADER, USER_HEADER, Broker, Delivery, Handler, Refuse, Requeue, Topology,
+                   TransportError)
 
 CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.ConnectionClosed, pex.StreamLostError,
                      pex.ChannelClosed, pex.ChannelWrongStateError, ConnectionError, OSError)
 PERMANENT_CHANNEL_CODES = (403, 404, 405, 406)  # access refused, not found, locked, precondition
 ACCESS_REFUSED = 403
-DELIVERY_LIMIT = 100
 HANDLER_ERROR_BACKOFF = 2.0
 NACK_ATTEMPTS = 5  # a publisher nack means "not stored, try again", e.g. a queue electing a leader
 
@@ -97,8 +97,9 @@ def split_urls(url: str) -> list[str]:
 class RabbitMQBroker(Broker):
     def __init__(self, url: str, topology: Topology | None = None, heartbeat: int = 30,
                  reconnect_for: float = 600.0, max_backoff: float = 15.0,
-                 tls: TlsOptions | None = None):
+                 tls: TlsOptions | None = None, delivery_limit: int = DELIVERY_LIMIT):
         self.topology = topology or Topology()
+        self.delivery_limit = delivery_limit
         # a comma-separated list is a cluster's nodes: each connect tries them in turn
         self._nodes = [connection_parameters(u, tls) for u in split_urls(url)]
         for params in self._nodes:
@@ -212,7 +213,7 @@ class RabbitMQBroker(Broker):
 
     # -- topology -------------------------------------------------------------------------
     def _queue_args(self) -> dict:
-        return {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT,
+        return {"x-queue-type": "quorum", "x-delivery-limit": self.delivery_limit,
                 "x-dead-letter-exchange": self.topology.dead_letter_exchange}
 
     def _declare(self, ch) -> None:

@@ -26,7 +26,10 @@ class Cluster:
 
     def __init__(self, tmp_path: Path, amqp_url: str, s3: dict, namespace: str,
                  hospitals=("h1", "h2", "h3"), metrics: bool = False, synthetic: bool = False,
-                 controller_id: str = "controller", aggregator_id: str = "aggregator"):
+                 retain: bool = True, controller_id: str = "controller",
+                 aggregator_id: str = "aggregator"):
+        """``retain`` (the default here, not in production) keeps every update object and
+        each hospital's plaintext updates, from which the tests compute reference sums."""
         self.metrics = metrics
         self.synthetic = synthetic  # hospitals run with --synthetic: no TensorFlow, no images
         self.controller_id, self.aggregator_id = controller_id, aggregator_id
@@ -45,6 +48,8 @@ class Cluster:
             "CXR_MQ_NAMESPACE": namespace,
             "CXR_MQ_HOSPITALS": ",".join(self.hospitals),
             "CXR_MQ_WORK_DIR": str(tmp_path / "work"),
+            **({"CXR_MQ_RETAIN_UPDATES": "true", "CXR_MQ_KEEP_PLAINTEXT_UPDATES": "1000"}
+               if retain else {}),
             "CXR_MQ_LOG_FORMAT": "json",
             # every worker logs in as the URL's one user here; see test_identities.py for
             # a federation with one broker user per party
