@@ -80,8 +80,14 @@ def keys():
 
 
 @keys.command("init")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory for secret.ctx (hospitals only) and public.ctx.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Directory for secret.ctx (hospitals only) and public.ctx (required but with --threshold).")
+@click.option("--threshold", type=int, default=None,
+              help="Run the threshold key ceremony through the running hospital workers "
+                   "(CXR_MQ_HOSPITALS; the key authority signs with its identity, CXR_MQ_IDENTITY): T of them decrypt.")
+@click.option("--ceremony-id", default=None, help="With --threshold: the ceremony's id (default: a fresh one).")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="With --threshold: seconds to wait for each step of the hospitals.")
 @click.option("--profile", type=click.Choice(["compact", "seed"]), default=None,
               help="Codec profile (default: compact).")
 @click.option("--upload/--no-upload", default=True,
@@ -90,12 +96,18 @@ def keys():
 @click.option("--kms-wrap", is_flag=True,
               help="Write secret.ctx KMS-wrapped (secret_kms_key_id, else kms_key_id).")
 @click.pass_obj
-def keys_init(obj: Context, out_dir, profile, upload, force, kms_wrap):
-    """Create a key pair: DIR/secret.ctx and DIR/public.ctx, and publish the public one."""
+def keys_init(obj: Context, out_dir, threshold, ceremony_id, timeout, profile, upload, force, kms_wrap):
+    """Create a key pair: DIR/secret.ctx and DIR/public.ctx, and publish the public one; or,
+    with --threshold T, run the key ceremony (docs/threshold.md)."""
     from . import crypto
     from .crypto import keyfile
     from .runtime import make_kms, make_store
 
+    if threshold is not None:
+        _threshold_ceremony(obj, threshold, ceremony_id, timeout, out_dir)
+        return
+    if not out_dir:
+        _fail("--out is required (unless --threshold)")
     settings = obj.settings(codec_profile=profile)
     out = Path(out_dir)
     secret_path, public_path = out / "secret.ctx", out / "public.ctx"
@@ -120,6 +132,40 @@ def keys_init(obj: Context, out_dir, profile, upload, force, kms_wrap):
         info = store.put_bytes(settings.public_context_key, pair.public)
         result["uploaded"] = f"{settings.public_context_key} sha256={info.sha256}"
     click.echo(json.dumps(result, indent=1))
+
+
+def _threshold_ceremony(obj: Context, threshold: int, ceremony_id, timeout: float, out_dir) -> None:
+    import uuid
+
+    from . import threshold_flow
+    from .crypto.ceremony import CeremonyError, CeremonyParams
+    from .identity import Identity, Registry
+    from .runtime import make_broker, make_store
+
+    settings = obj.settings()
+    if len(settings.hospitals) < 2:
+        _fail("--threshold needs the hospitals (CXR_MQ_HOSPITALS, at least two)")
+    try:
+        params = CeremonyParams(settings.namespace, tuple(sorted(settings.hospitals)), threshold,
+                                ceremony_id or f"c{uuid.uuid4().hex[:12]}")
+    except CeremonyError as exc:
+        _fail(f"--threshold: {exc}")
+    authority = Identity.load(settings.identity_path())
+    store = make_store(settings)
+    with make_broker(settings) as broker:
+        broker.declare_topology(settings.hospitals)
+        try:
+            codec = threshold_flow.run_ceremony(store, broker, params, authority, Registry(store), timeout=timeout,
+                                                log=lambda m: click.echo(m, err=True))
+        except threshold_flow.FlowError as exc:
+            _fail(str(exc))
+    info = store.put_bytes(settings.public_context_key, codec.public_bytes())
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "public.ctx").write_bytes(codec.public_bytes())
+    click.echo(json.dumps({"ceremony_id": params.ceremony_id, "parties": list(params.parties),
+                           "threshold": params.threshold, "profile": codec.profile, "fingerprint": codec.fingerprint,
+                           "uploaded": f"{settings.public_context_key} sha256={info.sha256}"}, indent=1))
 
 
 def _wrap_key_id(settings: Settings) -> str:

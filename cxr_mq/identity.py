@@ -77,6 +77,8 @@ SENDERS: dict[str, KindRule] = {
     "update_ready": KindRule("hospital", "sent_at", sender_field="hospital"),
     "model_ready": KindRule("aggregator", "finished_at"),
     "round_aborted": KindRule("aggregator", "finished_at"),
+    "ceremony_start": KindRule("controller", "issued_at"),  # the key authority (docs/threshold.md)
+    "ceremony_finalize": KindRule("controller", "issued_at"),
 }
 
 # the two properties every message schema allows (validated as well-formed; required by verify)
