@@ -38,7 +38,8 @@ def federation(tmp_path, codecs):
     admin = EmbeddedBroker(server, topology, user="admin")
     admin.declare_topology(HOSPITALS)
     worker = AggregatorWorker(EmbeddedBroker(server, topology, user="agg"), store, codecs[1],
-                              hospitals=HOSPITALS, work_dir=str(tmp_path), identity=parties["agg"],
+                              hospitals=HOSPITALS, work_dir=str(tmp_path), retain_updates=True,
+                              identity=parties["agg"],
                               verifier=identity.Verifier(identity.Registry(store)))
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
