@@ -80,8 +80,14 @@ def keys():
 
 
 @keys.command("init")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory for secret.ctx (hospitals only) and public.ctx.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Directory for secret.ctx (hospitals only) and public.ctx (required but with --threshold).")
+@click.option("--threshold", type=int, default=None,
+              help="Run the threshold key ceremony through the running hospital workers "
+                   "(CXR_MQ_HOSPITALS; the key authority signs with its identity, CXR_MQ_IDENTITY): T of them decrypt.")
+@click.option("--ceremony-id", default=None, help="With --threshold: the ceremony's id (default: a fresh one).")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="With --threshold: seconds to wait for each step of the hospitals.")
 @click.option("--profile", type=click.Choice(["compact", "seed"]), default=None,
               help="Codec profile (default: compact).")
 @click.option("--upload/--no-upload", default=True,
@@ -90,12 +96,18 @@ def keys():
 @click.option("--kms-wrap", is_flag=True,
               help="Write secret.ctx KMS-wrapped (secret_kms_key_id, else kms_key_id).")
 @click.pass_obj
-def keys_init(obj: Context, out_dir, profile, upload, force, kms_wrap):
-    """Create a key pair: DIR/secret.ctx and DIR/public.ctx, and publish the public one."""
+def keys_init(obj: Context, out_dir, threshold, ceremony_id, timeout, profile, upload, force, kms_wrap):
+    """Create a key pair: DIR/secret.ctx and DIR/public.ctx, and publish the public one; or,
+    with --threshold T, run the key ceremony (docs/threshold.md)."""
     from . import crypto
     from .crypto import keyfile
     from .runtime import make_kms, make_store
 
+    if threshold is not None:
+        _threshold_ceremony(obj, threshold, ceremony_id, timeout, out_dir)
+        return
+    if not out_dir:
+        _fail("--out is required (unless --threshold)")
     settings = obj.settings(codec_profile=profile)
     out = Path(out_dir)
     secret_path, public_path = out / "secret.ctx", out / "public.ctx"
@@ -120,6 +132,40 @@ def keys_init(obj: Context, out_dir, profile, upload, force, kms_wrap):
         info = store.put_bytes(settings.public_context_key, pair.public)
         result["uploaded"] = f"{settings.public_context_key} sha256={info.sha256}"
     click.echo(json.dumps(result, indent=1))
+
+
+def _threshold_ceremony(obj: Context, threshold: int, ceremony_id, timeout: float, out_dir) -> None:
+    import uuid
+
+    from . import threshold_flow
+    from .crypto.ceremony import CeremonyError, CeremonyParams
+    from .identity import Identity, Registry
+    from .runtime import make_broker, make_store
+
+    settings = obj.settings()
+    if len(settings.hospitals) < 2:
+        _fail("--threshold needs the hospitals (CXR_MQ_HOSPITALS, at least two)")
+    try:
+        params = CeremonyParams(settings.namespace, tuple(sorted(settings.hospitals)), threshold,
+                                ceremony_id or f"c{uuid.uuid4().hex[:12]}")
+    except CeremonyError as exc:
+        _fail(f"--threshold: {exc}")
+    authority = Identity.load(settings.identity_path())
+    store = make_store(settings)
+    with make_broker(settings) as broker:
+        broker.declare_topology(settings.hospitals)
+        try:
+            codec = threshold_flow.run_ceremony(store, broker, params, authority, Registry(store), timeout=timeout,
+                                                log=lambda m: click.echo(m, err=True))
+        except threshold_flow.FlowError as exc:
+            _fail(str(exc))
+    info = store.put_bytes(settings.public_context_key, codec.public_bytes())
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "public.ctx").write_bytes(codec.public_bytes())
+    click.echo(json.dumps({"ceremony_id": params.ceremony_id, "parties": list(params.parties),
+                           "threshold": params.threshold, "profile": codec.profile, "fingerprint": codec.fingerprint,
+                           "uploaded": f"{settings.public_context_key} sha256={info.sha256}"}, indent=1))
 
 
 def _wrap_key_id(settings: Settings) -> str:
@@ -288,23 +334,29 @@ def _serve_metrics(port):
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
 @click.option("--synthetic", is_flag=True,
               help="Benchmarks only: replace local training by a seeded synthetic update.")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
-def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port, synthetic):
+def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port, synthetic,
+             identity_path):
     """Run a hospital worker (long-running)."""
     from workers.hospital import HospitalWorker
 
-    from .runtime import load_secret_codec, make_broker, make_store
+    from .runtime import load_identity, load_secret_codec, make_broker, make_store, make_verifier
 
     validate_hospital_id(hospital_id)
     if data_dir is None and not synthetic:
         _fail("--data: a hospital needs its image directory (or --synthetic for benchmarks)")
-    settings = obj.settings(secret_context=secret_context)
+    settings = obj.settings(secret_context=secret_context, identity=identity_path)
     codec = load_secret_codec(settings)
-    store, broker = make_store(settings), make_broker(settings.require("amqp_url"))
+    store = make_store(settings)
+    ident = load_identity(settings, store, "hospital", hospital_id)
+    broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
                             skip_bad=skip_bad, synthetic=synthetic,
-                            keep_plaintext_updates=settings.keep_plaintext_updates)
+                            keep_plaintext_updates=settings.keep_plaintext_updates,
+                            identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -321,16 +373,20 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
                    "store; one is active, the others take over when it lapses.")
 @click.option("--id", "aggregator_id", default=None,
               help="This aggregator's name in the lease (default: host:pid).")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
-def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id):
+def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id, identity_path):
     """Run the aggregator worker (long-running; public context only)."""
     from workers.aggregator import AggregatorWorker
 
-    from .runtime import load_public_codec, make_broker, make_store
+    from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
 
-    settings = obj.settings(aggregator_lease=lease_seconds, aggregator_id=aggregator_id)
+    settings = obj.settings(aggregator_lease=lease_seconds, aggregator_id=aggregator_id,
+                            identity=identity_path)
     store = make_store(settings)
     codec = load_public_codec(store, settings, public_context)
+    ident = load_identity(settings, store, "aggregator")
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     lease = None
@@ -341,7 +397,8 @@ def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggreg
         lease = Lease(store, settings.aggregator_id or f"{socket.gethostname()}:{os.getpid()}",
                       ttl=settings.aggregator_lease)
     worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease,
-                              retain_updates=settings.retain_updates)
+                              retain_updates=settings.retain_updates,
+                              identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -393,15 +450,17 @@ def _training_options(f):
 @click.option("--synthetic-params", type=click.IntRange(min=1), default=None,
               help="Benchmarks only: a first round on a synthetic model of this many parameters "
                    "(for hospitals run with --synthetic).")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
                 epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json,
-                synthetic_params):
+                synthetic_params, identity_path):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
-    from .runtime import load_public_codec, make_broker, make_store
+    from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
 
-    settings = obj.settings(hospitals=tuple(hospitals) or None)
+    settings = obj.settings(hospitals=tuple(hospitals) or None, identity=identity_path)
     try:
         params = training.TrainingParams(model=model, image_size=image_size, classes=classes,
                                          epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -417,10 +476,11 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
         _fail("--min-clients must be between 1 and --quorum, and --deadline positive")
     store = make_store(settings)
     codec = load_public_codec(store, settings)
+    ident = load_identity(settings, store, "controller")
     with make_broker(settings.require("amqp_url")) as broker:
         broker.declare_topology(settings.hospitals)
         queue = broker.temporary_queue(["model_ready", "round_aborted"]) if wait else None
-        start = controller.open_round(broker, store, codec, request)
+        start = controller.open_round(broker, store, codec, request, ident)
         if not wait:
             result = {"round": start["round"], "status": "started",
                       "base_model_key": start["base_model_key"]}
@@ -428,7 +488,8 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
             return
         try:
             outcome = controller.wait_for_round(broker, queue, start["round"],
-                                                timeout or deadline + 60, store=store)
+                                                timeout or deadline + 60, store=store,
+                                                verifier=make_verifier(settings, store))
         except controller.RoundTimeout as exc:
             _fail(str(exc), 1)
     result = controller.round_result(start, outcome)

@@ -11,6 +11,7 @@ X25519 identity key. Layout::
     keys/ceremony/<id>/contributions/<party>           public contribution (party); written
                                                        last, so its presence means "dealt"
     keys/ceremony/<id>/public                          the threshold public context
+    keys/ceremony/<id>/received/<party>                the party holds its committee share
     rounds/<r>/keys/<hospital>                         key ciphertext (hospital, round_key record)
     rounds/<r>/committee/ready/<hospital>              a live member offers to decrypt
     rounds/<r>/committee/active                        the active set: written once (If-None-Match)
@@ -44,6 +45,10 @@ CEREMONY_PREFIX = "keys/ceremony/"
 
 class FlowError(Exception):
     """A missing, unsigned, altered or inconsistent object; ``str(error)`` says which."""
+
+
+class RoundUndecryptable(FlowError):
+    """Fewer than t committee members were alive (or answered) by the committee deadline."""
 
 
 def ceremony_key(ceremony_id: str, *parts: str) -> str:
@@ -142,7 +147,7 @@ def finalize_ceremony(store: ObjectStore, ceremony_id: str, registry, authority)
         contributions.append(ceremony.PublicContribution.from_bytes(data))
     public_key = ceremony.finalize(params, contributions)
     codec = ThresholdCodec(public_key, federation=params.federation, parties=params.parties,
-                           threshold=params.threshold)
+                           threshold=params.threshold, ceremony_id=params.ceremony_id)
     put_signed(store, ceremony_key(ceremony_id, "public"), codec.public_bytes(), authority)
     return codec
 
@@ -162,6 +167,110 @@ def receive(store: ObjectStore, ceremony_id: str, me, registry) -> CommitteeShar
             me.agreement_key, sealed, ceremony.share_aad(ceremony_id, dealer, me.id)))
         received.append(share)
     return ceremony.aggregate_shares(params, me.id, received, codec.committee_key)
+
+
+def run_ceremony(store: ObjectStore, broker, params: CeremonyParams, authority, registry, *,
+                 timeout: float = 300.0, poll: float = 0.5, log=lambda *_: None) -> ThresholdCodec:
+    """The key authority's whole ceremony through the running hospital workers: store the
+    signed parameters, publish ``ceremony_start``, wait until every hospital dealt, store the
+    public context, publish ``ceremony_finalize``, wait until every hospital holds its share."""
+    from . import messages
+    from .identity import sign
+
+    def announce(kind: str, **fields) -> None:
+        message = sign(messages.make(kind, ceremony_id=params.ceremony_id, issued_at=time.time(), **fields), authority)
+        broker.publish(kind, messages.encode(message), message_id=f"{kind}:{params.ceremony_id}")
+
+    def wait(what: str, done) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            have = done()
+            if len(have) == len(params.parties):
+                return
+            if time.monotonic() > deadline:
+                missing = sorted(set(params.parties) - set(have))
+                raise FlowError(f"ceremony {params.ceremony_id}: no {what} from {', '.join(missing)} "
+                                f"within {timeout:.0f}s (are their hospital workers running?)")
+            time.sleep(poll)
+
+    open_ceremony(store, params, authority)
+    announce("ceremony_start")
+    log(f"ceremony {params.ceremony_id}: waiting for {len(params.parties)} hospitals to deal")
+    wait("shares", lambda: dealt(store, params.ceremony_id, params))
+    codec = finalize_ceremony(store, params.ceremony_id, registry, authority)
+    announce("ceremony_finalize", public_sha256=hashlib.sha256(codec.public_bytes()).hexdigest())
+    log(f"ceremony {params.ceremony_id}: public key {codec.fingerprint[:16]}, waiting for the shares to be kept")
+    wait("receipt", lambda: received(store, params.ceremony_id, params))
+    return codec
+
+
+def acknowledge(store: ObjectStore, ceremony_id: str, me) -> None:
+    put_signed(store, ceremony_key(ceremony_id, "received", me.id), b"received", me)
+
+
+def received(store: ObjectStore, ceremony_id: str, params: CeremonyParams) -> list[str]:
+    return [p for p in params.parties if store.exists(ceremony_key(ceremony_id, "received", p))]
+
+
+def share_path(work_dir, ceremony_id: str):
+    from pathlib import Path
+
+    return Path(work_dir) / f"committee-{ceremony_id}.share"
+
+
+def save_share(share: CommitteeShare, path) -> None:
+    """The committee share, mode 0600, replaced atomically."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(share.to_bytes())
+    os.replace(tmp, path)
+
+
+def load_share(work_dir, codec: ThresholdCodec) -> CommitteeShare:
+    """This hospital's committee share for ``codec`` (the public context names its ceremony)."""
+    path = share_path(work_dir, codec.ceremony_id)
+    try:
+        share = CommitteeShare.from_bytes(path.read_bytes())
+    except OSError as exc:
+        raise FlowError(f"{path}: no committee share for ceremony {codec.ceremony_id!r} ({exc.strerror}); "
+                        "was this hospital running during 'cxr-mq keys init --threshold'?") from None
+    if share.committee != codec.committee_key.fingerprint():
+        raise FlowError(f"{path}: the committee share belongs to another collective key")
+    return share
+
+
+def encrypt_and_upload(store: ObjectStore, codec: ThresholdCodec, weights, n_samples: int, out, encoding, me) -> None:
+    """A hospital's upload under the threshold profile: the stream to ``out`` (the caller
+    stores it as today) and the round's key ciphertext with its signed message."""
+    key_ct = codec.encrypt_update(weights, n_samples, out, encoding=encoding, hospital=me.id)
+    upload_round_key(store, encoding.federation, encoding.round, me, key_ct)
+
+
+def on_ceremony_start(store: ObjectStore, message: dict, me, registry) -> str:
+    """A hospital worker's handler body: deal (once). Returns what it did, for the log."""
+    params = read_ceremony(store, message["ceremony_id"], registry)
+    if me.id not in params.parties:
+        return "not a party"
+    return "dealt" if deal(store, params.ceremony_id, me, registry) else "already dealt"
+
+
+def on_ceremony_finalize(store: ObjectStore, message: dict, me, registry, work_dir) -> str:
+    """A hospital worker's handler body: collect the committee share, keep it, acknowledge."""
+    ceremony_id = message["ceremony_id"]
+    params = read_ceremony(store, ceremony_id, registry)
+    if me.id not in params.parties:
+        return "not a party"
+    public, _ = get_signed(store, ceremony_key(ceremony_id, "public"), registry, role="controller")
+    if hashlib.sha256(public).hexdigest() != message["public_sha256"]:
+        raise FlowError(f"ceremony {ceremony_id}: the stored public key is not the one announced")
+    save_share(receive(store, ceremony_id, me, registry), share_path(work_dir, ceremony_id))
+    acknowledge(store, ceremony_id, me)
+    return "share kept"
 
 
 # --------------------------------------------------------------------------- rounds
@@ -248,3 +357,43 @@ def collect(store: ObjectStore, request: DecryptionRequest, me, registry):
     return committee.combine(request, partials)
 
 
+
+
+def decrypt_round(store: ObjectStore, codec: ThresholdCodec, share: CommitteeShare, round_no: int, contributors,
+                  aggregate: bytes, me, registry, ledger: Ledger, *, min_clients: int, deadline: float,
+                  poll: float = 0.5, sleep=time.sleep, clock=time.time):
+    """What a hospital does after ``model_ready`` under the threshold profile: offer to
+    decrypt, learn the active set, answer if in it, collect the partials sealed to it and
+    decrypt the aggregate. Returns (FedAvg weights, total samples); raises
+    :class:`RoundUndecryptable` with the reason if the committee cannot finish by ``deadline``
+    (unix time), and ``CommitteeRefusal`` if this member refuses the request."""
+    volunteer(store, round_no, me)
+    active = None
+    while active is None:
+        active = choose_active(store, round_no, share, registry, me)
+        if active is None:
+            if clock() > deadline:
+                ready = [p for p in share.params.parties if store.exists(committee_key(round_no, "ready", p))]
+                raise RoundUndecryptable(
+                    f"round {round_no}: only {len(ready)} of the {share.params.threshold} committee members needed "
+                    f"were alive by the deadline ({', '.join(ready) or 'none'})")
+            sleep(poll)
+    request = build_request(store, codec, round_no, contributors, aggregate, active)
+    if me.id in active:
+        answer(store, request, share, me, registry, ledger, min_clients)
+    problem = None
+    while True:
+        try:
+            key_sum = collect(store, request, me, registry)
+        except FlowError as exc:  # e.g. a partial read between its record and its bytes: retry
+            key_sum, problem = None, exc
+        if key_sum is not None:
+            return codec.decrypt_aggregate(io.BytesIO(aggregate), key_sum, n_updates=len(request.contributors),
+                                           min_updates=min_clients)
+        if clock() > deadline:
+            missing = [m for m in active if not store.exists(committee_key(round_no, "partials", m))]
+            raise RoundUndecryptable(
+                f"round {round_no}: " + (f"active member(s) {', '.join(missing)} did not answer by the deadline"
+                                         if missing else f"the partials do not check out ({problem})")
+                + "; a member answers once per round, so the round stays undecryptable")
+        sleep(poll)
