@@ -334,23 +334,29 @@ def _serve_metrics(port):
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
 @click.option("--synthetic", is_flag=True,
               help="Benchmarks only: replace local training by a seeded synthetic update.")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
-def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port, synthetic):
+def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port, synthetic,
+             identity_path):
     """Run a hospital worker (long-running)."""
     from workers.hospital import HospitalWorker
 
-    from .runtime import load_secret_codec, make_broker, make_store
+    from .runtime import load_identity, load_secret_codec, make_broker, make_store, make_verifier
 
     validate_hospital_id(hospital_id)
     if data_dir is None and not synthetic:
         _fail("--data: a hospital needs its image directory (or --synthetic for benchmarks)")
-    settings = obj.settings(secret_context=secret_context)
+    settings = obj.settings(secret_context=secret_context, identity=identity_path)
     codec = load_secret_codec(settings)
-    store, broker = make_store(settings), make_broker(settings.require("amqp_url"))
+    store = make_store(settings)
+    ident = load_identity(settings, store, "hospital", hospital_id)
+    broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
                             skip_bad=skip_bad, synthetic=synthetic,
-                            keep_plaintext_updates=settings.keep_plaintext_updates)
+                            keep_plaintext_updates=settings.keep_plaintext_updates,
+                            identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -367,16 +373,20 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
                    "store; one is active, the others take over when it lapses.")
 @click.option("--id", "aggregator_id", default=None,
               help="This aggregator's name in the lease (default: host:pid).")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
-def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id):
+def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id, identity_path):
     """Run the aggregator worker (long-running; public context only)."""
     from workers.aggregator import AggregatorWorker
 
-    from .runtime import load_public_codec, make_broker, make_store
+    from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
 
-    settings = obj.settings(aggregator_lease=lease_seconds, aggregator_id=aggregator_id)
+    settings = obj.settings(aggregator_lease=lease_seconds, aggregator_id=aggregator_id,
+                            identity=identity_path)
     store = make_store(settings)
     codec = load_public_codec(store, settings, public_context)
+    ident = load_identity(settings, store, "aggregator")
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     lease = None
@@ -387,7 +397,8 @@ def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggreg
         lease = Lease(store, settings.aggregator_id or f"{socket.gethostname()}:{os.getpid()}",
                       ttl=settings.aggregator_lease)
     worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease,
-                              retain_updates=settings.retain_updates)
+                              retain_updates=settings.retain_updates,
+                              identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -439,15 +450,17 @@ def _training_options(f):
 @click.option("--synthetic-params", type=click.IntRange(min=1), default=None,
               help="Benchmarks only: a first round on a synthetic model of this many parameters "
                    "(for hospitals run with --synthetic).")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
                 epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json,
-                synthetic_params):
+                synthetic_params, identity_path):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
-    from .runtime import load_public_codec, make_broker, make_store
+    from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
 
-    settings = obj.settings(hospitals=tuple(hospitals) or None)
+    settings = obj.settings(hospitals=tuple(hospitals) or None, identity=identity_path)
     try:
         params = training.TrainingParams(model=model, image_size=image_size, classes=classes,
                                          epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -463,10 +476,11 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
         _fail("--min-clients must be between 1 and --quorum, and --deadline positive")
     store = make_store(settings)
     codec = load_public_codec(store, settings)
+    ident = load_identity(settings, store, "controller")
     with make_broker(settings.require("amqp_url")) as broker:
         broker.declare_topology(settings.hospitals)
         queue = broker.temporary_queue(["model_ready", "round_aborted"]) if wait else None
-        start = controller.open_round(broker, store, codec, request)
+        start = controller.open_round(broker, store, codec, request, ident)
         if not wait:
             result = {"round": start["round"], "status": "started",
                       "base_model_key": start["base_model_key"]}
@@ -474,7 +488,8 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
             return
         try:
             outcome = controller.wait_for_round(broker, queue, start["round"],
-                                                timeout or deadline + 60, store=store)
+                                                timeout or deadline + 60, store=store,
+                                                verifier=make_verifier(settings, store))
         except controller.RoundTimeout as exc:
             _fail(str(exc), 1)
     result = controller.round_result(start, outcome)
@@ -723,6 +738,9 @@ def bench_federation(obj: Context, hospitals, params, rounds, round_timeout, as_
     from . import bench_federation as bench
     from .log import configure_logging
 
+    import signal
+    # SIGTERM unwinds like Ctrl-C: the aggregator, moto and the bench's queues are cleaned up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = obj.settings()
     configure_logging(obj.log_level or "warning", settings.log_format)  # N workers' logs
     options = bench.BenchOptions(

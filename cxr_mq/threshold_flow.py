@@ -47,6 +47,10 @@ class FlowError(Exception):
     """A missing, unsigned, altered or inconsistent object; ``str(error)`` says which."""
 
 
+class RoundUndecryptable(FlowError):
+    """Fewer than t committee members were alive (or answered) by the committee deadline."""
+
+
 def ceremony_key(ceremony_id: str, *parts: str) -> str:
     return CEREMONY_PREFIX + "/".join((ceremony_id, *parts))
 
@@ -143,7 +147,7 @@ def finalize_ceremony(store: ObjectStore, ceremony_id: str, registry, authority)
         contributions.append(ceremony.PublicContribution.from_bytes(data))
     public_key = ceremony.finalize(params, contributions)
     codec = ThresholdCodec(public_key, federation=params.federation, parties=params.parties,
-                           threshold=params.threshold)
+                           threshold=params.threshold, ceremony_id=params.ceremony_id)
     put_signed(store, ceremony_key(ceremony_id, "public"), codec.public_bytes(), authority)
     return codec
 
@@ -225,6 +229,26 @@ def save_share(share: CommitteeShare, path) -> None:
     with os.fdopen(fd, "wb") as fh:
         fh.write(share.to_bytes())
     os.replace(tmp, path)
+
+
+def load_share(work_dir, codec: ThresholdCodec) -> CommitteeShare:
+    """This hospital's committee share for ``codec`` (the public context names its ceremony)."""
+    path = share_path(work_dir, codec.ceremony_id)
+    try:
+        share = CommitteeShare.from_bytes(path.read_bytes())
+    except OSError as exc:
+        raise FlowError(f"{path}: no committee share for ceremony {codec.ceremony_id!r} ({exc.strerror}); "
+                        "was this hospital running during 'cxr-mq keys init --threshold'?") from None
+    if share.committee != codec.committee_key.fingerprint():
+        raise FlowError(f"{path}: the committee share belongs to another collective key")
+    return share
+
+
+def encrypt_and_upload(store: ObjectStore, codec: ThresholdCodec, weights, n_samples: int, out, encoding, me) -> None:
+    """A hospital's upload under the threshold profile: the stream to ``out`` (the caller
+    stores it as today) and the round's key ciphertext with its signed message."""
+    key_ct = codec.encrypt_update(weights, n_samples, out, encoding=encoding, hospital=me.id)
+    upload_round_key(store, encoding.federation, encoding.round, me, key_ct)
 
 
 def on_ceremony_start(store: ObjectStore, message: dict, me, registry) -> str:
@@ -333,3 +357,43 @@ def collect(store: ObjectStore, request: DecryptionRequest, me, registry):
     return committee.combine(request, partials)
 
 
+
+
+def decrypt_round(store: ObjectStore, codec: ThresholdCodec, share: CommitteeShare, round_no: int, contributors,
+                  aggregate: bytes, me, registry, ledger: Ledger, *, min_clients: int, deadline: float,
+                  poll: float = 0.5, sleep=time.sleep, clock=time.time):
+    """What a hospital does after ``model_ready`` under the threshold profile: offer to
+    decrypt, learn the active set, answer if in it, collect the partials sealed to it and
+    decrypt the aggregate. Returns (FedAvg weights, total samples); raises
+    :class:`RoundUndecryptable` with the reason if the committee cannot finish by ``deadline``
+    (unix time), and ``CommitteeRefusal`` if this member refuses the request."""
+    volunteer(store, round_no, me)
+    active = None
+    while active is None:
+        active = choose_active(store, round_no, share, registry, me)
+        if active is None:
+            if clock() > deadline:
+                ready = [p for p in share.params.parties if store.exists(committee_key(round_no, "ready", p))]
+                raise RoundUndecryptable(
+                    f"round {round_no}: only {len(ready)} of the {share.params.threshold} committee members needed "
+                    f"were alive by the deadline ({', '.join(ready) or 'none'})")
+            sleep(poll)
+    request = build_request(store, codec, round_no, contributors, aggregate, active)
+    if me.id in active:
+        answer(store, request, share, me, registry, ledger, min_clients)
+    problem = None
+    while True:
+        try:
+            key_sum = collect(store, request, me, registry)
+        except FlowError as exc:  # e.g. a partial read between its record and its bytes: retry
+            key_sum, problem = None, exc
+        if key_sum is not None:
+            return codec.decrypt_aggregate(io.BytesIO(aggregate), key_sum, n_updates=len(request.contributors),
+                                           min_updates=min_clients)
+        if clock() > deadline:
+            missing = [m for m in active if not store.exists(committee_key(round_no, "partials", m))]
+            raise RoundUndecryptable(
+                f"round {round_no}: " + (f"active member(s) {', '.join(missing)} did not answer by the deadline"
+                                         if missing else f"the partials do not check out ({problem})")
+                + "; a member answers once per round, so the round stays undecryptable")
+        sleep(poll)
