@@ -381,13 +381,19 @@ def decrypt_round(store: ObjectStore, codec: ThresholdCodec, share: CommitteeSha
     request = build_request(store, codec, round_no, contributors, aggregate, active)
     if me.id in active:
         answer(store, request, share, me, registry, ledger, min_clients)
+    problem = None
     while True:
-        key_sum = collect(store, request, me, registry)
+        try:
+            key_sum = collect(store, request, me, registry)
+        except FlowError as exc:  # e.g. a partial read between its record and its bytes: retry
+            key_sum, problem = None, exc
         if key_sum is not None:
             return codec.decrypt_aggregate(io.BytesIO(aggregate), key_sum, n_updates=len(request.contributors),
                                            min_updates=min_clients)
         if clock() > deadline:
             missing = [m for m in active if not store.exists(committee_key(round_no, "partials", m))]
-            raise RoundUndecryptable(f"round {round_no}: active member(s) {', '.join(missing)} did not answer "
-                                     "by the deadline; a member answers once per round, so the round stays undecryptable")
+            raise RoundUndecryptable(
+                f"round {round_no}: " + (f"active member(s) {', '.join(missing)} did not answer by the deadline"
+                                         if missing else f"the partials do not check out ({problem})")
+                + "; a member answers once per round, so the round stays undecryptable")
         sleep(poll)

@@ -66,7 +66,8 @@ class HospitalWorker(Worker):
         self.keep_plaintext_updates = keep_plaintext_updates  # rounds; 0 keeps none
         self.queue = broker.topology.hospital_queue(hospital_id)
         self.handlers = {"round_start": self.on_round_start, "model_ready": self.on_model_ready,
-                         "round_aborted": self.on_round_aborted}
+                         "round_aborted": self.on_round_aborted,
+                         "ceremony_start": self.on_ceremony, "ceremony_finalize": self.on_ceremony}
         self._data: dict[tuple, training.LocalData] = {}
         self.last_global_metrics: dict = {}
         self._applied_model: tuple | None = None
@@ -309,6 +310,21 @@ class HospitalWorker(Worker):
     def on_round_aborted(self, message: dict, delivery: Delivery) -> None:
         self.status = "idle"
         self.log.warning("round_aborted", round=message["round"], reason=message["reason"])
+
+    def on_ceremony(self, message: dict, delivery: Delivery) -> None:
+        """The threshold key ceremony (docs/threshold.md): deal, then keep the committee share."""
+        from cxr_mq import threshold_flow as flow
+        from cxr_mq.crypto import CodecError
+
+        try:
+            if message["schema"] == "ceremony_start":
+                outcome = flow.on_ceremony_start(self.store, message, self.identity, self.verifier.registry)
+            else:
+                outcome = flow.on_ceremony_finalize(self.store, message, self.identity, self.verifier.registry,
+                                                    self.work_dir)
+        except (flow.FlowError, CodecError, ObjectNotFound) as exc:
+            raise Refuse(f"ceremony {message['ceremony_id']}: {exc}") from None
+        self.log.info(message["schema"], ceremony=message["ceremony_id"], outcome=outcome)
 
 
 def synthetic_samples(hospital_id: str) -> int:

@@ -263,10 +263,14 @@ class ThresholdCodec(CkksCodec):
     # hospital side
 
     def encrypt_update(self, weights: np.ndarray, n_samples: int, out: BinaryIO, *,
-                       encoding: RoundEncoding, hospital: str) -> KeyCiphertext:
+                       encoding: RoundEncoding | None = None, hospital: str | None = None,
+                       **_single_key_options) -> KeyCiphertext:
         """Encrypt ``weights`` of ``n_samples`` samples under a fresh round key; write the
         stream (header, key ciphertext, chunks) to ``out``; return the key ciphertext (the
         hospital also uploads it alone, signed, for the committee)."""
+        if encoding is None or hospital is None:
+            raise ThresholdCodecError("the threshold profile encrypts for one round and hospital: "
+                                      "pass encoding=RoundEncoding(...) and hospital=")
         values = self._check_update(weights, n_samples, encoding, hospital)
         key = sample_ternary(self.n)
         key_ct = keylayer.encrypt_round_key(self.committee_key, key, federation=encoding.federation,
