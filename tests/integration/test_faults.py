@@ -260,7 +260,10 @@ def test_duplicate_update_ready_is_counted_once(federation):
     deadline = time.monotonic() + 60
     while len(cluster.find_events("aggregator", "duplicate_update_ignored", after=agg_mark,
                                   round=round_no)) < 3:
-        assert time.monotonic() < deadline, "duplicates were not all recognised"
+        accepted = [a["hospital"] for a in (cluster.state(round_no) or {"accepted": []})["accepted"]]
+        twice = sorted({h for h in accepted if accepted.count(h) > 1})
+        assert not twice, f"the update_ready of {twice} was counted more than once: accepted {accepted}"
+        assert time.monotonic() < deadline, f"duplicates were not all recognised: accepted {accepted}"
         time.sleep(0.3)
     assert not cluster.find_events("h2", "training_started", after=mark, round=round_no)
     assert len(cluster.state(round_no)["accepted"]) == 2
