@@ -4,8 +4,10 @@ Two steps (after Lattigo's ``multiparty`` threshold combiner and key switching):
 
 - :func:`partial_decrypt` - member j, in an active set S of exactly t members, turns its
   Shamir share into an additive one (``lambda_j^S sigma_j``, Lagrange at 0 modulo Q) and
-  returns ``h_j = lambda_j^S sigma_j c1 + E_j`` with ``E_j`` uniform in [-2^40, 2^40)
-  (os.urandom): the smudging that hides the exact noise, so nothing about sigma_j leaks.
+  returns ``h_j = lambda_j^S sigma_j c1 + E_j`` with ``E_j`` uniform in [-2^68, 2^68)
+  (os.urandom): the smudging that hides the exact noise (at most ~2^24 per summed key
+  ciphertext; statistical distance below N * 2^24 * K / 2^68 ~ 2^-28 for K = 16), so nothing
+  about sigma_j leaks.
   Before that it checks the request and refuses, with a reason, anything else:
 
   * a contributor set below ``min_clients`` (never below :data:`MIN_CLIENTS_FLOOR`);
@@ -40,7 +42,6 @@ import numpy as np
 from . import keylayer
 from .ceremony import CommitteeShare
 from .keylayer import KeyCiphertext, KeyLayerError
-from .ring import sample_wide_uniform
 
 MIN_CLIENTS_FLOOR = 3
 
@@ -102,6 +103,31 @@ class PartialDecryption:
             raise
         except Exception as exc:
             raise KeyLayerError(f"unreadable partial decryption: {exc}") from None
+
+
+def partial_aad(partial: "PartialDecryption", recipient: str) -> bytes:
+    return f"cxr-mq/threshold/partial/{partial.federation}/{partial.round}/{partial.party}/{recipient}/{partial.request}".encode()
+
+
+def seal_partial(partial: PartialDecryption, recipients: dict[str, bytes]) -> dict[str, bytes]:
+    """The partial sealed to each hospital's X25519 identity key: t partials in the clear
+    would let anyone (the aggregator, a bucket reader) combine s_S and read the model."""
+    from .ceremony import seal
+
+    data = partial.to_bytes()
+    return {who: seal(key, data, partial_aad(partial, who)) for who, key in sorted(recipients.items())}
+
+
+def open_partial(sealed: bytes, me: str, agreement_key, *, party: str, request: DecryptionRequest) -> PartialDecryption:
+    """Open a partial sealed to ``me`` by ``party`` for ``request``; anything else is refused."""
+    from .ceremony import unseal
+
+    expected = PartialDecryption(party, request.federation, request.round, request.digest())
+    partial = PartialDecryption.from_bytes(unseal(agreement_key, sealed, partial_aad(expected, me)))
+    if (partial.party, partial.federation, partial.round, partial.request) != (
+            party, request.federation, request.round, expected.request):
+        raise KeyLayerError(f"a sealed partial from {party!r} answers another request")
+    return partial
 
 
 class Ledger:
@@ -238,8 +264,8 @@ def partial_decrypt(share: CommitteeShare, request: DecryptionRequest, *, min_cl
     points = [params.point(p) for p in request.active]
     lam = lagrange_at_zero(points, params.point(share.party), ring.modulus)
     additive = ring.scalar(share.sigma, lam)
-    smudge = sample_wide_uniform(ring.n, keylayer.SMUDGING_BITS)
-    h = ring.add(ring.mul(additive, request.key_sum.c[:, 1]), ring.forward(ring.from_signed(smudge)))
+    smudge = ring.wide_uniform(keylayer.SMUDGING_BITS)  # coefficient form
+    h = ring.add(ring.mul(additive, request.key_sum.c[:, 1]), ring.forward(smudge))
     partial = PartialDecryption(share.party, request.federation, request.round, digest, h)
     try:
         ledger.record(partial)

@@ -1,18 +1,18 @@
 """The key layer of the threshold profile: a collective RLWE public key and the small
 ciphertexts that carry each hospital's round key to the committee.
 
-Ring Z_Q[X]/(X^N + 1), N = 4096, Q = q_1 q_2 (two 31-bit NTT primes, log Q ~ 62), residues
-stored in NTT form as uint64 arrays of shape (2, ..., N).
+Ring Z_Q[X]/(X^N + 1), N = 4096, Q = q_1 q_2 q_3 (three 31-bit NTT primes, log Q ~ 93),
+residues stored in NTT form as uint64 arrays of shape (3, ..., N).
 
 - Collective public key ``pk = (p0, a)``: ``a`` is expanded from a public seed (the common
   reference string of the ceremony), ``p0 = sum_i (e_i - a k_i)`` over the parties' secret
   contributions ``k_i`` (ternary) and noise ``e_i``. The collective secret ``k = sum k_i`` is
   never assembled.
-- A key ciphertext is the public-key encryption of ``D * s`` (``D = 2^48``), ``s`` a ternary
+- A key ciphertext is the public-key encryption of ``D * s`` (``D = 2^78``), ``s`` a ternary
   round key: ``c0 = p0 u + e0 + D s``, ``c1 = a u + e1``. Key ciphertexts add; decrypting the
   sum of K of them (``c0 + c1 k``) gives ``D * sum s + noise`` and rounding by D gives the
-  integer polynomial ``sum s`` while |noise| < D / 2: the committee's smudging (T * 2^40), the
-  encryption noise (K * ~2^24) and nothing else.
+  integer polynomial ``sum s`` while |noise| < D / 2: the committee's smudging (T * 2^68), the
+  encryption noise (K * ~2^24) and nothing else. Q / D leaves room for K up to 2^13.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import msgpack
 import numpy as np
 
 from .errors import CodecError
-from .ring import RnsRing, expand_uniform, ntt_primes, public_seed, rns_ring, sample_cbd, sample_ternary, secret_stream
+from .ring import RnsRing, expand_uniform, ntt_primes, rns_ring, sample_cbd, sample_ternary, secret_stream
 
 RING_DEGREE = 4096
 KEY_PRIME_BITS = 31
-KEY_PRIME_COUNT = 2
-KEY_SCALE_BITS = 48  # D = 2^48: the round key sum is D * s_S under the noise
-SMUDGING_BITS = 40  # each partial decryption adds noise uniform in [-2^40, 2^40)
+KEY_PRIME_COUNT = 3
+KEY_SCALE_BITS = 78  # D = 2^78: the round key sum is D * s_S under the noise
+SMUDGING_BITS = 68  # each partial decryption adds noise uniform in [-2^68, 2^68): >= 2^40 by far
 NOISE_BITS = 21  # centered binomial, |e| <= 21 (SEAL's)
-MAX_PARTIES = 100  # T * 2^40 smudging must stay below D / 4
+MAX_PARTIES = 100  # T * 2^68 smudging must stay below D / 4
 KEY_CT_MAGIC = b"CXRMQkc\x01"
 _U32 = struct.Struct(">I")
 
@@ -199,14 +199,13 @@ def decode_key_sum(plain_ntt: np.ndarray, max_abs: int) -> np.ndarray:
     """Round ``D * s + noise`` (NTT form, (L, N)) to the integer polynomial s; refuse a result
     whose noise is not far below D (wrong or missing shares) or out of range."""
     ring = key_ring()
-    values = ring.centered(ring.inverse(plain_ntt))
+    values = ring.centered(ring.inverse(plain_ntt))  # Python ints: Q > 2^63
     d = 1 << KEY_SCALE_BITS
-    s = (values + d // 2) >> KEY_SCALE_BITS  # round to the nearest multiple of D
-    worst = int(np.abs(values - (s << KEY_SCALE_BITS)).max())
+    s = [(int(v) + d // 2) >> KEY_SCALE_BITS for v in values]  # nearest multiple of D
+    worst = max(abs(int(v) - (k << KEY_SCALE_BITS)) for v, k in zip(values, s))
     if worst > d // 4:
         raise KeyLayerError("the combined partial decryptions do not decrypt the key sum "
                             f"(residual noise 2^{worst.bit_length()} >= D/4): wrong, missing or forged shares")
-    out = s.astype(np.int64)
-    if np.abs(out).max(initial=0) > max_abs:
+    if max(abs(k) for k in s) > max_abs:
         raise KeyLayerError(f"decrypted key sum has a coefficient beyond {max_abs}: not a sum of that many round keys")
-    return out
+    return np.array(s, dtype=np.int64)

@@ -230,22 +230,45 @@ class RnsRing:
         return np.stack([r.mul(x[i], np.uint64(value % q)) for i, (r, q) in enumerate(zip(self.rings, self.primes))])
 
     def centered(self, x: np.ndarray) -> np.ndarray:
-        """The CRT lift of coefficient residues (L, ...) to int64 in (-Q/2, Q/2] (Q < 2^63),
-        by Garner's mixed radix: exact in uint64 for primes below 2^32."""
-        if self.modulus >= 1 << 63:
-            raise RingError("the int64 CRT lift needs Q < 2^63")
-        value = x[0].astype(np.uint64)
-        radix = 1
+        """The CRT lift of coefficient residues (L, ...) to integers in (-Q/2, Q/2]: int64
+        when Q < 2^63, else Python ints in an object array. Garner's mixed radix: every
+        digit is computed in uint64 (primes below 2^32); only the final sum may be wide."""
+        digits = [x[0].astype(np.uint64)]
         for i in range(1, len(self.primes)):
-            q = self.primes[i]
-            ring = self.rings[i]
-            radix *= self.primes[i - 1]
-            # digit = (r_i - value) / radix mod q_i, then value += radix * digit
-            diff = ring.sub(x[i], value % np.uint64(q))
-            digit = ring.mul(diff, np.uint64(pow(radix, -1, q)))
-            value = value + np.uint64(radix) * digit
-        signed = value.astype(np.int64)
-        return np.where(value > np.uint64(self.modulus // 2), signed - np.int64(self.modulus), signed)
+            q, ring = self.primes[i], self.rings[i]
+            # value so far = sum_j digits[j] * prod(primes[:j]); digit_i = (r_i - value) / radix mod q_i
+            value_mod = np.zeros_like(digits[0])
+            radix_mod = 1
+            for j, digit in enumerate(digits):
+                value_mod = ring.add(value_mod, ring.mul(digit % np.uint64(q), np.uint64(radix_mod % q)))
+                radix_mod = radix_mod * self.primes[j] % q
+            radix = 1
+            for p in self.primes[:i]:
+                radix *= p
+            digits.append(ring.mul(ring.sub(x[i], value_mod), np.uint64(pow(radix, -1, q))))
+        wide = self.modulus >= 1 << 63
+        total = np.zeros(digits[0].shape, dtype=object if wide else np.uint64)
+        radix = 1
+        for j, digit in enumerate(digits):
+            total = total + (digit.astype(object) if wide else digit) * (radix if wide else np.uint64(radix))
+            radix *= self.primes[j]
+        half = self.modulus // 2
+        if wide:
+            return np.where(total > half, total - self.modulus, total)
+        signed = total.astype(np.int64)
+        return np.where(total > np.uint64(half), signed - np.int64(self.modulus), signed)
+
+    def wide_uniform(self, bits: int) -> np.ndarray:
+        """Residues (L, N) of N integers uniform in [-2^bits, 2^bits) (bits <= 120), from
+        os.urandom: the committee's smudging noise. Drawn as hi * 2^60 + lo, hi uniform in
+        [-2^(bits-60), 2^(bits-60)) and lo in [0, 2^60) (one uniform draw of bits + 1 bits)."""
+        if bits <= 60:
+            return self.from_signed(sample_wide_uniform(self.n, bits))
+        if bits > 120:
+            raise RingError(f"smudging width {bits} bits is out of range")
+        lo = (np.frombuffer(os.urandom(8 * self.n), dtype="<u8") & np.uint64((1 << 60) - 1)).astype(np.int64)
+        hi = sample_wide_uniform(self.n, bits - 60)
+        return self.add(self.scalar(self.from_signed(hi), 1 << 60), self.from_signed(lo))
 
     def check(self, x: np.ndarray, what: str, rows: int | None = None) -> np.ndarray:
         """``x`` as a checked residue array: L rows of (rows,) N values, each below its prime."""

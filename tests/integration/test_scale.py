@@ -19,7 +19,7 @@ import uuid
 import boto3
 import pytest
 
-from cxr_mq import controller, rounds, training
+from cxr_mq import controller, identity, rounds, training
 from cxr_mq.rounds import RoundState, StateConflict
 from cxr_mq.transport.base import Topology
 from cxr_mq.transport.embedded import EmbeddedBroker, EmbeddedServer
@@ -92,7 +92,8 @@ def test_concurrent_controllers_open_distinct_rounds(kind, tmp_path, request):
     def open_one():
         try:
             with EmbeddedBroker(server, topology) as broker:
-                opened.append(controller.open_round(broker, racing, _Codec(), request_))
+                opened.append(controller.open_round(broker, racing, _Codec(), request_,
+                                                    identity.Identity.generate("controller")))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
     threads = [threading.Thread(target=open_one) for _ in range(controllers)]
@@ -345,3 +346,19 @@ def test_lease_one_holder_takeover_after_expiry_and_the_old_holder_is_told(tmp_p
     assert lost == ["another aggregator took the lease over"] and active.lost.is_set()
     active.release()  # a loser's release leaves the new holder's lease alone
     assert json.loads(store.get_bytes("aggregator/lease"))["holder"] == "agg-b"
+
+
+# -- item 5: the federation bench, small --------------------------------------------------------
+def test_bench_federation_smoke(amqp_url, moto_endpoint, aws_env):
+    from cxr_mq import bench_federation
+    result = bench_federation.run(bench_federation.BenchOptions(
+        hospitals=3, params=3000, rounds=2, amqp_url=amqp_url, s3_endpoint_url=moto_endpoint))
+    assert "synthetic" in result["synthetic_training"] and len(result["rounds"]) == 2
+    for figures in result["rounds"]:
+        assert figures["updates_counted"] == figures["updates_published"] == 3
+        assert figures["updates_lost"] == figures["updates_double_counted"] == 0
+        assert figures["max_abs_error"] < 1e-4  # the decrypted model is the plaintext FedAvg
+        assert 0 <= figures["last_upload_to_complete_s"] <= figures["round_start_to_last_model_s"]
+        assert figures["aggregator_peak_rss_mb"] > 0 and figures["bytes_moved"]["total"] > 0
+    assert result["rounds"][1]["bytes_moved"]["base_down"] == 0  # round 2 starts from round 1's model
+    assert "| 3 | 3,000 | 2 |" in bench_federation.table(result)

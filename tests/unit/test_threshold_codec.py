@@ -67,8 +67,11 @@ def test_ntt_multiply_is_the_negacyclic_product():
 
 def test_rns_lift_and_public_expansion():
     kr = keylayer.key_ring()
-    values = np.random.default_rng(2).integers(-(kr.modulus // 2), kr.modulus // 2, kr.n)
-    assert np.array_equal(kr.centered(kr.from_signed(values)), values)
+    rng = np.random.default_rng(2)
+    values = [int(v) for v in rng.integers(-(1 << 62), 1 << 62, kr.n)]
+    values = [v * (1 << 29) + 12345 for v in values]  # beyond int64: the lift is exact on Python ints
+    residues = np.stack([np.array([v % q for v in values], dtype=np.uint64) for q in kr.primes])
+    assert [int(v) for v in kr.centered(residues)] == values
     seed = ring.public_seed("test", "fed", 1)
     rows = ring.expand_uniform_rows(seed, 5, 3, 256, 3221225473)  # q = 0.75 * 2^32: every row takes the rejection path
     for i in range(3):
@@ -88,6 +91,10 @@ def test_secret_samplers_are_in_range_and_fresh():
     assert not np.array_equal(s, ring.sample_ternary(4096))
     wide = ring.sample_wide_uniform(4096, 40)
     assert np.abs(wide).max() <= 1 << 40 and np.abs(wide).max() > 1 << 38
+    kr = keylayer.key_ring()
+    smudge = np.array(kr.centered(kr.wide_uniform(keylayer.SMUDGING_BITS)), dtype=object)
+    top = max(abs(int(v)) for v in smudge)
+    assert keylayer.SMUDGING_BITS >= 40 and (1 << (keylayer.SMUDGING_BITS - 2)) < top <= 1 << keylayer.SMUDGING_BITS
 
 
 # --------------------------------------------------------------------------- codec
@@ -108,8 +115,12 @@ def test_fedavg_through_fresh_keys_and_the_key_sum(committee):
     key_sum = codec.key_sum_of(io.BytesIO(out.getvalue()))
     assert key_sum.contributors == PARTIES[:4]
     s_sum = _key_sum(shares, key_sum)
-    avg, samples = codec.decrypt_aggregate(io.BytesIO(out.getvalue()), s_sum)
+    avg, samples = codec.decrypt_aggregate(io.BytesIO(out.getvalue()), s_sum, n_updates=4, min_updates=3)
     expected = sum(w * n for w, n in zip(weights, counts)) / sum(counts)
+    with pytest.raises(ThresholdCodecError, match="fewer than the minimum of 5"):
+        codec.decrypt_aggregate(io.BytesIO(out.getvalue()), s_sum, min_updates=5)
+    with pytest.raises(ThresholdCodecError, match="expected 3"):
+        codec.decrypt_aggregate(io.BytesIO(out.getvalue()), s_sum, n_updates=3)
     assert samples == sum(counts)
     assert np.max(np.abs(avg - expected)) < 1e-6
 
@@ -170,6 +181,8 @@ def test_encoding_refuses_what_could_wrap(committee):
         codec.encrypt_update(np.zeros(3), 1001, io.BytesIO(), encoding=enc, hospital="h1")
     with pytest.raises(ThresholdCodecError, match="scale"):
         RoundEncoding("fed", 3, 1024, 1000, 100.0)  # K * W leaves too little precision
+    with pytest.raises(ThresholdCodecError, match="encrypts for one round"):  # a single-key caller
+        codec.encrypt_update(np.zeros(3), 5, io.BytesIO(), max_contributors=3)
     with pytest.raises(ThresholdCodecError, match="NaN"):
         codec.encrypt_update(np.array([np.nan]), 5, io.BytesIO(), encoding=enc, hospital="h1")
 

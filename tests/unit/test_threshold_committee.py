@@ -281,3 +281,26 @@ def test_ceremony_refuses_incomplete_or_foreign_inputs(fed):
     assert CeremonyParams("fed", PARTIES, 2, "x", allow_minority=True).threshold == 2
     saved = ceremony.CommitteeShare.from_bytes(fed.shares["h3"].to_bytes())
     assert np.array_equal(saved.sigma, fed.shares["h3"].sigma) and saved.params == params
+
+
+def test_partials_travel_sealed_to_each_hospital(fed, ledgers):
+    """A bucket reader holding every sealed partial cannot combine them; each hospital can."""
+    rnd = fed.round(6)
+    request = fed.request(rnd, 6)
+    verify = committee.signed_upload_verifier(fed.registry)
+    recipients = {p: fed.registry.get(p).x25519 for p in PARTIES}
+    sealed = {}
+    for member in request.active:
+        partial = committee.partial_decrypt(fed.shares[member], request, min_clients=3, verify=verify,
+                                            ledger=ledgers[member])
+        sealed[member] = committee.seal_partial(partial, recipients)
+    for me in ("h4", "h5"):  # not in the active set, still get the model
+        opened = [committee.open_partial(sealed[m][me], me, fed.ids[me].agreement_key, party=m, request=request)
+                  for m in request.active]
+        assert np.array_equal(committee.combine(request, opened), sum(rnd["keys"].values()))
+    with pytest.raises(CeremonyError, match="does not open"):  # h5's copy is not h4's
+        committee.open_partial(sealed["h1"]["h5"], "h4", fed.ids["h4"].agreement_key, party="h1", request=request)
+    with pytest.raises(CeremonyError, match="does not open"):  # nor re-attributed to another member
+        committee.open_partial(sealed["h1"]["h4"], "h4", fed.ids["h4"].agreement_key, party="h2", request=request)
+    blobs = b"".join(b for per in sealed.values() for b in per.values())
+    assert len(blobs) > 3 * 5 * 49_000 and fed.shares["h1"].sigma.astype("<u4").tobytes()[:64] not in blobs
