@@ -397,3 +397,37 @@ def decrypt_round(store: ObjectStore, codec: ThresholdCodec, share: CommitteeSha
                                          if missing else f"the partials do not check out ({problem})")
                 + "; a member answers once per round, so the round stays undecryptable")
         sleep(poll)
+
+
+def round_encoding(codec: ThresholdCodec, round_start: dict):
+    """The round's encoding from its (signed) ``round_start``: at most ``quorum`` contributors."""
+    from .crypto.threshold import RoundEncoding
+
+    fields = round_start.get("encoding")
+    if not fields:
+        raise FlowError(f"round {round_start['round']}: round_start carries no threshold encoding")
+    return RoundEncoding(codec.federation, int(round_start["round"]), int(round_start["quorum"]),
+                         int(fields["max_samples"]), float(fields["weight_bound"]))
+
+
+def record_outcome(store: ObjectStore, round_no: int, me, reason: str | None) -> None:
+    """What this hospital's committee part came to (``status`` and ``start-round --wait``
+    read it): decrypted, or the reason the round is undecryptable."""
+    body = json.dumps({"round": int(round_no), "hospital": me.id, "decrypted": reason is None,
+                       "reason": reason}).encode()
+    put_signed(store, committee_key(round_no, "outcome", me.id), body, me)
+
+
+def outcomes(store: ObjectStore, round_no: int) -> dict[str, dict]:
+    """Each hospital's recorded committee outcome of a round (unchecked: for display)."""
+    prefix = committee_key(round_no, "outcome") + "/"
+    found = {}
+    for key in store.list(prefix):
+        if key.endswith(".sig"):
+            continue
+        try:
+            entry = json.loads(store.get_bytes(key))
+            found[str(entry["hospital"])] = entry
+        except (ObjectNotFound, ValueError, KeyError, TypeError):
+            continue
+    return found
