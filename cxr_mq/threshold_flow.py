@@ -67,14 +67,20 @@ def round_key_object(round_no: int, hospital: str) -> str:
 
 
 def put_signed(store: ObjectStore, key: str, data: bytes, me, *, if_none_match: bool = False, **fields) -> None:
-    """Write ``data`` at ``key`` and its signed record at ``key.sig`` (record first: an object
-    without a valid record is never used)."""
+    """Write ``data`` at ``key`` and its signed record at ``key.sig``; a reader uses an object
+    only once the record names its hash. With ``if_none_match`` the object is created only if
+    absent (``PreconditionFailed`` otherwise) and the record follows it."""
     from .identity import sign
 
     record = sign({"schema": "threshold_object", "version": 1, "key": key,
                    "sha256": hashlib.sha256(data).hexdigest(), "signed_at": time.time(), **fields}, me)
-    store.put_bytes(key + ".sig", json.dumps(record, sort_keys=True).encode())
-    store.put_bytes(key, data, if_none_match=if_none_match)
+    record_bytes = json.dumps(record, sort_keys=True).encode()
+    if if_none_match:  # the object decides who won; only the winner then writes its record
+        store.put_bytes(key, data, if_none_match=True)
+        store.put_bytes(key + ".sig", record_bytes)
+        return
+    store.put_bytes(key + ".sig", record_bytes)
+    store.put_bytes(key, data)
 
 
 def get_signed(store: ObjectStore, key: str, registry, *, role: str, signer: str | None = None) -> tuple[bytes, dict]:
@@ -299,7 +305,10 @@ def choose_active(store: ObjectStore, round_no: int, share: CommitteeShare, regi
         data, _ = get_signed(store, key, registry, role="hospital")
         return tuple(json.loads(data))
     except ObjectNotFound:
-        pass
+        if store.exists(key):
+            return None  # decided, its record on the way
+    except FlowError:
+        return None  # decided, the record not yet matching: ask again
     ready = []
     for member in share.params.parties:
         try:
@@ -314,7 +323,10 @@ def choose_active(store: ObjectStore, round_no: int, share: CommitteeShare, regi
         put_signed(store, key, json.dumps(list(active)).encode(), me, if_none_match=True)
     except PreconditionFailed:
         pass  # another member decided first: read its choice
-    data, _ = get_signed(store, key, registry, role="hospital")
+    try:
+        data, _ = get_signed(store, key, registry, role="hospital")
+    except (ObjectNotFound, FlowError):
+        return None  # the winner's record is not there yet: ask again
     return tuple(json.loads(data))
 
 

@@ -119,7 +119,7 @@ def _wait(predicate, what, timeout=60):
         if predicate():
             return
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
 def test_rounds_under_the_threshold_profile_survive_dropouts(running):
@@ -134,8 +134,9 @@ def test_rounds_under_the_threshold_profile_survive_dropouts(running):
     try:
         # round 1: everyone alive, every hospital decrypts the FedAvg of the three updates
         start = _open(store, parties, server, topology, codec)
-        _wait(lambda: len(flow.outcomes(store, 1)) == 3, "round 1's committee")
-        assert all(o["decrypted"] for o in flow.outcomes(store, 1).values())
+        _wait(lambda: len(flow.outcomes(store, 1)) == 3 and all((work / h / "global.npy").exists() for h in HOSPITALS),
+              "round 1's committee and models")
+        assert all(o["decrypted"] for o in flow.outcomes(store, 1).values()), flow.outcomes(store, 1)
         base = np.load(io.BytesIO(store.get_bytes(start["base_model_key"])))
         ups = {h: synthetic_update(base, h, 1) for h in HOSPITALS}
         counts = {h: synthetic_samples(h) for h in HOSPITALS}
@@ -161,6 +162,8 @@ def test_rounds_under_the_threshold_profile_survive_dropouts(running):
         fed.start("h3")
         start = _open(store, parties, server, topology, codec)
         assert start["base_model_key"] == rounds.aggregate_key(2)
-        _wait(lambda: len([o for o in flow.outcomes(store, 4).values() if o["decrypted"]]) == 3, "round 4")
+        _wait(lambda: len([o for o in flow.outcomes(store, 4).values() if o["decrypted"]]) == 3,
+              lambda: f"round 4: outcomes {flow.outcomes(store, 4)}, state {rounds.read_json(store, rounds.state_key(4))}",
+              timeout=90)
     finally:
         fed.close()
