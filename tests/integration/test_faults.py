@@ -246,7 +246,7 @@ def test_duplicate_update_ready_is_counted_once(federation):
     assert cluster.terminate("h3") == 0  # keeps the round open while duplicates arrive
     restart(cluster, "h2", faults="crash:hospital.after_publish")
     agg_mark = cluster.mark("aggregator")
-    round_no = cluster.open_round(*round_args(3))
+    round_no = cluster.open_round(*round_args(3, deadline=300))  # two worker restarts fit on a loaded host
     # h2 uploads, publishes (confirmed) and dies before acking round_start
     assert cluster.wait_exit("h2", timeout=180) == -signal.SIGKILL
     wait_accepted(cluster, round_no, ["h1", "h2"])
