@@ -254,7 +254,8 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
     store, broker = make_store(settings), make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
-                            skip_bad=skip_bad, synthetic=synthetic)
+                            skip_bad=skip_bad, synthetic=synthetic,
+                            min_clients_floor=settings.min_clients_floor)
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -314,7 +315,8 @@ def _training_options(f):
 @click.option("--quorum", type=int, default=None,
               help="Updates that complete the round (default: number of configured hospitals, or 1).")
 @click.option("--min-clients", type=int, default=None,
-              help="Fewest updates accepted at the deadline (default: the quorum).")
+              help="Fewest updates accepted at the deadline (default: the quorum); at least "
+                   "min_clients_floor (3 unless lowered in the configuration).")
 @click.option("--deadline", type=float, default=3600.0, show_default=True,
               help="Seconds the aggregator waits for the quorum.")
 @click.option("--hospital", "hospitals", multiple=True,
@@ -346,9 +348,14 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
     request = controller.RoundRequest(quorum=quorum, min_clients=min_clients or quorum,
                                       deadline_seconds=deadline, training=params,
                                       hospitals=settings.hospitals,
-                                      synthetic_params=synthetic_params or 0)
-    if request.min_clients > request.quorum or request.quorum < 1 or deadline <= 0:
-        _fail("--min-clients must be between 1 and --quorum, and --deadline positive")
+                                      synthetic_params=synthetic_params or 0,
+                                      min_clients_floor=settings.min_clients_floor)
+    if request.quorum < 1 or deadline <= 0:
+        _fail("--quorum and --deadline must be positive")
+    try:
+        request.check()
+    except ValueError as exc:
+        _fail(str(exc))
     store = make_store(settings)
     codec = load_public_codec(store, settings)
     with make_broker(settings.require("amqp_url")) as broker:
@@ -399,6 +406,8 @@ def status(obj: Context, as_json):
                                                    for k, v in sorted(timings.items())))
         for refusal in row["refused"]:
             click.echo(f"      refused {refusal['hospital']}: {refusal['reason']}")
+        for refusal in row.get("refused_by_hospitals", []):
+            click.echo(f"      {refusal['hospital']} refused {refusal['message']}: {refusal['reason']}")
 
 
 # -- data -------------------------------------------------------------------------------------

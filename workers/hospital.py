@@ -21,6 +21,14 @@ upload, messages, acks, decryption) is the code above. Such a hospital needs no 
 
 A permanent S3 fault (e.g. access denied) gives up this hospital's part in the round: its
 ``round_start`` is dead-lettered with the error; the worker goes on with the next message.
+
+Limits a hospital keeps whatever it is told (issue 10): it takes no part in a round whose
+minimum is below its ``min_clients_floor``; it encrypts nothing that a sum of the round's
+``max_contributors`` could wrap (the codec refuses before encrypting; ``round_start`` is
+dead-lettered, not retrained); it decrypts an aggregate only if it sums exactly
+``model_ready``'s contributors, at least the minimum, each once (the codec checks the seed
+records). Each refusal is dead-lettered with its reason and kept in
+``rounds/<r>/updates/<hospital>.refused``, where ``cxr-mq status`` shows it.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_mq import messages, rounds, training
+from cxr_mq.crypto import CodecError
 from cxr_mq.faults import CrashPoints
 from cxr_mq.rounds import OPEN, RoundState
 from cxr_mq.storage.base import ObjectNotFound, ObjectStore, StoreError
@@ -47,7 +56,7 @@ from .base import Worker
 class HospitalWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, hospital_id: str, data_dir: str,
                  work_dir: str, stop=None, val_fraction: float = 0.2, skip_bad: bool = False,
-                 clock=time.time, metrics=None, synthetic: bool = False):
+                 clock=time.time, metrics=None, synthetic: bool = False, min_clients_floor: int = 3):
         super().__init__(broker, stop, metrics=metrics, role="hospital", hospital=hospital_id)
         self.metrics.watch(self.role, store=store)
         self.crash = CrashPoints()
@@ -59,6 +68,7 @@ class HospitalWorker(Worker):
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
         self.synthetic = synthetic
+        self.min_clients_floor = min_clients_floor
         self.queue = broker.topology.hospital_queue(hospital_id)
         self.handlers = {"round_start": self.on_round_start, "model_ready": self.on_model_ready,
                          "round_aborted": self.on_round_aborted}
@@ -105,13 +115,29 @@ class HospitalWorker(Worker):
         if message.get("hospitals") and self.id not in message["hospitals"]:
             log.info("round_not_for_this_hospital")
             return
+        if message["min_clients"] < self.min_clients_floor:
+            self._refuse(round_no, "round_start", (
+                f"round {round_no} accepts aggregates of {message['min_clients']} update(s), below "
+                f"hospital {self.id}'s floor of {self.min_clients_floor} (min_clients_floor)"))
         try:
             self._take_part(message, delivery, log)
+        except CodecError as exc:  # permanent: an update too large, an unusable base model
+            self._refuse(round_no, "round_start", f"round {round_no}: hospital {self.id} refused: {exc}")
         except StoreError as exc:  # IntegrityError and ObjectNotFound are never transient
             if exc.transient:
                 raise  # requeued after a pause; the store may recover
             log.error("round_given_up", error=str(exc))
             raise Refuse(f"round {round_no}: hospital {self.id} gave up: {exc}") from None
+
+    def _refuse(self, round_no: int, kind: str, reason: str) -> None:
+        """Dead-letter the message with ``reason`` and keep the reason where ``status`` finds
+        it (best effort: failing to record must not change what happens to the message)."""
+        self.log.warning("message_refused", round=round_no, message=kind, reason=reason)
+        try:
+            rounds.record_hospital_refusal(self.store, round_no, self.id, kind, reason, self.clock())
+        except Exception as exc:  # noqa: BLE001
+            self.log.warning("refusal_not_recorded", error=repr(exc), reason=reason)
+        raise Refuse(reason)
 
     def _take_part(self, message: dict, delivery: Delivery, log) -> None:
         round_no = message["round"]
@@ -203,7 +229,8 @@ class HospitalWorker(Worker):
         fd, path = tempfile.mkstemp(prefix="update-", dir=self.work_dir)
         try:
             with os.fdopen(fd, "wb") as fh:
-                self.codec.encrypt_update(weights, n_train, fh)
+                self.codec.encrypt_update(weights, n_train, fh,
+                                          max_contributors=message.get("max_contributors") or message["quorum"])
             timings["encrypt_seconds"] = time.perf_counter() - started
             self.status = "uploading"
             started = time.perf_counter()
@@ -239,7 +266,8 @@ class HospitalWorker(Worker):
             return np.load(cache)
         raw = self.store.get_bytes(message["base_model_key"], sha256=message["base_model_sha256"])
         if message["base_model_encrypted"]:
-            weights = self.codec.decrypt_aggregate(io.BytesIO(raw), message["base_total_samples"])
+            weights = self.codec.decrypt_aggregate(io.BytesIO(raw), message["base_total_samples"],
+                                                   min_updates=self.min_clients_floor)
         else:
             weights = np.load(io.BytesIO(raw), allow_pickle=False)
         weights = np.asarray(weights, dtype=np.float32)
@@ -257,9 +285,20 @@ class HospitalWorker(Worker):
         record = rounds.read_json(self.store, rounds.round_key(round_no))
         if record is None:
             raise Refuse(f"model_ready for unknown round {round_no}")
+        contributors = len(message["contributors"])
+        fewest = max(self.min_clients_floor, record["min_clients"])
+        most = record.get("max_contributors") or record["quorum"]
+        if not fewest <= contributors <= most:
+            self._refuse(round_no, "model_ready", (
+                f"model_ready for round {round_no} names {contributors} contributor(s); this hospital "
+                f"decrypts only aggregates of {fewest} to {most} updates"))
         raw = self.store.get_bytes(message["key"], sha256=message["sha256"])
-        weights = np.asarray(self.codec.decrypt_aggregate(io.BytesIO(raw), message["total_samples"]),
-                             dtype=np.float32)
+        try:
+            weights = np.asarray(self.codec.decrypt_aggregate(
+                io.BytesIO(raw), message["total_samples"], n_updates=contributors, min_updates=fewest),
+                dtype=np.float32)
+        except CodecError as exc:
+            self._refuse(round_no, "model_ready", f"round {round_no}: the aggregate was not decrypted: {exc}")
         np.save(self.work_dir / f"base-{message['sha256']}.npy", weights)
         np.save(self.work_dir / "global.npy", weights)
         self.models_applied.append((round_no, self.clock()))
