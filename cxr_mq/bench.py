@@ -76,7 +76,7 @@ def fedavg(weights: list[np.ndarray], counts: list[int]) -> np.ndarray:
 def run_codec_bench(
     params: int = 1_000_000,
     hospitals: list[int] = (2, 10, 50),
-    profiles=("seed", "compact"),
+    profiles=("seed", "compact", "threshold"),
     *,
     seed: int = 0,
     work_dir: str | None = None,
@@ -101,11 +101,20 @@ def run_codec_bench(
             log(f"bench: {profile} profile, {params:,} parameters")
             folder = Path(tmp) / profile
             folder.mkdir()
+            if profile == "threshold":
+                from .bench_threshold import bench_threshold
+
+                result["profiles"][profile] = bench_threshold(
+                    weights, counts, expected, list(hospitals), folder, cores, log,
+                    aggregate_all_cores=_aggregate_all_cores, peak_rss=_peak_rss)
+                continue
             result["profiles"][profile] = _bench_profile(profile, weights, counts, expected, list(hospitals), folder, cores, log)
     if "seed" in result["profiles"]:
         result["seed_reference"] = seed_reference()
     if "seed" in result["profiles"] and "compact" in result["profiles"]:
         result["compact_vs_seed"] = _compare(result["profiles"]["seed"], result["profiles"]["compact"])
+    if "threshold" in result["profiles"] and "compact" in result["profiles"]:
+        result["threshold_vs_compact"] = _compare(result["profiles"]["compact"], result["profiles"]["threshold"])
     result["load_average_at_end"] = list(os.getloadavg())
     result["targets"] = _check_targets(result)
     return result
@@ -398,9 +407,11 @@ def _compare(seed: dict, compact: dict) -> dict:
 
 def _check_targets(result: dict) -> dict:
     """The issue's targets, absolute and scaled by how fast the seed ran in this run."""
+    from .bench_threshold import threshold_targets
+
     compact = result["profiles"].get("compact")
     if not compact:
-        return {}
+        return threshold_targets(result)
     t = TARGETS
     checks = {
         "bytes_per_param": compact["bytes_per_param"] <= t["bytes_per_param_max"],
@@ -429,6 +440,7 @@ def _check_targets(result: dict) -> dict:
         checks["aggregate_mparams_per_s_per_core_scaled"] = agg >= t["aggregate_mparams_per_s_per_core_min"]
     if "round_overhead_ratio" in result:
         checks["round_overhead_ratio"] = result["round_overhead_ratio"] <= t["round_overhead_ratio_max"]
+    checks.update(threshold_targets(result))
     return checks
 
 
@@ -450,6 +462,12 @@ def results_table(result: dict) -> str:
         ("max_abs_error", "{:.2e}"),
         ("max_abs_error_total_10", "{:.2e}"),
         ("decrypt_seconds", "{:.2f}"),
+        ("chunk_bytes_per_param", "{:.4f}"),
+        ("per_round_overhead_bytes", "{:,}"),
+        ("committee_seconds", "{:.3f}"),
+        ("committee_cpu_seconds", "{:.3f}"),
+        ("decrypt_mparams_per_s", "{:.2f}"),
+        ("decrypt_mparams_per_cpu_s", "{:.2f}"),
     ]
     lines = ["| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, fmt in rows:

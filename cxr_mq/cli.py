@@ -16,6 +16,7 @@ import click
 from .config import ConfigError, Settings, load_settings, validate_hospital_id
 
 EXIT_USAGE = 2
+EXIT_LEASE_LOST = 3
 
 
 class Context:
@@ -255,6 +256,7 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
                             skip_bad=skip_bad, synthetic=synthetic,
+                            keep_plaintext_updates=settings.keep_plaintext_updates,
                             min_clients_floor=settings.min_clients_floor)
     worker.install_signal_handlers()
     try:
@@ -267,24 +269,40 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
 @click.option("--public-context", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Public CKKS context file (default: keys/public-context from the bucket).")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--lease", "lease_seconds", type=click.IntRange(min=1), default=None,
+              help="Run with a standby: aggregators share a lease of this many seconds in the "
+                   "store; one is active, the others take over when it lapses.")
+@click.option("--id", "aggregator_id", default=None,
+              help="This aggregator's name in the lease (default: host:pid).")
 @click.pass_obj
-def aggregator(obj: Context, public_context, metrics_port):
+def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id):
     """Run the aggregator worker (long-running; public context only)."""
     from workers.aggregator import AggregatorWorker
 
     from .runtime import load_public_codec, make_broker, make_store
 
-    settings = obj.settings()
+    settings = obj.settings(aggregator_lease=lease_seconds, aggregator_id=aggregator_id)
     store = make_store(settings)
     codec = load_public_codec(store, settings, public_context)
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
-    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals)
+    lease = None
+    if settings.aggregator_lease:
+        import socket
+
+        from .lease import Lease
+        lease = Lease(store, settings.aggregator_id or f"{socket.gethostname()}:{os.getpid()}",
+                      ttl=settings.aggregator_lease)
+    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease,
+                              retain_updates=settings.retain_updates)
     worker.install_signal_handlers()
     try:
         worker.run()
     finally:
         broker.close()
+    if worker.lease_lost:
+        _fail(f"aggregator lease lost: {worker.lease_lost}; restart this one as a standby",
+              EXIT_LEASE_LOST)
 
 
 # -- controller -------------------------------------------------------------------------------
@@ -570,7 +588,7 @@ def demo(obj: Context, hospitals, n_rounds, data, n_images, model, image_size, c
               help="Model parameters per update.")
 @click.option("--hospitals", "hospitals", type=int, multiple=True,
               help="Hospital counts for the aggregator memory figure (repeatable; default 2, 10, 50).")
-@click.option("--profile", "profiles", type=click.Choice(["seed", "compact"]), multiple=True,
+@click.option("--profile", "profiles", type=click.Choice(["seed", "compact", "threshold"]), multiple=True,
               help="Profiles to measure (default both).")
 @click.option("--round/--no-round", "with_round", default=True, show_default=True,
               help="Also time one embedded demo round encrypted and in plaintext.")
@@ -585,7 +603,7 @@ def bench(obj: Context, params, hospitals, profiles, with_round, as_json):
         _fail("--params and --hospitals must be positive")
     log = (lambda message: click.echo(message, err=True))
     result = run_codec_bench(params, list(hospitals) or [2, 10, 50],
-                             tuple(profiles) or ("seed", "compact"), log=log)
+                             tuple(profiles) or ("seed", "compact", "threshold"), log=log)
     if with_round:
         result.update(round_overhead(settings=settings, log=log))
         result["targets"] = _check_targets(result)
@@ -601,6 +619,46 @@ def bench_federated(args):
     from .central_bench import main as central_bench_main
 
     central_bench_main(list(args), prog="cxr-mq bench-federated")
+
+
+@main.command("bench-federation")
+@click.option("--hospitals", type=click.IntRange(min=1), required=True, help="Hospitals (N).")
+@click.option("--params", type=click.IntRange(min=1), required=True, help="Model parameters (P).")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--round-timeout", type=float, default=3600.0, show_default=True,
+              help="Seconds a round may take before the bench gives up.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def bench_federation(obj: Context, hospitals, params, rounds, round_timeout, as_json):
+    """Rounds of N hospitals x P parameters through the real workers, RabbitMQ and S3.
+
+    Local training is replaced by a seeded synthetic update (said in the output); the store
+    is moto's server on loopback, started here, unless CXR_MQ_S3_ENDPOINT_URL is set (then
+    CXR_MQ_S3_BUCKET, if set, must hold no rounds). Uses its own broker namespace."""
+    from . import bench_federation as bench
+    from .log import configure_logging
+
+    settings = obj.settings()
+    configure_logging(obj.log_level or "warning", settings.log_format)  # N workers' logs
+    options = bench.BenchOptions(
+        hospitals=hospitals, params=params, rounds=rounds, round_timeout=round_timeout,
+        amqp_url=settings.amqp_url or bench.BenchOptions.amqp_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_bucket=settings.s3_bucket if settings.s3_endpoint_url else None,
+        kms_key_id=settings.kms_key_id if settings.s3_endpoint_url else None,
+        region=settings.aws_region or "us-east-1")
+    try:
+        result = bench.run(options)
+    except (RuntimeError, ValueError) as exc:
+        _fail(f"bench-federation: {exc}", 1)
+    if as_json:
+        click.echo(bench.main_json(result))
+        return
+    click.echo(f"bench-federation: {result['synthetic_training']}")
+    click.echo(f"store: {result['store']}; broker: {result['broker']} (namespace "
+               f"{result['namespace']}); load average before/after: "
+               f"{result['load_average_before'][0]:.1f} / {result['load_average_after'][0]:.1f}")
+    click.echo(bench.table(result))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,6 +48,8 @@ class Settings:
     # hospitals refuse to take part in, or decrypt, anything smaller (an aggregate of one or
     # two updates reveals them to the other hospitals); lowering it is an operator's decision
     min_clients_floor: int = 3
+    aggregator_lease: int = 0  # seconds; >0: aggregators share a lease, one active, others standby
+    aggregator_id: str | None = None  # this aggregator's name in the lease (default host:pid)
     public_context_key: str = "keys/public-context"
     codec_profile: str = "compact"
     log_level: str = "info"
@@ -90,8 +92,10 @@ def _split_list(value) -> tuple[str, ...]:
 
 
 def _validate(s: Settings) -> Settings:
-    if s.amqp_url and not re.match(r"^amqps?://", s.amqp_url):
-        raise ConfigError(env_name("amqp_url"), f"must start with amqp:// or amqps://, got {_redact(s.amqp_url)!r}")
+    for url in (s.amqp_url or "").split(","):  # a cluster: its nodes' URLs, comma-separated
+        if s.amqp_url and not re.match(r"^amqps?://", url.strip()):
+            raise ConfigError(env_name("amqp_url"), f"must start with amqp:// or amqps:// (a list: "
+                              f"comma-separated), got {_redact(url.strip())!r}")
     if s.s3_endpoint_url and not re.match(r"^https?://[^/]+", s.s3_endpoint_url):
         raise ConfigError(env_name("s3_endpoint_url"), f"must be an http(s) URL, got {s.s3_endpoint_url!r}")
     if s.s3_bucket and not _BUCKET_RE.match(s.s3_bucket):

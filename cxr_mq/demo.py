@@ -175,6 +175,9 @@ class PrefixedStore(ObjectStore):
     def list(self, prefix=""):
         return [k[len(self.prefix):] for k in self.inner.list(self.prefix + prefix)]
 
+    def delete(self, key):
+        self.inner.delete(self.prefix + key)
+
     def describe(self, key):
         return self.inner.describe(self.prefix + key)
 

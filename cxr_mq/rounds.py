@@ -42,7 +42,11 @@ def base_key(round_no: int) -> str:
 
 
 def update_key(round_no: int, hospital: str) -> str:
-    return f"{round_prefix(round_no)}/updates/{hospital}"
+    return updates_prefix(round_no) + hospital
+
+
+def updates_prefix(round_no: int) -> str:
+    return f"{round_prefix(round_no)}/updates/"
 
 
 def update_message_key(round_no: int, hospital: str) -> str:
@@ -127,6 +131,7 @@ class RoundState:
     model_sha256: str | None = None
     total_samples: int = 0
     announced: bool = False
+    updates_deleted: bool = False  # retention done: the individual updates are gone
     timings: dict = field(default_factory=dict)
     # the stored version this state was read as or written to (not persisted)
     etag: str | None = field(default=None, compare=False, repr=False)

@@ -12,6 +12,13 @@ round's state. A refused update is dead-lettered with its reason and recorded in
 state; refusals that belong to no known round (and malformed messages) are recorded in
 ``aggregator/refusals`` so that ``cxr-mq status`` shows them too. A permanent S3 fault on an
 update refuses that update; a transient one (after the store's retries) requeues it.
+
+Retention: once a round's outcome is durable (state complete or aborted, aggregate written)
+and announced, nothing can need its individual updates any more (a restarted aggregator
+rebuilds only rounds that are open; a hospital asked again about a finished round ignores
+it), so they are deleted, with their ``.msg`` manifests, unless ``retain_updates`` is set:
+a later compromise of the key finds no old uploads. The state records ``updates_deleted``;
+a deletion cut short (crash, store error) is finished at the next start.
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ UNROUTED_REFUSALS_KEPT = 500
 class AggregatorWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, policy: RoundPolicy | None = None,
                  hospitals=(), work_dir: str | None = None, stop=None, clock=time.time,
-                 metrics=None):
+                 metrics=None, lease=None, retain_updates: bool = False):
         super().__init__(broker, stop, metrics=metrics, role="aggregator")
         self.metrics.watch(self.role, store=store)
         self.crash = CrashPoints()
@@ -44,6 +51,7 @@ class AggregatorWorker(Worker):
         self.policy = policy or RoundPolicy()
         self.hospitals = tuple(hospitals)
         self.work_dir = work_dir
+        self.retain_updates = retain_updates
         self.clock = clock
         self.queue = broker.topology.aggregator_queue
         self.handlers = {"round_start": self._guarded(self.on_round_start),
@@ -52,8 +60,31 @@ class AggregatorWorker(Worker):
         self.sums: dict[int, object] = {}
         self.events: list[tuple[str, int]] = []  # (event, round) for observers such as the demo
         self._rescan = False
+        self.lease = lease  # a cxr_mq.lease.Lease: active only while holding it (standby)
+        self.lease_lost: str | None = None
 
     # -- start-up ---------------------------------------------------------------------------
+    def run(self) -> None:
+        """With a lease, stand by until it is ours, then consume (and tick deadlines) only
+        while holding it. Losing it (paused past its TTL, a standby took over) stops this
+        worker; what it was doing is redelivered to the new holder."""
+        if self.lease is None:
+            super().run()
+            return
+        if not self.lease.wait_acquire(self.stop):
+            self.log.info("worker_stopped", standby=True)
+            return
+        self.log.info("aggregator_active", holder=self.lease.holder)
+        self.lease.keep(self._on_lease_lost)
+        try:
+            super().run()
+        finally:
+            self.lease.release()
+
+    def _on_lease_lost(self, reason: str) -> None:
+        self.lease_lost = reason
+        self.stop.set()
+
     def setup(self) -> None:
         self.broker.declare_topology(self.hospitals)
         self._restore_unfinished()
@@ -66,6 +97,8 @@ class AggregatorWorker(Worker):
             state = RoundState.load(self.store, round_no)
             if state is not None and (state.status == OPEN or not state.announced):
                 self._restore(state)
+            elif state is not None and not state.updates_deleted:
+                self._delete_updates(state)
 
     def _restore(self, state: RoundState) -> None:
         """Rebuild an open round's running sum from the updates it already accepted."""
@@ -146,6 +179,8 @@ class AggregatorWorker(Worker):
         if reason is not None:
             self._record_refusal(state, message, reason)
             log.warning("update_refused", reason=reason)
+            if state is not None and state.announced:
+                self._delete_late_update(state, message["hospital"])
             raise Refuse(reason)
         self.metrics.updates_accepted.labels(role=self.role).inc()
         self.metrics.bytes.labels(role=self.role, direction="downloaded").inc(message["size"])
@@ -273,3 +308,34 @@ class AggregatorWorker(Worker):
         self.events.append((message["schema"], state.round))
         self.log.info(message["schema"], round=state.round, contributors=state.contributors,
                       total_samples=state.total_samples, reason=state.reason)
+        self.crash.reached("aggregator.after_announce", round=state.round)
+        self._delete_updates(state)
+
+    # -- retention --------------------------------------------------------------------------
+    def _delete_updates(self, state: RoundState) -> None:
+        """Delete a finished, announced round's individual updates and manifests. Best
+        effort: what a failure leaves is deleted at the next start."""
+        if self.retain_updates or state.updates_deleted:
+            return
+        try:
+            keys = self.store.list(rounds.updates_prefix(state.round))
+            for key in keys:
+                self.store.delete(key)
+            state.updates_deleted = True
+            state.save(self.store)
+        except StoreError as exc:
+            self.log.warning("updates_not_deleted", round=state.round, error=str(exc))
+            return
+        self.log.info("updates_deleted", round=state.round, objects=len(keys))
+
+    def _delete_late_update(self, state: RoundState, hospital: str) -> None:
+        """An update uploaded after its round was announced is refused; nothing will ever
+        read it, so retention removes it too."""
+        if self.retain_updates:
+            return
+        try:
+            self.store.delete(rounds.update_key(state.round, hospital))
+            self.store.delete(rounds.update_message_key(state.round, hospital))
+        except StoreError as exc:
+            self.log.warning("late_update_not_deleted", round=state.round, hospital=hospital,
+                             error=str(exc))

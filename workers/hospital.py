@@ -56,7 +56,8 @@ from .base import Worker
 class HospitalWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, hospital_id: str, data_dir: str,
                  work_dir: str, stop=None, val_fraction: float = 0.2, skip_bad: bool = False,
-                 clock=time.time, metrics=None, synthetic: bool = False, min_clients_floor: int = 3):
+                 clock=time.time, metrics=None, synthetic: bool = False,
+                 keep_plaintext_updates: int = 0, min_clients_floor: int = 3):
         super().__init__(broker, stop, metrics=metrics, role="hospital", hospital=hospital_id)
         self.metrics.watch(self.role, store=store)
         self.crash = CrashPoints()
@@ -69,6 +70,7 @@ class HospitalWorker(Worker):
         self.clock = clock
         self.synthetic = synthetic
         self.min_clients_floor = min_clients_floor
+        self.keep_plaintext_updates = keep_plaintext_updates  # rounds; 0 keeps none
         self.queue = broker.topology.hospital_queue(hospital_id)
         self.handlers = {"round_start": self.on_round_start, "model_ready": self.on_model_ready,
                          "round_aborted": self.on_round_aborted}
@@ -249,11 +251,22 @@ class HospitalWorker(Worker):
             key_fingerprint=self.codec.fingerprint,
             metrics={"train": train_metrics, "global": self.last_global_metrics},
             sent_at=self.clock())
-        # the plaintext stays on this machine: it lets an operator (and the tests) audit FedAvg
-        np.save(self.work_dir / f"update-{round_no:06d}.npy", weights)
+        self._keep_plaintext_update(round_no, weights)
         self.store.put_bytes(rounds.update_message_key(round_no, self.id), messages.encode(update))
         self.status = "uploaded"
         return update
+
+    def _keep_plaintext_update(self, round_no: int, weights: np.ndarray) -> None:
+        """Opt-in audit copy of this hospital's plaintext update (``update-<r>.npy``, mode
+        0600), for the last ``keep_plaintext_updates`` rounds only: by default no plaintext
+        update outlives the process that made it."""
+        if self.keep_plaintext_updates > 0:
+            path = self.work_dir / f"update-{round_no:06d}.npy"
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+                np.save(fh, weights)
+        kept = sorted(self.work_dir.glob("update-[0-9]*.npy"))
+        for old in kept[:max(0, len(kept) - self.keep_plaintext_updates)]:
+            old.unlink(missing_ok=True)
 
     def _publish(self, update: dict) -> None:
         self.broker.publish("update_ready", messages.encode(update),

@@ -19,13 +19,18 @@ Layers, each a module that reads alone (lower ones never import higher ones):
 - ``base``: the ``CkksCodec`` / ``EncryptedSum`` interface and the checks profiles share.
 - ``seed``, ``compact`` (with ``pool``, its process pool): the profiles.
 - ``keys``: key pairs, the profile registry, loading a context.
+- ``threshold`` (no shared key; see ``docs/security.md``), built on ``ring`` (Z_q[X]/(X^N+1)
+  in numpy: NTT, RNS, sampling), ``keylayer`` (collective public key, key ciphertexts),
+  ``ceremony`` (t-of-n Shamir-shared collective secret, shares sealed to X25519 identities)
+  and ``committee`` (checked partial decryption of a round's key sum, combination).
 """
 
 from .base import DEFAULT_MAX_CONTRIBUTORS, CkksCodec, EncryptedSum
 from .compact import CompactCodec, CompactSum
 from .errors import CodecError, CodecMismatch, SecretKeyPresent, UpdateOutOfRange
-from .keys import DEFAULT_PROFILE, PROFILES, KeyPair, generate_keys, load_context, load_context_file
+from .keys import DEFAULT_PROFILE, PROFILES, SINGLE_KEY_PROFILES, KeyPair, generate_keys, load_context, load_context_file
 from .seed import SeedCodec, SeedSum
+from .threshold import RoundEncoding, ThresholdCodec, ThresholdSum
 from .wire import (
     FORMAT_VERSION,
     KEY_MAGIC,
@@ -51,11 +56,15 @@ __all__ = [
     "SeedSum",
     "CompactCodec",
     "CompactSum",
+    "ThresholdCodec",
+    "ThresholdSum",
+    "RoundEncoding",
     "generate_keys",
     "load_context",
     "load_context_file",
     "DEFAULT_PROFILE",
     "PROFILES",
+    "SINGLE_KEY_PROFILES",
     "FORMAT_VERSION",
     "KEY_MAGIC",
     "UPDATE_MAGIC",

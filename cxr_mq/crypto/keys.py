@@ -12,6 +12,7 @@ from .base import CkksCodec
 from .compact import CompactCodec
 from .errors import CodecError
 from .seed import SeedCodec
+from .threshold import ThresholdCodec
 from .wire import KEY_MAGIC
 
 DEFAULT_PROFILE = "compact"
@@ -23,7 +24,9 @@ class KeyPair:
     public: bytes  # serialized context WITHOUT the secret key (aggregator)
 
 
-PROFILES: dict[str, type[CkksCodec]] = {"seed": SeedCodec, "compact": CompactCodec}
+PROFILES: dict[str, type[CkksCodec]] = {"seed": SeedCodec, "compact": CompactCodec, "threshold": ThresholdCodec}
+# profiles with one key pair that generate_keys makes (threshold keys come from a ceremony)
+SINGLE_KEY_PROFILES = ("seed", "compact")
 
 
 

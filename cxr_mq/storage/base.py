@@ -97,5 +97,9 @@ class ObjectStore(abc.ABC):
         """Keys under ``prefix``, sorted."""
 
     @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object; removing one that is not there is not an error (as on S3)."""
+
+    @abc.abstractmethod
     def describe(self, key: str) -> dict:
         """Metadata: at least ``size``, ``sha256`` and ``sse`` (``aws:kms`` on S3, ``none`` locally)."""

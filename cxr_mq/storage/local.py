@@ -172,6 +172,14 @@ class LocalStore(ObjectStore):
                     keys.append(key)
         return sorted(keys)
 
+    def delete(self, key: str) -> None:
+        target = self._path(key)
+        try:
+            target.unlink(missing_ok=True)
+            _meta_path(target).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{key}: could not delete from {self.root}: {exc}") from exc
+
     def describe(self, key: str) -> dict:
         target = self._existing(key)
         try:

@@ -278,6 +278,9 @@ class S3Store(ObjectStore):
             return keys
         return sorted(self._call("list", prefix, collect))
 
+    def delete(self, key: str) -> None:
+        self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
+
     def describe(self, key: str) -> dict:
         head = self._call("head", key, lambda: self.client.head_object(Bucket=self.bucket, Key=key))
         return {"size": head["ContentLength"], "sha256": head.get("Metadata", {}).get("sha256"),

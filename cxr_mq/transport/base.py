@@ -29,6 +29,10 @@ HOSPITAL_BINDINGS = ("round_start", "model_ready", "round_aborted")
 AGGREGATOR_BINDINGS = ("round_start", "update_ready")
 REASON_HEADER = "x-cxr-reason"
 ORIGIN_HEADER = "x-cxr-queue"
+# Deliveries of one message before the broker dead-letters it (a handler that fails on every
+# delivery must not loop for ever). Past the limit a message reaches the dead-letter queue
+# with RabbitMQ's ``x-death`` header (reason ``delivery_limit``) instead of ``x-cxr-reason``.
+DELIVERY_LIMIT = 100
 
 
 @dataclass(frozen=True)

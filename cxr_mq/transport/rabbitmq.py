@@ -28,13 +28,12 @@ from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_aft
                       stop_when_event_set, wait_exponential_jitter)
 
 from ..log import get_logger
-from .base import (AGGREGATOR_BINDINGS, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER, Broker,
-                   Delivery, Handler, Refuse, Requeue, Topology, TransportError)
+from .base import (AGGREGATOR_BINDINGS, DELIVERY_LIMIT, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER,
+                   Broker, Delivery, Handler, Refuse, Requeue, Topology, TransportError)
 
 CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.ConnectionClosed, pex.StreamLostError,
                      pex.ChannelClosed, pex.ChannelWrongStateError, ConnectionError, OSError)
 PERMANENT_CHANNEL_CODES = (403, 404, 405, 406)  # access refused, not found, locked, precondition
-DELIVERY_LIMIT = 100
 HANDLER_ERROR_BACKOFF = 2.0
 NACK_ATTEMPTS = 5  # a publisher nack means "not stored, try again", e.g. a queue electing a leader
 
@@ -85,15 +84,27 @@ def connection_parameters(url: str, tls: TlsOptions | None = None) -> pika.URLPa
     return params
 
 
+def split_urls(url: str) -> list[str]:
+    """``amqp://a,amqp://b``: the nodes of one cluster, tried in this order."""
+    urls = [u.strip() for u in url.split(",") if u.strip()]
+    if not urls:
+        raise TransportError("no AMQP URL given")
+    return urls
+
+
 class RabbitMQBroker(Broker):
     def __init__(self, url: str, topology: Topology | None = None, heartbeat: int = 30,
                  reconnect_for: float = 600.0, max_backoff: float = 15.0,
-                 tls: TlsOptions | None = None):
+                 tls: TlsOptions | None = None, delivery_limit: int = DELIVERY_LIMIT):
         self.topology = topology or Topology()
-        self._params = connection_parameters(url, tls)
-        self._params.heartbeat = heartbeat
-        self._params.blocked_connection_timeout = 60
-        self._params.connection_attempts = 1
+        self.delivery_limit = delivery_limit
+        # a comma-separated list is a cluster's nodes: each connect tries them in turn
+        self._nodes = [connection_parameters(u, tls) for u in split_urls(url)]
+        for params in self._nodes:
+            params.heartbeat = heartbeat
+            params.blocked_connection_timeout = 60
+            params.connection_attempts = 1
+        self._params = self._nodes[0]
         self._reconnect_for = reconnect_for
         self._max_backoff = max_backoff
         self._hospitals: set[str] = set()
@@ -104,6 +115,7 @@ class RabbitMQBroker(Broker):
         self._ch = None
         self._stop: threading.Event | None = None  # set by run(): stop waiting for the broker
         self.reconnects = 0
+        self.node: str | None = None  # host:port of the node connected to
         self._connected_once = False
         self._log = get_logger(component="rabbitmq", namespace=self.topology.namespace)
 
@@ -123,7 +135,9 @@ class RabbitMQBroker(Broker):
 
     def _open(self) -> None:
         self._drop()
-        conn = pika.BlockingConnection(self._params)
+        conn = pika.BlockingConnection(self._nodes)
+        node = getattr(getattr(conn, "_impl", None), "params", None)
+        self.node = f"{node.host}:{node.port}" if node is not None else None
         ch = conn.channel()
         ch.confirm_delivery()
         self._conn, self._ch = conn, ch
@@ -146,7 +160,7 @@ class RabbitMQBroker(Broker):
                     self._open()
             if self._connected_once:
                 self.reconnects += 1
-                self._log.info("broker_reconnected", reconnects=self.reconnects)
+                self._log.info("broker_reconnected", reconnects=self.reconnects, node=self.node)
             self._connected_once = True
         return self._ch
 
@@ -193,7 +207,7 @@ class RabbitMQBroker(Broker):
 
     # -- topology -------------------------------------------------------------------------
     def _queue_args(self) -> dict:
-        return {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT,
+        return {"x-queue-type": "quorum", "x-delivery-limit": self.delivery_limit,
                 "x-dead-letter-exchange": self.topology.dead_letter_exchange}
 
     def _declare(self, ch) -> None:

@@ -129,6 +129,18 @@ def test_list_by_prefix_is_sorted_string_prefix(store):
     assert store.list("nothing/") == []
 
 
+def test_delete_removes_one_object_and_is_idempotent(store):
+    for key in ("rounds/r1/updates/h1", "rounds/r1/updates/h1.msg", "rounds/r1/aggregate"):
+        store.put_bytes(key, key.encode())
+    store.delete("rounds/r1/updates/h1")
+    store.delete("rounds/r1/updates/h1")  # gone already: not an error, as on S3
+    store.delete("rounds/r1/updates/never-there")
+    assert store.list("rounds/r1/") == ["rounds/r1/aggregate", "rounds/r1/updates/h1.msg"]
+    assert not store.exists("rounds/r1/updates/h1")
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("rounds/r1/updates/h1")
+
+
 def test_describe_reports_size_sha256_and_encryption(store):
     data = random_bytes(2048)
     info = store.put_bytes("rounds/r1/aggregate", data)
@@ -138,14 +150,39 @@ def test_describe_reports_size_sha256_and_encryption(store):
     assert meta["sse"] == ("aws:kms" if store.kind == "s3" else "none")
 
 
+def assert_encrypted_at_rest(store, key: str, write_path: str) -> None:
+    """On S3 every write path must ask for SSE-KMS with the configured key."""
+    meta = store.describe(key)
+    if store.kind == "local":
+        assert meta["sse"] == "none"
+        return
+    assert meta["sse"] == "aws:kms", f"{write_path} wrote {key} without SSE-KMS (sse={meta['sse']!r})"
+    assert meta["kms_key_id"] and meta["kms_key_id"].endswith(store._kms_key_id), \
+        f"{write_path} wrote {key} under KMS key {meta['kms_key_id']!r}, not the configured one"
+
+
+@pytest.mark.parametrize("write_path", ["put_bytes", "put_file"])
+def test_every_write_path_encrypts_with_the_kms_key(store, workdir, write_path):
+    data = random_bytes(10_000, seed=5)
+    if write_path == "put_bytes":
+        store.put_bytes("rounds/r1/updates/h3", data)
+    else:
+        source = workdir / "small.bin"
+        source.write_bytes(data)
+        store.put_file("rounds/r1/updates/h3", source)
+    assert_encrypted_at_rest(store, "rounds/r1/updates/h3", write_path)
+
+
 def test_large_file_round_trips(store, workdir):
-    """Above the multipart threshold on S3: the whole-object sha256 must still hold."""
+    """Above the multipart threshold on S3: the whole-object sha256 must still hold, and the
+    multipart upload must be SSE-KMS encrypted like a single put."""
     source = workdir / "big.bin"
     source.write_bytes(random_bytes(BIG, seed=11))
     expected = sha256_file(source)
     info = store.put_file("rounds/r1/updates/big", source)
     assert (info.sha256, info.size) == (expected, BIG)
     assert store.describe("rounds/r1/updates/big")["sha256"] == expected
+    assert_encrypted_at_rest(store, "rounds/r1/updates/big", "put_file (multipart upload)")
 
     dest = workdir / "big.out"
     got = store.download("rounds/r1/updates/big", dest, sha256=expected)

@@ -25,7 +25,10 @@ class Cluster:
     """One federation: a bucket, a broker namespace, keys, and worker processes."""
 
     def __init__(self, tmp_path: Path, amqp_url: str, s3: dict, namespace: str,
-                 hospitals=("h1", "h2", "h3"), metrics: bool = False, synthetic: bool = False):
+                 hospitals=("h1", "h2", "h3"), metrics: bool = False, synthetic: bool = False,
+                 retain: bool = True):
+        """``retain`` (the default here, not in production) keeps every update object and
+        each hospital's plaintext updates, from which the tests compute reference sums."""
         self.metrics = metrics
         self.synthetic = synthetic  # hospitals run with --synthetic: no TensorFlow, no images
         self.metrics_ports: dict[str, int] = {}
@@ -43,6 +46,8 @@ class Cluster:
             "CXR_MQ_NAMESPACE": namespace,
             "CXR_MQ_HOSPITALS": ",".join(self.hospitals),
             "CXR_MQ_WORK_DIR": str(tmp_path / "work"),
+            **({"CXR_MQ_RETAIN_UPDATES": "true", "CXR_MQ_KEEP_PLAINTEXT_UPDATES": "1000"}
+               if retain else {}),
             "CXR_MQ_LOG_FORMAT": "json",
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "TF_NUM_INTEROP_THREADS": "1",
@@ -271,7 +276,8 @@ class Cluster:
 
     # -- broker -----------------------------------------------------------------------------
     def _amqp(self):
-        return pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        # a cluster's URLs are comma-separated: the first node that answers
+        return pika.BlockingConnection([pika.URLParameters(u) for u in self.amqp_url.split(",")])
 
     def publish_raw(self, routing_key: str, body: bytes, headers: dict | None = None) -> None:
         """Publish bytes on the control exchange as any (possibly broken) client would."""

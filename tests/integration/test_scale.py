@@ -208,3 +208,158 @@ def test_controller_wait_survives_broker_restart_and_sigkill(rabbit_node_factory
                                                                                ["h1", "h2"])
     finally:
         cluster.stop_all()
+
+
+# -- item 3: a standby aggregator -------------------------------------------------------------
+LEASE = "3"
+
+
+def _consumers(cluster: Cluster, queue: str) -> int:
+    conn = cluster._amqp()
+    try:
+        return conn.channel().queue_declare(queue, passive=True).method.consumer_count
+    finally:
+        conn.close()
+
+
+def _event_time(cluster: Cluster, name: str, event: str) -> float:
+    from datetime import datetime
+    record = cluster.wait_for_event(name, event, allow_exit=True)
+    return datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def test_standby_aggregator_takes_over_a_killed_one_to_a_byte_identical_aggregate(
+        tmp_path, amqp_url, moto_endpoint, aws_env):
+    cluster = _synthetic_federation(tmp_path, amqp_url, moto_endpoint, hospitals=("h1", "h2", "h3"))
+    try:
+        # the active one kills itself once the 2nd update is durable in its record, unacked
+        cluster.start_aggregator("--lease", LEASE, "--id", "agg-a", name="agg-a",
+                                 env={"CXR_MQ_FAULTS": "crash:aggregator.after_accept:2"})
+        cluster.wait_for_event("agg-a", "aggregator_active", timeout=120)
+        cluster.start_aggregator("--lease", LEASE, "--id", "agg-b", name="agg-b")
+        cluster.wait_for_event("agg-b", "standing_by", active="agg-a", timeout=120)
+        for hospital in cluster.hospitals:
+            cluster.start_hospital(hospital)
+        for hospital in cluster.hospitals:
+            cluster.wait_for_event(hospital, "worker_started", timeout=120)
+        assert _consumers(cluster, f"{cluster.namespace}.aggregator") == 1  # the standby waits
+        round_no = cluster.open_round("--quorum", "3", "--deadline", "300",
+                                      "--synthetic-params", SYNTHETIC_PARAMS)
+        assert cluster.wait_exit("agg-a", timeout=180) == -9  # SIGKILLed at the crash point
+        killed_at = time.time()
+        took_over_at = _event_time(cluster, "agg-b", "aggregator_active")
+        state = cluster.wait_finished(round_no, timeout=180)
+        handover = took_over_at - killed_at
+        print(f"handover after SIGKILL: {handover:.1f} s (lease {LEASE} s)")
+        assert handover < 3 * int(LEASE) + 5, handover  # the lease lapses, the standby polls 1/s
+        assert state["status"] == "complete"
+        assert sorted(a["hospital"] for a in state["accepted"]) == ["h1", "h2", "h3"]
+        assert cluster.get(state["model_key"]) == cluster.fault_free_aggregate(
+            round_no, ["h1", "h2", "h3"])
+        # the standby did nothing while agg-a was active: it restored the round agg-a left
+        restored = cluster.find_events("agg-b", "round_restored", round=round_no)
+        assert restored and restored[0]["accepted"] == 2, restored
+        assert cluster.find_events("agg-b", "duplicate_update_ignored", round=round_no)
+        for hospital in cluster.hospitals:  # and every hospital holds the new model
+            cluster.wait_for_event(hospital, "global_model_applied", round=round_no, timeout=120)
+    finally:
+        cluster.stop_all()
+        from cxr_mq.transport.rabbitmq import RabbitMQBroker
+        broker = RabbitMQBroker(amqp_url, Topology(cluster.namespace), reconnect_for=10)
+        broker.delete_topology(cluster.hospitals)
+        broker.close()
+
+
+# -- item 4: a three-node broker cluster ------------------------------------------------------
+@pytest.fixture(scope="module")
+def broker_cluster(tmp_path_factory):
+    """Three clustered RabbitMQ nodes of this module's own, booted once."""
+    from .rabbit_node import RabbitCluster, available
+    if not available():
+        pytest.skip("rabbitmq-server is not installed")
+    cluster = RabbitCluster(tmp_path_factory.mktemp("rabbit-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+def test_round_survives_killing_the_node_that_leads_the_queues(broker_cluster, tmp_path,
+                                                               moto_endpoint, aws_env):
+    cluster = _synthetic_federation(tmp_path, broker_cluster.urls, moto_endpoint,
+                                    hospitals=("h1", "h2", "h3"))
+    try:
+        cluster.start_aggregator()
+        for hospital in ("h1", "h2"):
+            cluster.start_hospital(hospital)
+        for name in ("aggregator", "h1", "h2"):
+            cluster.wait_for_event(name, "worker_started", timeout=120)
+        queue = f"{cluster.namespace}.aggregator"
+        leader = broker_cluster.leader(queue)
+        assert leader is broker_cluster.nodes[0]  # declared through node 1, the first URL
+        round_no = cluster.open_round("--quorum", "3", "--deadline", "300",
+                                      "--synthetic-params", SYNTHETIC_PARAMS)
+        cluster.wait_for_event("h1", "update_published", round=round_no, timeout=120)
+        leader.crash()  # SIGKILL the node leading every queue, updates in flight
+        cluster.start_hospital("h3")  # connects to a surviving node (the next URL)
+        state = cluster.wait_finished(round_no, timeout=240)
+        assert state["status"] == "complete"
+        assert sorted(a["hospital"] for a in state["accepted"]) == ["h1", "h2", "h3"]
+        assert cluster.get(state["model_key"]) == cluster.fault_free_aggregate(
+            round_no, ["h1", "h2", "h3"])
+        for hospital in cluster.hospitals:
+            cluster.wait_for_event(hospital, "global_model_applied", round=round_no, timeout=120)
+        for name in ("aggregator", "h1", "h2"):  # each moved to a live node
+            moved = cluster.find_events(name, "broker_reconnected")
+            assert moved and all(e["node"] != f"127.0.0.1:{leader.port}" for e in moved), moved
+        new_leader = broker_cluster.leader(queue)
+        assert new_leader is not leader and new_leader.running
+        assert cluster.dead_letters() == []
+        depths = cluster.queue_depths()
+        assert all(depth == 0 for depth in depths.values()), depths  # nothing left behind
+    finally:
+        cluster.stop_all()
+
+
+def test_lease_one_holder_takeover_after_expiry_and_the_old_holder_is_told(tmp_path):
+    from cxr_mq.lease import Lease
+    from cxr_mq.storage.local import LocalStore
+    store = LocalStore(tmp_path / "store")
+    now = [1000.0]
+    active = Lease(store, "agg-a", ttl=0.3, clock=lambda: now[0])
+    standby = Lease(store, "agg-b", ttl=0.3, clock=lambda: now[0])
+    assert active.try_acquire() and not standby.try_acquire()
+    lost = []
+    active.keep(lost.append)
+    time.sleep(0.35)  # renewed at least once meanwhile: still held
+    assert not standby.try_acquire() and not lost
+    active._stop.set()  # the holder freezes (no renewals) ...
+    active._thread.join()
+    now[0] += 1.0  # ... past its TTL
+    assert standby.try_acquire()
+    active._stop.clear()
+    active.keep(lost.append)  # it wakes up and tries to renew
+    deadline = time.monotonic() + 5
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lost == ["another aggregator took the lease over"] and active.lost.is_set()
+    active.release()  # a loser's release leaves the new holder's lease alone
+    assert json.loads(store.get_bytes("aggregator/lease"))["holder"] == "agg-b"
+
+
+# -- item 5: the federation bench, small --------------------------------------------------------
+def test_bench_federation_smoke(amqp_url, moto_endpoint, aws_env):
+    from cxr_mq import bench_federation
+    result = bench_federation.run(bench_federation.BenchOptions(
+        hospitals=3, params=3000, rounds=2, amqp_url=amqp_url, s3_endpoint_url=moto_endpoint))
+    assert "synthetic" in result["synthetic_training"] and len(result["rounds"]) == 2
+    for figures in result["rounds"]:
+        assert figures["updates_counted"] == figures["updates_published"] == 3
+        assert figures["updates_lost"] == figures["updates_double_counted"] == 0
+        assert figures["max_abs_error"] < 1e-4  # the decrypted model is the plaintext FedAvg
+        assert 0 <= figures["last_upload_to_complete_s"] <= figures["round_start_to_last_model_s"]
+        assert figures["aggregator_peak_rss_mb"] > 0 and figures["bytes_moved"]["total"] > 0
+    assert result["rounds"][1]["bytes_moved"]["base_down"] == 0  # round 2 starts from round 1's model
+    assert "| 3 | 3,000 | 2 |" in bench_federation.table(result)

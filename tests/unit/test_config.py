@@ -102,3 +102,21 @@ def test_invalid_typed_values_name_the_key(env, key):
     with pytest.raises(ConfigError) as info:
         load_settings(env=env)
     assert info.value.key == key
+
+
+def test_amqp_url_takes_a_clusters_nodes_and_names_a_bad_one():
+    from cxr_mq.transport.rabbitmq import split_urls
+    urls = "amqp://u:p@n1:5672/%2F, amqp://u:p@n2:5673/%2F,amqp://u:p@n3:5674/%2F"
+    settings = load_settings(env={"CXR_MQ_AMQP_URL": urls})
+    assert split_urls(settings.amqp_url) == ["amqp://u:p@n1:5672/%2F", "amqp://u:p@n2:5673/%2F",
+                                             "amqp://u:p@n3:5674/%2F"]
+    with pytest.raises(ConfigError, match=r"CXR_MQ_AMQP_URL.*http://u:\*\*\*@n2") as err:
+        load_settings(env={"CXR_MQ_AMQP_URL": "amqp://u:p@n1/%2F,http://u:secret@n2/"})
+    assert "secret" not in str(err.value)
+
+
+def test_aggregator_lease_is_a_whole_number_of_seconds():
+    assert load_settings(env={"CXR_MQ_AGGREGATOR_LEASE": "10"}).aggregator_lease == 10
+    assert load_settings(env={}).aggregator_lease == 0
+    with pytest.raises(ConfigError, match="CXR_MQ_AGGREGATOR_LEASE"):
+        load_settings(env={"CXR_MQ_AGGREGATOR_LEASE": "soon"})

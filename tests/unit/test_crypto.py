@@ -10,7 +10,7 @@ import pytest
 from cxr_mq import crypto
 from cxr_mq.crypto import CodecError, CodecMismatch, SecretKeyPresent, compact, sampling, sealio, wire
 
-PROFILES = sorted(crypto.PROFILES)
+PROFILES = sorted(crypto.SINGLE_KEY_PROFILES)  # the threshold profile: test_threshold_*.py
 
 
 @pytest.fixture(scope="module", params=PROFILES)

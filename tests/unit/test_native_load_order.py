@@ -30,7 +30,7 @@ SCENARIO = textwrap.dedent(
 
     from cxr_mq import crypto
 
-    for profile in sorted(crypto.PROFILES):
+    for profile in ("compact", "seed"):  # the profiles built on TenSEAL (threshold is numpy only)
         pair = crypto.generate_keys(profile)                      # context make + serialize
         secret = crypto.load_context(pair.secret)                 # context load (secret)
         public = crypto.load_context(pair.public)                 # context load (public)
