@@ -80,38 +80,132 @@ def keys():
 
 
 @keys.command("init")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory for secret.ctx (hospitals only) and public.ctx.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Directory for secret.ctx (hospitals only) and public.ctx (required but with --threshold).")
+@click.option("--threshold", type=int, default=None,
+              help="Run the threshold key ceremony through the running hospital workers "
+                   "(CXR_MQ_HOSPITALS; the key authority signs with its identity, CXR_MQ_IDENTITY): T of them decrypt.")
+@click.option("--ceremony-id", default=None, help="With --threshold: the ceremony's id (default: a fresh one).")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="With --threshold: seconds to wait for each step of the hospitals.")
 @click.option("--profile", type=click.Choice(["compact", "seed"]), default=None,
               help="Codec profile (default: compact).")
 @click.option("--upload/--no-upload", default=True,
               help="Upload the public context to the bucket (keys/public-context).")
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
+@click.option("--kms-wrap", is_flag=True,
+              help="Write secret.ctx KMS-wrapped (secret_kms_key_id, else kms_key_id).")
 @click.pass_obj
-def keys_init(obj: Context, out_dir, profile, upload, force):
-    """Create a key pair: DIR/secret.ctx and DIR/public.ctx, and publish the public one."""
+def keys_init(obj: Context, out_dir, threshold, ceremony_id, timeout, profile, upload, force, kms_wrap):
+    """Create a key pair: DIR/secret.ctx and DIR/public.ctx, and publish the public one; or,
+    with --threshold T, run the key ceremony (docs/threshold.md)."""
     from . import crypto
-    from .runtime import make_store
+    from .crypto import keyfile
+    from .runtime import make_kms, make_store
 
+    if threshold is not None:
+        _threshold_ceremony(obj, threshold, ceremony_id, timeout, out_dir)
+        return
+    if not out_dir:
+        _fail("--out is required (unless --threshold)")
     settings = obj.settings(codec_profile=profile)
     out = Path(out_dir)
     secret_path, public_path = out / "secret.ctx", out / "public.ctx"
     if not force and (secret_path.exists() or public_path.exists()):
         _fail(f"{out}: key files exist already (use --force to replace them)")
     store = make_store(settings) if upload else None
+    wrap_key = _wrap_key_id(settings) if kms_wrap else None
     pair = crypto.generate_keys(settings.codec_profile)
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pair.secret)
-    public_path.write_bytes(pair.public)
     codec = crypto.load_context(pair.public)
+    secret = pair.secret
+    if wrap_key:
+        secret = keyfile.wrap(secret, make_kms(settings), wrap_key,
+                              {"cxr-mq:fingerprint": codec.fingerprint})
+    out.mkdir(parents=True, exist_ok=True)
+    keyfile.write_secret_file(secret_path, secret)
+    public_path.write_bytes(pair.public)
     result = {"secret_context": str(secret_path), "public_context": str(public_path),
               "profile": codec.profile, "fingerprint": codec.fingerprint}
+    if wrap_key:
+        result["kms_wrapped"] = keyfile.read_header(secret)["kms_key_id"]
     if store is not None:
         info = store.put_bytes(settings.public_context_key, pair.public)
         result["uploaded"] = f"{settings.public_context_key} sha256={info.sha256}"
     click.echo(json.dumps(result, indent=1))
+
+
+def _threshold_ceremony(obj: Context, threshold: int, ceremony_id, timeout: float, out_dir) -> None:
+    import uuid
+
+    from . import threshold_flow
+    from .crypto.ceremony import CeremonyError, CeremonyParams
+    from .identity import Identity, Registry
+    from .runtime import make_broker, make_store
+
+    settings = obj.settings()
+    if len(settings.hospitals) < 2:
+        _fail("--threshold needs the hospitals (CXR_MQ_HOSPITALS, at least two)")
+    try:
+        params = CeremonyParams(settings.namespace, tuple(sorted(settings.hospitals)), threshold,
+                                ceremony_id or f"c{uuid.uuid4().hex[:12]}")
+    except CeremonyError as exc:
+        _fail(f"--threshold: {exc}")
+    authority = Identity.load(settings.identity_path())
+    store = make_store(settings)
+    with make_broker(settings) as broker:
+        broker.declare_topology(settings.hospitals)
+        try:
+            codec = threshold_flow.run_ceremony(store, broker, params, authority, Registry(store), timeout=timeout,
+                                                log=lambda m: click.echo(m, err=True))
+        except threshold_flow.FlowError as exc:
+            _fail(str(exc))
+    info = store.put_bytes(settings.public_context_key, codec.public_bytes())
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "public.ctx").write_bytes(codec.public_bytes())
+    click.echo(json.dumps({"ceremony_id": params.ceremony_id, "parties": list(params.parties),
+                           "threshold": params.threshold, "profile": codec.profile, "fingerprint": codec.fingerprint,
+                           "uploaded": f"{settings.public_context_key} sha256={info.sha256}"}, indent=1))
+
+
+def _wrap_key_id(settings: Settings) -> str:
+    key = settings.secret_kms_key_id or settings.kms_key_id
+    if not key:
+        raise ConfigError("CXR_MQ_SECRET_KMS_KEY_ID", "is required to KMS-wrap a secret key file "
+                          "(or CXR_MQ_KMS_KEY_ID)")
+    return key
+
+
+@keys.command("wrap")
+@click.argument("secret_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help="The wrapped key file to write (mode 0600); may be SECRET_FILE itself.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@click.pass_obj
+def keys_wrap(obj: Context, secret_file, out_file, force):
+    """KMS-wrap a secret context file (envelope: KMS GenerateDataKey + AES-256-GCM)."""
+    from . import crypto
+    from .crypto import keyfile
+    from .runtime import make_kms
+
+    settings = obj.settings()
+    source, out = Path(secret_file), Path(out_file)
+    if out.exists() and not force:
+        _fail(f"{out}: exists already (use --force to replace it)")
+    data = source.read_bytes()
+    if keyfile.is_wrapped(data):
+        _fail(f"{source}: is KMS-wrapped already")
+    try:
+        codec = crypto.load_context(data)
+    except crypto.CodecError as exc:
+        raise type(exc)(f"{source}: {exc}") from exc
+    if not codec.has_secret_key:
+        _fail(f"{source}: holds no secret key (nothing to wrap)")
+    wrapped = keyfile.wrap(data, make_kms(settings), _wrap_key_id(settings),
+                           {"cxr-mq:fingerprint": codec.fingerprint})
+    keyfile.write_secret_file(out, wrapped)
+    click.echo(json.dumps({"wrapped": str(out), "fingerprint": codec.fingerprint,
+                           "kms_key_id": keyfile.read_header(wrapped)["kms_key_id"]}, indent=1))
 
 
 # -- identities -------------------------------------------------------------------------------
@@ -240,24 +334,30 @@ def _serve_metrics(port):
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
 @click.option("--synthetic", is_flag=True,
               help="Benchmarks only: replace local training by a seeded synthetic update.")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
-def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port, synthetic):
+def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port, synthetic,
+             identity_path):
     """Run a hospital worker (long-running)."""
     from workers.hospital import HospitalWorker
 
-    from .runtime import load_secret_codec, make_broker, make_store
+    from .runtime import load_identity, load_secret_codec, make_broker, make_store, make_verifier
 
     validate_hospital_id(hospital_id)
     if data_dir is None and not synthetic:
         _fail("--data: a hospital needs its image directory (or --synthetic for benchmarks)")
-    settings = obj.settings(secret_context=secret_context)
+    settings = obj.settings(secret_context=secret_context, identity=identity_path)
     codec = load_secret_codec(settings)
-    store, broker = make_store(settings), make_broker(settings.require("amqp_url"))
+    store = make_store(settings)
+    ident = load_identity(settings, store, "hospital", hospital_id)
+    broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
                             skip_bad=skip_bad, synthetic=synthetic,
                             keep_plaintext_updates=settings.keep_plaintext_updates,
-                            min_clients_floor=settings.min_clients_floor)
+                            min_clients_floor=settings.min_clients_floor,
+                            identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -274,16 +374,20 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
                    "store; one is active, the others take over when it lapses.")
 @click.option("--id", "aggregator_id", default=None,
               help="This aggregator's name in the lease (default: host:pid).")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
-def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id):
+def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id, identity_path):
     """Run the aggregator worker (long-running; public context only)."""
     from workers.aggregator import AggregatorWorker
 
-    from .runtime import load_public_codec, make_broker, make_store
+    from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
 
-    settings = obj.settings(aggregator_lease=lease_seconds, aggregator_id=aggregator_id)
+    settings = obj.settings(aggregator_lease=lease_seconds, aggregator_id=aggregator_id,
+                            identity=identity_path)
     store = make_store(settings)
     codec = load_public_codec(store, settings, public_context)
+    ident = load_identity(settings, store, "aggregator")
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     lease = None
@@ -294,7 +398,8 @@ def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggreg
         lease = Lease(store, settings.aggregator_id or f"{socket.gethostname()}:{os.getpid()}",
                       ttl=settings.aggregator_lease)
     worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease,
-                              retain_updates=settings.retain_updates)
+                              retain_updates=settings.retain_updates,
+                              identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -347,15 +452,17 @@ def _training_options(f):
 @click.option("--synthetic-params", type=click.IntRange(min=1), default=None,
               help="Benchmarks only: a first round on a synthetic model of this many parameters "
                    "(for hospitals run with --synthetic).")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
                 epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json,
-                synthetic_params):
+                synthetic_params, identity_path):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
-    from .runtime import load_public_codec, make_broker, make_store
+    from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
 
-    settings = obj.settings(hospitals=tuple(hospitals) or None)
+    settings = obj.settings(hospitals=tuple(hospitals) or None, identity=identity_path)
     try:
         params = training.TrainingParams(model=model, image_size=image_size, classes=classes,
                                          epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -376,10 +483,11 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
         _fail(str(exc))
     store = make_store(settings)
     codec = load_public_codec(store, settings)
+    ident = load_identity(settings, store, "controller")
     with make_broker(settings.require("amqp_url")) as broker:
         broker.declare_topology(settings.hospitals)
         queue = broker.temporary_queue(["model_ready", "round_aborted"]) if wait else None
-        start = controller.open_round(broker, store, codec, request)
+        start = controller.open_round(broker, store, codec, request, ident)
         if not wait:
             result = {"round": start["round"], "status": "started",
                       "base_model_key": start["base_model_key"]}
@@ -387,7 +495,8 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
             return
         try:
             outcome = controller.wait_for_round(broker, queue, start["round"],
-                                                timeout or deadline + 60, store=store)
+                                                timeout or deadline + 60, store=store,
+                                                verifier=make_verifier(settings, store))
         except controller.RoundTimeout as exc:
             _fail(str(exc), 1)
     result = controller.round_result(start, outcome)

@@ -38,6 +38,8 @@ class Settings:
     s3_endpoint_url: str | None = None
     kms_key_id: str | None = None
     secret_context: str | None = None
+    secret_kms_key_id: str | None = None  # KMS key that wraps secret key files (keys wrap)
+    kms_endpoint_url: str | None = None  # KMS API endpoint; unset: the S3 endpoint, else AWS
     identity: str | None = None  # path of this party's identity key file (cxr-mq identity init)
     aws_region: str | None = None
     namespace: str = "cxr"
@@ -96,8 +98,9 @@ def _validate(s: Settings) -> Settings:
         if s.amqp_url and not re.match(r"^amqps?://", url.strip()):
             raise ConfigError(env_name("amqp_url"), f"must start with amqp:// or amqps:// (a list: "
                               f"comma-separated), got {_redact(url.strip())!r}")
-    if s.s3_endpoint_url and not re.match(r"^https?://[^/]+", s.s3_endpoint_url):
-        raise ConfigError(env_name("s3_endpoint_url"), f"must be an http(s) URL, got {s.s3_endpoint_url!r}")
+    for key in ("s3_endpoint_url", "kms_endpoint_url"):
+        if getattr(s, key) and not re.match(r"^https?://[^/]+", getattr(s, key)):
+            raise ConfigError(env_name(key), f"must be an http(s) URL, got {getattr(s, key)!r}")
     if s.s3_bucket and not _BUCKET_RE.match(s.s3_bucket):
         raise ConfigError(env_name("s3_bucket"), f"is not a valid S3 bucket name: {s.s3_bucket!r}")
     if not _ID_RE.match(s.namespace):

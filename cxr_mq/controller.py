@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import messages, rounds, training
+from . import identity, messages, rounds, training
 from .log import get_logger
 from .rounds import ABORTED, COMPLETE, RoundState
 from .storage.base import ObjectStore, PreconditionFailed, sha256_bytes
@@ -76,8 +76,9 @@ OPEN_ATTEMPTS = 20
 
 
 def open_round(broker: Broker, store: ObjectStore, codec, request: RoundRequest,
-               clock=time.time) -> dict:
-    """Claim the next round number, write the round record and publish ``round_start``.
+               signer: identity.Identity, clock=time.time) -> dict:
+    """Claim the next round number, write the round record and publish ``round_start``, both
+    signed by ``signer`` (the controller's identity); returns the message.
 
     The number is claimed by creating ``rounds/<r>/round`` with ``If-None-Match: *``: of two
     controllers that listed the same rounds, exactly one creates the record; the other finds
@@ -90,7 +91,8 @@ def open_round(broker: Broker, store: ObjectStore, codec, request: RoundRequest,
     base = latest_complete(store)
     initial = _initial_model(request) if base is None else None
     for _ in range(OPEN_ATTEMPTS):
-        message = _round_start(round_no, base, initial, codec, request, clock())
+        message = identity.sign(_round_start(round_no, base, initial, codec, request, clock()),
+                                signer)
         try:
             rounds.write_json(store, rounds.round_key(round_no), message, if_none_match=True)
             break
@@ -137,8 +139,13 @@ def outcome_from_state(state: RoundState) -> dict | None:
 
 
 def wait_for_round(broker: Broker, queue: str, round_no: int, timeout: float,
-                   store: ObjectStore | None = None) -> dict:
+                   store: ObjectStore | None = None,
+                   verifier: identity.Verifier | None = None) -> dict:
     """Block until the round's ``model_ready`` or ``round_aborted`` arrives on ``queue``.
+
+    With ``verifier``, an outcome that is not signed by a registered aggregator (and
+    published by its broker user) is ignored, so nobody but the aggregator can end a round
+    in the controller's eyes.
 
     With ``store``, the aggregator's durable record is also polled: the temporary queue is
     exclusive to this connection, so an outcome published while the broker was restarting
@@ -159,7 +166,10 @@ def wait_for_round(broker: Broker, queue: str, round_no: int, timeout: float,
         if delivery is not None:
             try:
                 message = messages.decode(delivery.body)
-            except messages.MessageError:
+                if verifier is not None:
+                    verifier.verify(message, broker_user=delivery.user_id)
+            except messages.MessageError as exc:  # IdentityError is one
+                get_logger(role="controller").warning("outcome_ignored", reason=str(exc))
                 message = {}
             if message.get("round") == round_no:
                 log.info("round_outcome_received", round=round_no, via="queue")
@@ -208,9 +218,11 @@ def status(store: ObjectStore) -> list[dict]:
     round a hospital refused (a ``round_start`` it would not take part in or encrypt for, an
     aggregate it would not decrypt).
 
-    Refusals the aggregator could not attach to a round (an unknown round number, a message
-    that did not decode) come last: under their claimed round number with state ``unknown``,
-    or under round 0 with state ``malformed`` for messages that did not decode."""
+    Refusals the aggregator could not attach to a round's record (an unknown round number, a
+    message that did not decode, or one whose signature, sender or broker user did not check
+    out) are listed with the round they claim when it exists; otherwise they come last, under
+    their claimed round number with state ``unknown``, or under round 0 with state
+    ``malformed`` for messages that did not decode."""
     rows = []
     for round_no in rounds.list_rounds(store):
         record = rounds.read_json(store, rounds.round_key(round_no)) or {}
@@ -231,12 +243,14 @@ def status(store: ObjectStore) -> list[dict]:
             "finished_at": state.finished_at if state else None,
             "announced": state.announced if state else False,
         })
-    known = {row["round"] for row in rows}
+    known = {row["round"]: row for row in rows}
     unrouted: dict = {}
     for entry in (rounds.read_json(store, rounds.UNROUTED_REFUSALS_KEY) or {}).get("refused", []):
-        unrouted.setdefault(entry.get("round") or 0, []).append(entry)
+        round_no = entry.get("round")
+        unrouted.setdefault(round_no if isinstance(round_no, int) else 0, []).append(entry)
     for round_no in sorted(unrouted, key=lambda r: (r == 0, r)):
-        if round_no in known:
+        if round_no in known:  # e.g. a forged or replayed message claiming a real round
+            known[round_no]["refused"] = known[round_no]["refused"] + unrouted[round_no]
             continue
         rows.append({"round": round_no, "state": "unknown" if round_no else "malformed",
                      "quorum": None, "min_clients": None, "deadline": None, "contributors": [],

@@ -7,7 +7,7 @@ before encryption, so the aggregator's sum is already the weighted sum.
 """
 from __future__ import annotations
 
-from .rounds import ABORTED, COMPLETE, OPEN, RoundState
+from .rounds import ABORTED, COMPLETE, OPEN, RoundState, update_key
 
 
 class RoundPolicy:
@@ -23,6 +23,9 @@ class RoundPolicy:
             return f"round {state.round} deadline has passed"
         if state.hospitals and hospital not in state.hospitals:
             return f"unknown sender {hospital!r}: not a participant of round {state.round}"
+        if update["key"] != update_key(state.round, hospital):
+            return (f"wrong object key {update['key']!r}: hospital {hospital!r}'s update for round "
+                    f"{state.round} lives only at {update_key(state.round, hospital)!r}")
         if update["key_fingerprint"] != state.key_fingerprint:
             return (f"key fingerprint mismatch: update has {update['key_fingerprint'][:16]}…, "
                     f"round uses {state.key_fingerprint[:16]}…")

@@ -42,9 +42,48 @@ def load_public_codec(store: ObjectStore, settings: Settings, path: str | None =
     return codec
 
 
+def make_kms(settings: Settings):
+    """A KMS client (for wrapped secret key files); ``kms_endpoint_url``, else the S3
+    endpoint (a local stack such as moto serves both), else AWS's own."""
+    import boto3
+
+    return boto3.client("kms", endpoint_url=settings.kms_endpoint_url or settings.s3_endpoint_url,
+                        region_name=settings.aws_region)
+
+
 def load_secret_codec(settings: Settings, path: str | Path | None = None):
+    """A hospital's secret context from its file, plain or KMS-wrapped (unwrapped here, in
+    memory only)."""
+    from .crypto import keyfile
+
     target = Path(path) if path else settings.secret_context_path()
-    codec = crypto.load_context_file(target)
+    data = keyfile.read_secret_file(target, lambda: make_kms(settings), settings.secret_kms_key_id)
+    try:
+        codec = crypto.load_context(data)
+    except crypto.CodecError as exc:
+        raise type(exc)(f"{target}: {exc}") from exc
     if not codec.has_secret_key:
         raise ConfigError(env_name("secret_context"), f"{target} holds no secret key")
     return codec
+
+
+def load_identity(settings: Settings, store: ObjectStore, role: str, party_id: str | None = None):
+    """This party's identity (``--identity`` / ``CXR_MQ_IDENTITY``), checked against the
+    registry: registered, with the same keys, in ``role`` (and named ``party_id``)."""
+    from .identity import Identity, Registry
+
+    ident = Identity.load(settings.identity_path())
+    if party_id is not None and ident.id != party_id:
+        raise ConfigError(env_name("identity"), f"{settings.identity} is the identity of "
+                          f"{ident.id!r}, not {party_id!r}")
+    Registry(store).require(ident, role)
+    return ident
+
+
+def make_verifier(settings: Settings, store: ObjectStore):
+    """Checks every incoming message against the registry in ``store``."""
+    from .identity import Registry, Verifier
+
+    return Verifier(Registry(store), max_age=float(settings.message_max_age),
+                    shared_broker_users=frozenset(settings.shared_broker_users))
+

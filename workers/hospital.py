@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_mq import messages, rounds, training
+from cxr_mq import bound, messages, rounds, training
 from cxr_mq.crypto import CodecError
 from cxr_mq.faults import CrashPoints
 from cxr_mq.rounds import OPEN, RoundState
@@ -57,8 +57,11 @@ class HospitalWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, hospital_id: str, data_dir: str,
                  work_dir: str, stop=None, val_fraction: float = 0.2, skip_bad: bool = False,
                  clock=time.time, metrics=None, synthetic: bool = False,
-                 keep_plaintext_updates: int = 0, min_clients_floor: int = 3):
-        super().__init__(broker, stop, metrics=metrics, role="hospital", hospital=hospital_id)
+                 keep_plaintext_updates: int = 0, min_clients_floor: int = 3, *, identity, verifier):
+        super().__init__(broker, stop, metrics=metrics, role="hospital", hospital=hospital_id,
+                         identity=identity, verifier=verifier)
+        if identity.id != hospital_id:
+            raise ValueError(f"hospital {hospital_id!r} given the identity of {identity.id!r}")
         self.metrics.watch(self.role, store=store)
         self.crash = CrashPoints()
         if not codec.has_secret_key:
@@ -73,7 +76,8 @@ class HospitalWorker(Worker):
         self.keep_plaintext_updates = keep_plaintext_updates  # rounds; 0 keeps none
         self.queue = broker.topology.hospital_queue(hospital_id)
         self.handlers = {"round_start": self.on_round_start, "model_ready": self.on_model_ready,
-                         "round_aborted": self.on_round_aborted}
+                         "round_aborted": self.on_round_aborted,
+                         "ceremony_start": self.on_ceremony, "ceremony_finalize": self.on_ceremony}
         self._data: dict[tuple, training.LocalData] = {}
         self.last_global_metrics: dict = {}
         self._applied_model: tuple | None = None
@@ -231,6 +235,7 @@ class HospitalWorker(Worker):
         fd, path = tempfile.mkstemp(prefix="update-", dir=self.work_dir)
         try:
             with os.fdopen(fd, "wb") as fh:
+                bound.write_header(fh, round_no, self.id)  # covered by the signed sha256
                 self.codec.encrypt_update(weights, n_train, fh,
                                           max_contributors=message.get("max_contributors") or message["quorum"])
             timings["encrypt_seconds"] = time.perf_counter() - started
@@ -245,12 +250,12 @@ class HospitalWorker(Worker):
         self.metrics.duration.labels(role=self.role, phase="upload").observe(
             timings["upload_seconds"])
         self.metrics.bytes.labels(role=self.role, direction="uploaded").inc(info.size)
-        update = messages.make(
+        update = self.sign(messages.make(
             "update_ready", round=round_no, hospital=self.id, key=info.key, sha256=info.sha256,
             size=info.size, n_samples=n_train, n_params=int(weights.size),
             key_fingerprint=self.codec.fingerprint,
             metrics={"train": train_metrics, "global": self.last_global_metrics},
-            sent_at=self.clock())
+            sent_at=self.clock()))
         self._keep_plaintext_update(round_no, weights)
         self.store.put_bytes(rounds.update_message_key(round_no, self.id), messages.encode(update))
         self.status = "uploaded"
@@ -295,9 +300,19 @@ class HospitalWorker(Worker):
             # a redelivery (or the aggregator announcing again after a restart): done already
             log.info("model_ready_already_applied", redelivered=delivery.redelivered)
             return
+        if self._applied_model is not None and round_no < self._applied_model[0]:
+            raise Refuse(f"stale model_ready for round {round_no}: round "
+                         f"{self._applied_model[0]}'s model is applied already")
+        if message["key"] != rounds.aggregate_key(round_no):
+            raise Refuse(f"model_ready for round {round_no} names {message['key']!r}, "
+                         f"not the round's aggregate {rounds.aggregate_key(round_no)!r}")
         record = rounds.read_json(self.store, rounds.round_key(round_no))
         if record is None:
             raise Refuse(f"model_ready for unknown round {round_no}")
+        try:
+            self.verifier.verify_stored(record, role="controller")
+        except messages.MessageError as exc:
+            raise Refuse(f"round {round_no}'s record: {exc}") from None
         contributors = len(message["contributors"])
         fewest = max(self.min_clients_floor, record["min_clients"])
         most = record.get("max_contributors") or record["quorum"]
@@ -334,6 +349,21 @@ class HospitalWorker(Worker):
     def on_round_aborted(self, message: dict, delivery: Delivery) -> None:
         self.status = "idle"
         self.log.warning("round_aborted", round=message["round"], reason=message["reason"])
+
+    def on_ceremony(self, message: dict, delivery: Delivery) -> None:
+        """The threshold key ceremony (docs/threshold.md): deal, then keep the committee share."""
+        from cxr_mq import threshold_flow as flow
+        from cxr_mq.crypto import CodecError
+
+        try:
+            if message["schema"] == "ceremony_start":
+                outcome = flow.on_ceremony_start(self.store, message, self.identity, self.verifier.registry)
+            else:
+                outcome = flow.on_ceremony_finalize(self.store, message, self.identity, self.verifier.registry,
+                                                    self.work_dir)
+        except (flow.FlowError, CodecError, ObjectNotFound) as exc:
+            raise Refuse(f"ceremony {message['ceremony_id']}: {exc}") from None
+        self.log.info(message["schema"], ceremony=message["ceremony_id"], outcome=outcome)
 
 
 def synthetic_samples(hospital_id: str) -> int:

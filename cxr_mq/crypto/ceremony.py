@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 
 import msgpack
@@ -63,8 +64,8 @@ class CeremonyParams:
             raise CeremonyError(
                 f"threshold {self.threshold} of {len(parties)} is not a majority: two disjoint active sets could "
                 "each decrypt a different key sum of one round (pass allow_minority to accept that)")
-        if not self.ceremony_id:
-            raise CeremonyError("a ceremony needs an id")
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$", self.ceremony_id or ""):
+            raise CeremonyError(f"a ceremony id is 1-63 letters, digits, '_', '.', '-', got {self.ceremony_id!r}")
 
     def point(self, party: str) -> int:
         """The party's Shamir evaluation point: 1-based position in the sorted list."""

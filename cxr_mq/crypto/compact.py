@@ -6,7 +6,6 @@ import io
 import math
 import os
 import struct
-import tempfile
 import threading
 import weakref
 from typing import BinaryIO
@@ -15,7 +14,7 @@ import numpy as np
 
 from .base import DEFAULT_MAX_CONTRIBUTORS, CkksCodec, EncryptedSum, as_weights, check_contributors, check_samples, fingerprint_of
 from .errors import CodecError, CodecMismatch
-from .pool import available_cores, pool_decrypt, pool_encrypt, pool_init, pool_ping
+from .pool import available_cores, pool_decrypt, pool_encrypt, pool_init, pool_ping, shared_file
 from .sampling import aes_ctr, expand_seed
 from .sealio import SEAL_HEADER, SEAL_MAGIC, SEAL_ZSTD, PlainLoader, Scratch, check_security, seal_blob
 from .wire import MAX_CHUNK_BYTES, U32, UpdateHeader, pack_key, pack_words, read_into, strided_words, unpack_words, write_frame, write_header
@@ -357,15 +356,13 @@ class CompactCodec(CkksCodec):
         step = 2 * max(1, min(self.TASK_CHUNKS, per_task) // 2)  # whole pairs (see PlainLoader.residues)
         blob_len = self.SEED_BYTES + self.PACKED_BYTES * n
         values = np.ascontiguousarray(weights)
-        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        with tempfile.NamedTemporaryFile(dir=shm, prefix="cxr-mq-weights-") as src, \
-                tempfile.NamedTemporaryFile(dir=shm, prefix="cxr-mq-chunks-") as dst:
+        with shared_file("cxr-mq-weights") as (src, src_path), shared_file("cxr-mq-chunks") as (dst, dst_path):
             src.write(memoryview(values).cast("B"))
             src.flush()
             dst.truncate(chunks * blob_len)
             tasks = (
-                (src.name, values.dtype.str, values.size, first, min(step, chunks - first), n_samples, grid,
-                 dst.name)
+                (src_path, values.dtype.str, values.size, first, min(step, chunks - first), n_samples, grid,
+                 dst_path)
                 for first in range(0, chunks, step)
             )
             for first, count in self._ordered_map(pool_encrypt, tasks):
@@ -537,7 +534,7 @@ class CompactCodec(CkksCodec):
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=pool_init,
-                initargs=(self.secret_bytes(),),
+                initargs=(self.secret_bytes(), os.getpid()),
             )
             weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
         return self._executor

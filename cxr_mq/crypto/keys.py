@@ -3,7 +3,7 @@ registered profile."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
@@ -20,8 +20,12 @@ DEFAULT_PROFILE = "compact"
 
 @dataclass(frozen=True)
 class KeyPair:
-    secret: bytes  # serialized context WITH the secret key (hospitals)
-    public: bytes  # serialized context WITHOUT the secret key (aggregator)
+    secret: bytes = field(repr=False)  # serialized context WITH the secret key (hospitals)
+    public: bytes = field(repr=False)  # serialized context WITHOUT the secret key (aggregator)
+
+    def __repr__(self) -> str:
+        # never the key bytes: a repr ends up in logs, tracebacks and debugger output
+        return f"KeyPair(secret=<{len(self.secret)} bytes, redacted>, public=<{len(self.public)} bytes>)"
 
 
 PROFILES: dict[str, type[CkksCodec]] = {"seed": SeedCodec, "compact": CompactCodec, "threshold": ThresholdCodec}

@@ -1,9 +1,21 @@
 """The compact profile's process pool: workers that each load the secret context once and
-encrypt or decrypt batches of chunks (hospital side only)."""
+encrypt or decrypt batches of chunks (hospital side only).
+
+Hygiene: the plaintext weights and the chunks cross to the workers through memfds
+(anonymous memory files, gone with their last descriptor however the process ends: crash,
+SIGKILL, the hospital's fast exit on SIGTERM), never through named files in /dev/shm that
+would outlive a crash. Each worker holds the secret key, so it watches its parent and exits
+the moment the parent does, whatever way it ended (a worker would otherwise wait for work
+for ever: it holds the write end of its own task pipe, so it never sees end-of-file).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import tempfile
+import threading
 
 import numpy as np
 
@@ -22,8 +34,50 @@ def available_cores() -> int:
 _POOL_CODEC = None  # a CompactCodec, in pool processes only
 
 
-def pool_init(secret: bytes) -> None:
+@contextlib.contextmanager
+def shared_file(name: str):
+    """``(file, path)``: a read-write file in memory that pool workers open by ``path``.
+
+    A memfd, reached through ``/proc/<this pid>/fd/<n>``; only without memfds (not Linux) a
+    named file in /dev/shm, which a crash would leave behind."""
+    try:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        fd = -1
+    if fd >= 0:
+        with open(fd, "w+b") as fh:
+            yield fh, f"/proc/{os.getpid()}/fd/{fd}"
+        return
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    with tempfile.NamedTemporaryFile(dir=shm, prefix=f"{name}-") as fh:
+        yield fh, fh.name
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """End this process as soon as ``parent_pid`` ends (a pidfd becomes readable when its
+    process exits; without pidfds, poll the parent id)."""
+    if os.getppid() != parent_pid:
+        os._exit(0)  # the parent is gone already
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except (AttributeError, OSError):
+        pidfd = -1
+
+    def watch() -> None:
+        if pidfd >= 0:
+            select.select([pidfd], [], [])
+        else:
+            while os.getppid() == parent_pid:
+                threading.Event().wait(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def pool_init(secret: bytes, parent_pid: int | None = None) -> None:
     global _POOL_CODEC
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     from .keys import load_context  # here, not at the top: keys imports the profiles, which import this module
 
     codec = load_context(secret)

@@ -15,7 +15,9 @@ carries over from RabbitMQ, because the workers' correctness depends on it:
 - a message given back more than ``delivery_limit`` times (a handler failing on every
   delivery) is dead-lettered with an ``x-death`` header, reason ``delivery_limit``, as a
   quorum queue with ``x-delivery-limit`` does;
-- temporary queues are exclusive to their connection and deleted with it.
+- temporary queues are exclusive to their connection and deleted with it;
+- a connection has a user: every message it publishes carries it as ``user_id``, as RabbitMQ
+  validates ``user_id`` against the login.
 
 Everything is guarded by the server's one condition variable; handlers run on the thread
 calling :meth:`EmbeddedBroker.run` and never while that lock is held.
@@ -31,8 +33,9 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 from ..log import get_logger
-from .base import (AGGREGATOR_BINDINGS, DELIVERY_LIMIT, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER,
-                   Broker, Delivery, Handler, Refuse, Requeue, Topology, TransportError)
+from .base import (AGGREGATOR_BINDINGS, DELIVERY_LIMIT, HOSPITAL_BINDINGS, ORIGIN_HEADER,
+                   REASON_HEADER, USER_HEADER, Broker, Delivery, Handler, Refuse, Requeue, Topology,
+                   TransportError)
 
 IDLE_POLL = 0.05  # how often an idle run() loop looks at ``stop``
 ROUTING_KEY_HEADER = "x-cxr-routing-key"  # as RabbitMQBroker adds on dead-lettering
@@ -46,6 +49,7 @@ class _Message:
     message_id: str | None = None
     redelivered: bool = False
     returns: int = 0  # times given back unacked (a quorum queue's delivery-count)
+    user_id: str | None = None
 
 
 @dataclass
@@ -153,9 +157,10 @@ class EmbeddedBroker(Broker):
 
     def __init__(self, server: EmbeddedServer, topology: Topology = Topology(),
                  retry_delay: float = 0.2, max_retry_delay: float = 5.0,
-                 delivery_limit: int = DELIVERY_LIMIT):
+                 delivery_limit: int = DELIVERY_LIMIT, user: str | None = None):
         self.server = server
         self.delivery_limit = delivery_limit
+        self.user = user  # the connection's login: the user_id of everything it publishes
         self.topology = topology
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
@@ -211,7 +216,8 @@ class EmbeddedBroker(Broker):
     def publish(self, routing_key: str, body: bytes, headers: dict | None = None,
                 message_id: str | None = None) -> None:
         self._check_open()
-        message = _Message(bytes(body), routing_key, dict(headers or {}), message_id)
+        message = _Message(bytes(body), routing_key, dict(headers or {}), message_id,
+                           user_id=self.user)
         if not self.server.route(self.topology.control_exchange, message):
             raise TransportError(f"broker refused {routing_key}: no queue is bound to it")
 
@@ -318,15 +324,19 @@ class EmbeddedBroker(Broker):
             if requeue:
                 self._return_to_queue(queue, message)
             elif dead_letter_reason is not None:
-                self._dead_letter(message, {REASON_HEADER: dead_letter_reason, ORIGIN_HEADER: queue,
-                                            ROUTING_KEY_HEADER: message.routing_key})
+                headers = {REASON_HEADER: dead_letter_reason, ORIGIN_HEADER: queue,
+                           ROUTING_KEY_HEADER: message.routing_key}
+                if message.user_id:
+                    headers[USER_HEADER] = message.user_id
+                # the consumer republishes it, as RabbitMQBroker does: the copy is its own
+                self._dead_letter(message, headers, user_id=self.user)
 
-    def _dead_letter(self, message: _Message, headers: dict) -> None:
+    def _dead_letter(self, message: _Message, headers: dict, user_id: str | None = None) -> None:
         # Never drop a dead-lettered message for want of a declared dead-letter queue.
         self._declare_dead_letter()
         self.server.route(self.topology.dead_letter_exchange,
                           replace(message, headers={**message.headers, **headers}, redelivered=False,
-                                  returns=0))
+                                  returns=0, user_id=user_id or message.user_id))
 
     def _return_to_queue(self, queue: str, message: _Message) -> None:
         target = self.server.find_queue(queue)
@@ -413,4 +423,4 @@ class EmbeddedBroker(Broker):
     def _delivery(queue: str, message: _Message, tag: int | None) -> Delivery:
         return Delivery(body=message.body, routing_key=message.routing_key, queue=queue,
                         headers=dict(message.headers), redelivered=message.redelivered,
-                        message_id=message.message_id, tag=tag)
+                        message_id=message.message_id, tag=tag, user_id=message.user_id)

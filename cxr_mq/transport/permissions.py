@@ -46,7 +46,7 @@ NOTHING = "^$"
 TEMPORARY_QUEUES = r"amq\.gen-.*"
 # routing keys each role may publish on (and, for the controller, bind its reply queue to)
 PUBLISHES = {"hospital": ("update_ready",), "aggregator": ("model_ready", "round_aborted"),
-             "controller": ("round_start",)}
+             "controller": ("round_start", "ceremony_start", "ceremony_finalize")}
 WAITS_FOR = {"controller": ("model_ready", "round_aborted")}
 
 

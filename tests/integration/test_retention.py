@@ -2,7 +2,7 @@
 
 One federation (aggregator and three hospitals as OS processes, the real RabbitMQ, moto's S3
 with KMS; the hospitals run ``--synthetic``: a seeded update in place of TensorFlow training,
-everything else, encryption included, as in production) with the production defaults: individual updates are deleted once their
+everything else, encryption included, as in production) with the production defaults (and the hospitals' secret key KMS-wrapped at rest): individual updates are deleted once their
 round is finished and announced, and hospitals keep no plaintext update (except ``h1``,
 which keeps one round's worth, to show the opt-in and its pruning).
 """
@@ -32,6 +32,9 @@ def federation(tmp_path_factory, amqp_url, s3_settings_module):
     cluster = Cluster(tmp_path_factory.mktemp("retention"), amqp_url, s3_settings_module,
                       f"t{uuid.uuid4().hex[:10]}", HOSPITALS, synthetic=True, retain=False)
     cluster.init_keys()
+    # the hospitals' secret key is KMS-wrapped in place, as a deployment keeps it at rest
+    secret = str(cluster.keys_dir / "secret.ctx")
+    cluster.cli("keys", "wrap", secret, "--out", secret, "--force")
     yield cluster
     cluster.stop_all()
     broker = RabbitMQBroker(amqp_url, Topology(cluster.namespace), reconnect_for=10)

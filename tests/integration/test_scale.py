@@ -19,7 +19,7 @@ import uuid
 import boto3
 import pytest
 
-from cxr_mq import controller, rounds, training
+from cxr_mq import controller, identity, rounds, training
 from cxr_mq.rounds import RoundState, StateConflict
 from cxr_mq.transport.base import Topology
 from cxr_mq.transport.embedded import EmbeddedBroker, EmbeddedServer
@@ -93,7 +93,8 @@ def test_concurrent_controllers_open_distinct_rounds(kind, tmp_path, request):
     def open_one():
         try:
             with EmbeddedBroker(server, topology) as broker:
-                opened.append(controller.open_round(broker, racing, _Codec(), request_))
+                opened.append(controller.open_round(broker, racing, _Codec(), request_,
+                                                    identity.Identity.generate("controller")))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
     threads = [threading.Thread(target=open_one) for _ in range(controllers)]

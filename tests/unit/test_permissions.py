@@ -61,7 +61,7 @@ def test_cli_prints_json_and_rabbitmqctl_lines():
     lines = runner.invoke(main, ["broker", "permissions", "--role", "controller", "--id", "ctl"],
                           env={"CXR_MQ_CONFIG": ""}).output.splitlines()
     assert lines[0].startswith("rabbitmqctl set_permissions -p / ctl '^(amq\\.gen-.*)$'")
-    assert lines[1].startswith("rabbitmqctl set_topic_permissions -p / ctl cxr.control '^(round_start)$'")
+    assert lines[1].startswith("rabbitmqctl set_topic_permissions -p / ctl cxr.control '^(round_start|ceremony_start|ceremony_finalize)$'")
 
 
 @pytest.mark.parametrize("args", [["--role", "nobody", "--id", "h1"], ["--role", "hospital", "--id", "../x"]])
