@@ -2,6 +2,11 @@
 real RabbitMQ and moto's S3/KMS server: the refusal carries its reason into ``cxr-mq status``
 and the round goes on with the honest updates.
 
+Every forged message is well signed by the party it claims to come from (a dishonest hospital
+holds its own identity key, a curious aggregator its own) and every hostile object lives where
+the real one would, bound to its round and hospital: the refusals below are the codec's and
+the hospitals' own checks, not the signatures'.
+
 Hospitals run with ``--synthetic`` (a seeded update instead of TensorFlow training;
 encryption, upload, messages, aggregation and decryption are the real code) on a model of
 20,000 parameters (three compact chunks), which keeps these multi-process tests fast.
@@ -18,7 +23,7 @@ import boto3
 import numpy as np
 import pytest
 
-from cxr_mq import crypto, messages, rounds
+from cxr_mq import bound, crypto, identity, messages, rounds
 from cxr_mq.crypto import wire
 from cxr_mq.rounds import COMPLETE, RoundState
 from cxr_mq.storage.s3 import S3Store
@@ -112,6 +117,23 @@ def _dead_letters(cluster: Cluster, count: int) -> list[dict]:
     return taken
 
 
+def _codec_stream(obj: bytes) -> bytes:
+    """The codec's stream inside an uploaded object (after its bound header)."""
+    src = io.BytesIO(obj)
+    bound.read_header(src)
+    return src.read()
+
+
+def _bound(round_no: int, hospital: str, stream: bytes) -> bytes:
+    out = io.BytesIO()
+    bound.write_header(out, round_no, hospital)
+    return out.getvalue() + stream
+
+
+def _signed(cluster: Cluster, message: dict, signer: str) -> bytes:
+    return messages.encode(identity.sign({**message, "signer": signer}, cluster.identities[signer]))
+
+
 def _sum(public, n_params: int, streams, distinct: bool = True) -> bytes:
     total = public.new_sum(n_params, distinct_updates=distinct)
     for stream in streams:
@@ -141,7 +163,7 @@ def test_hostile_uploads_are_refused_with_reasons_while_the_round_completes(fede
     public = crypto.load_context(cluster.get("keys/public-context"))
     template = cluster.update_message(round_no, "h1")
     n_params = template["n_params"]
-    h1, h2 = (cluster.get(rounds.update_key(round_no, h)) for h in ("h1", "h2"))
+    h1, h2 = (_codec_stream(cluster.get(rounds.update_key(round_no, h))) for h in ("h1", "h2"))
     at, frame = _chunks_at(public, h1), public.frame_bytes()
     assert len(h1) == at + 3 * frame  # three chunks
     repeated = bytearray(h1)  # chunk 1 carries chunk 0's seed record
@@ -150,9 +172,10 @@ def test_hostile_uploads_are_refused_with_reasons_while_the_round_completes(fede
     huge_frame[at:at + 4] = b"\xff\xff\xff\xff"
     header = io.BytesIO()  # the 153-byte upload whose header claims 2^20 updates
     wire.write_header(header, crypto.UpdateHeader(public.profile, public.fingerprint, n_params,
-                                                     public.n_chunks(n_params), 1 << 20))
+                                                  public.n_chunks(n_params), 1 << 20))
     tiny = header.getvalue() + bytes(153 - len(header.getvalue()))
-    cases = {  # name: (object, the reason it must be refused with)
+    assert len(tiny) == 153
+    cases = {  # name: (codec stream, the reason it must be refused with)
         "two-updates": (_sum(public, n_params, [h1, h2]),
                         r"^bad ciphertext: the stream holds 2 updates, expected exactly 1$"),
         "repeated-seed": (bytes(repeated), r"^bad ciphertext: a seed record appears twice"),
@@ -160,18 +183,15 @@ def test_hostile_uploads_are_refused_with_reasons_while_the_round_completes(fede
         "claims-2^20": (tiny, rf"^bad ciphertext: the stream holds {1 << 20} updates, expected exactly 1$"),
         "huge-frame": (bytes(huge_frame), r"^bad ciphertext: chunk 0: frame of 4294967295 bytes"),
     }
-    assert len(tiny) == 153
-    bodies = {}
-    for name, (blob, _) in cases.items():
-        key = f"{rounds.update_key(round_no, 'h4')}-{name}"
+    key = rounds.update_key(round_no, "h4")  # the one place h4's update may live
+    for name, (stream, pattern) in cases.items():  # one at a time: they share h4's key
+        blob = _bound(round_no, "h4", stream)
         cluster.put(key, blob)
-        bodies[name] = messages.encode({**template, "hospital": "h4", "key": key, "size": len(blob),
-                                        "sha256": hashlib.sha256(blob).hexdigest(),
-                                        "sent_at": time.time()})
-        cluster.publish_raw("update_ready", bodies[name])
-    dead = {d["body"]: d for d in _dead_letters(cluster, len(cases))}
-    for name, (_, pattern) in cases.items():
-        letter = dead[bodies[name]]
+        body = _signed(cluster, {**template, "hospital": "h4", "key": key, "size": len(blob),
+                                 "sha256": hashlib.sha256(blob).hexdigest(), "sent_at": time.time()}, "h4")
+        cluster.publish_raw("update_ready", body)
+        (letter,) = _dead_letters(cluster, 1)
+        assert letter["body"] == body
         assert re.search(pattern, letter["headers"][REASON_HEADER]), (name, letter["headers"])
         assert letter["headers"][ORIGIN_HEADER] == f"{cluster.namespace}.aggregator"
     assert cluster.running("aggregator")
@@ -204,31 +224,31 @@ def test_hospitals_refuse_to_decrypt_an_aggregate_that_is_not_what_model_ready_s
         cluster.wait_for_event(hospital, "global_model_applied", round=round_no, timeout=60)
     public = crypto.load_context(cluster.get("keys/public-context"))
     outcome = RoundState.load(_store(cluster), round_no).outcome_message()
-    h1 = cluster.get(rounds.update_key(round_no, "h1"))
-    thrice = _sum(public, state["n_params"], [h1] * 3, distinct=False)
+    h1 = _codec_stream(cluster.get(rounds.update_key(round_no, "h1")))
+    updates = [_codec_stream(cluster.get(rounds.update_key(round_no, h))) for h in ("h1", "h2", "h3")]
     cases = {
         "alone": (h1, ["h1"], r"names 1 contributor\(s\); this hospital decrypts only aggregates of 3 to 4"),
-        "thrice": (thrice, ["h1", "h2", "h3"],
+        "thrice": (_sum(public, state["n_params"], [h1] * 3, distinct=False), ["h1", "h2", "h3"],
                    r"the aggregate was not decrypted: chunks 0\.\.2: a seed record appears twice"),
-        "names-one-more": (_sum(public, state["n_params"], [cluster.get(rounds.update_key(round_no, h))
-                                                            for h in ("h1", "h2", "h3")]),
-                           list(HOSPITALS),  # h4 named, not summed: its neighbours' sum over 4
+        "names-one-more": (_sum(public, state["n_params"], updates), list(HOSPITALS),  # h4 named, not summed
                            r"the aggregate was not decrypted: the aggregate sums 3 updates, expected 4"),
     }
-    bodies = {}
-    for name, (blob, contributors, _) in cases.items():
-        key = f"rounds/forged/{round_no}/{name}"
-        cluster.put(key, blob)
-        bodies[name] = messages.encode({**outcome, "key": key, "sha256": hashlib.sha256(blob).hexdigest(),
-                                        "contributors": contributors})
-        cluster.publish_raw("model_ready", bodies[name])
-    dead = _dead_letters(cluster, len(cases) * len(HOSPITALS))
-    for name, (_, _, pattern) in cases.items():
-        letters = [d for d in dead if d["body"] == bodies[name]]
-        assert sorted(d["headers"][ORIGIN_HEADER] for d in letters) == sorted(
-            f"{cluster.namespace}.hospital.{h}" for h in HOSPITALS), name
-        assert all(re.search(pattern, d["headers"][REASON_HEADER]) for d in letters), (
-            name, [d["headers"][REASON_HEADER] for d in letters])
+    key, real = state["model_key"], cluster.get(state["model_key"])
+    assert key == rounds.aggregate_key(round_no)  # the one place the round's aggregate may live
+    try:
+        for name, (blob, contributors, pattern) in cases.items():  # they share the aggregate's key
+            cluster.put(key, blob)
+            body = _signed(cluster, {**outcome, "sha256": hashlib.sha256(blob).hexdigest(),
+                                     "contributors": contributors}, cluster.aggregator_id)
+            cluster.publish_raw("model_ready", body)
+            letters = _dead_letters(cluster, len(HOSPITALS))
+            assert all(d["body"] == body for d in letters)
+            assert sorted(d["headers"][ORIGIN_HEADER] for d in letters) == sorted(
+                f"{cluster.namespace}.hospital.{h}" for h in HOSPITALS), name
+            assert all(re.search(pattern, d["headers"][REASON_HEADER]) for d in letters), (
+                name, [d["headers"][REASON_HEADER] for d in letters])
+    finally:
+        cluster.put(key, real)  # the next round's base
     refused = _row(cluster, round_no)["refused_by_hospitals"]
     assert len(refused) == len(cases) * len(HOSPITALS)
     assert {r["message"] for r in refused} == {"model_ready"}

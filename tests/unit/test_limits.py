@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cxr_mq import controller, messages, training
+from cxr_mq import controller, messages, rounds, training
 from cxr_mq.config import ConfigError, load_settings
 from cxr_mq.policy import RoundPolicy
 from cxr_mq.rounds import RoundState
@@ -58,7 +58,7 @@ def test_the_aggregator_refuses_a_contribution_beyond_the_maximum():
     policy = RoundPolicy()
     state = RoundState(round=3, quorum=5, min_clients=3, deadline=100.0, n_params=10,
                        key_fingerprint=FP, max_contributors=2)
-    update = dict(round=3, hospital="h3", key="k", sha256="a" * 64, n_samples=7, n_params=10,
+    update = dict(round=3, hospital="h3", key=rounds.update_key(3, "h3"), sha256="a" * 64, n_samples=7, n_params=10,
                   key_fingerprint=FP, size=1)
     assert policy.refuse_reason(state, update, 0) is None
     for hospital in ("h1", "h2"):
