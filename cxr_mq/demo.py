@@ -197,9 +197,11 @@ class Federation:
         """A connection for party ``user``: in-process, logged in as that party (so every
         message carries its sender's ``user_id``); on RabbitMQ, with the URL's one login."""
         if self.options.broker:
+            from .runtime import tls_options
             from .transport.rabbitmq import RabbitMQBroker
             broker = RabbitMQBroker(self.options.broker, self.topology,
-                                    reconnect_for=BROKER_RECONNECT_SECONDS)
+                                    reconnect_for=BROKER_RECONNECT_SECONDS,
+                                    tls=tls_options(self.settings))
         else:
             from .transport.embedded import EmbeddedBroker, EmbeddedServer
             if self._server is None:

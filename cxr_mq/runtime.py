@@ -17,13 +17,18 @@ def make_store(settings: Settings) -> ObjectStore:
                    endpoint_url=settings.s3_endpoint_url, region=settings.aws_region)
 
 
+def tls_options(settings: Settings):
+    from .transport.rabbitmq import TlsOptions
+
+    return TlsOptions(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file,
+                      settings.amqp_tls_required)
+
+
 def make_broker(settings: Settings) -> Broker:
-    from .transport.rabbitmq import RabbitMQBroker, TlsOptions
+    from .transport.rabbitmq import RabbitMQBroker
 
     settings.require("amqp_url")
-    tls = TlsOptions(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file,
-                     settings.amqp_tls_required)
-    return RabbitMQBroker(settings.amqp_url, Topology(settings.namespace), tls=tls)
+    return RabbitMQBroker(settings.amqp_url, Topology(settings.namespace), tls=tls_options(settings))
 
 
 def load_public_codec(store: ObjectStore, settings: Settings, path: str | None = None):
