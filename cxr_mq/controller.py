@@ -198,6 +198,46 @@ def wait_for_round(broker: Broker, queue: str, round_no: int, timeout: float,
     raise RoundTimeout(f"round {round_no}: no model_ready or round_aborted within {timeout:.0f}s")
 
 
+UNDECRYPTABLE = "undecryptable"
+
+
+def committee_outcome(store: ObjectStore, round_no: int) -> dict | None:
+    """A threshold round's committee result from the hospitals' signed outcome records:
+    ``{"decrypted": True, "hospitals": [...]}`` once any hospital decrypted, ``{"decrypted":
+    False, "reason": ...}`` if only failures are recorded, None while nothing is."""
+    from . import threshold_flow
+
+    found = threshold_flow.outcomes(store, round_no)
+    if not found:
+        return None
+    decrypted = sorted(h for h, o in found.items() if o.get("decrypted"))
+    if decrypted:
+        return {"decrypted": True, "hospitals": decrypted}
+    reasons = sorted({str(o.get("reason")) for o in found.values()})
+    return {"decrypted": False, "reason": "; ".join(reasons), "hospitals": sorted(found)}
+
+
+def wait_for_committee(store: ObjectStore, round_no: int, timeout: float, poll: float = 1.0,
+                       clock=time.monotonic, sleep=time.sleep) -> dict:
+    """After ``model_ready`` of a threshold round: the committee's result. Every live hospital
+    gets the same partials, so the first recorded outcome decides, with a grace of two polls
+    for a decrypted one after a failure."""
+    deadline = clock() + timeout
+    failed_at = None
+    while True:
+        result = committee_outcome(store, round_no)
+        if result is not None and result["decrypted"]:
+            return result
+        if result is not None:
+            failed_at = failed_at if failed_at is not None else clock()
+            if clock() - failed_at >= 2 * poll:
+                return result
+        if clock() > deadline:
+            return result or {"decrypted": False, "reason": f"no hospital reported the committee's result "
+                                                             f"of round {round_no} within {timeout:.0f}s"}
+        sleep(poll)
+
+
 def round_result(start: dict, outcome: dict) -> dict:
     complete = outcome["schema"] == "model_ready"
     return {
@@ -258,6 +298,10 @@ def status(store: ObjectStore) -> list[dict]:
             "finished_at": state.finished_at if state else None,
             "announced": state.announced if state else False,
         })
+        if record.get("codec_profile") == "threshold" and state is not None and state.status == COMPLETE:
+            rows[-1]["committee"] = committee_outcome(store, round_no)
+            if rows[-1]["committee"] is not None and not rows[-1]["committee"]["decrypted"]:
+                rows[-1]["state"], rows[-1]["reason"] = UNDECRYPTABLE, rows[-1]["committee"]["reason"]
     known = {row["round"]: row for row in rows}
     unrouted: dict = {}
     for entry in (rounds.read_json(store, rounds.UNROUTED_REFUSALS_KEY) or {}).get("refused", []):

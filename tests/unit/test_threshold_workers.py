@@ -157,6 +157,13 @@ def test_rounds_under_the_threshold_profile_survive_dropouts(running):
         _wait(lambda: "h1" in flow.outcomes(store, 3), "h1's round 3 outcome")
         outcome = flow.outcomes(store, 3)["h1"]
         assert not outcome["decrypted"] and "only 1 of the 2 committee members" in outcome["reason"]
+        # what start-round --wait and status report
+        assert controller.wait_for_committee(store, 2, timeout=5, poll=0.1)["decrypted"]
+        waited = controller.wait_for_committee(store, 3, timeout=5, poll=0.1)
+        assert not waited["decrypted"] and "only 1 of the 2" in waited["reason"]
+        rows = {row["round"]: row for row in controller.status(store)}
+        assert rows[3]["state"] == controller.UNDECRYPTABLE and "only 1 of the 2" in rows[3]["reason"]
+        assert rows[2]["state"] == "complete" and rows[2]["committee"]["decrypted"]
         # round 4: everyone back; it starts from round 2's model (round 3's is no base) and completes
         fed.start("h2")
         fed.start("h3")
