@@ -357,6 +357,7 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
                             skip_bad=skip_bad, synthetic=synthetic,
                             keep_plaintext_updates=settings.keep_plaintext_updates,
                             committee_timeout=float(settings.committee_timeout),
+                            min_clients_floor=settings.min_clients_floor,
                             identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
@@ -438,7 +439,8 @@ def _training_options(f):
 @click.option("--quorum", type=int, default=None,
               help="Updates that complete the round (default: number of configured hospitals, or 1).")
 @click.option("--min-clients", type=int, default=None,
-              help="Fewest updates accepted at the deadline (default: the quorum).")
+              help="Fewest updates accepted at the deadline (default: the quorum); at least "
+                   "min_clients_floor (3 unless lowered in the configuration).")
 @click.option("--deadline", type=float, default=3600.0, show_default=True,
               help="Seconds the aggregator waits for the quorum.")
 @click.option("--hospital", "hospitals", multiple=True,
@@ -480,9 +482,14 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
                                       deadline_seconds=deadline, training=params,
                                       hospitals=settings.hospitals,
                                       synthetic_params=synthetic_params or 0,
-                                      max_samples=max_samples, weight_bound=weight_bound)
-    if request.min_clients > request.quorum or request.quorum < 1 or deadline <= 0:
-        _fail("--min-clients must be between 1 and --quorum, and --deadline positive")
+                                      max_samples=max_samples, weight_bound=weight_bound,
+                                      min_clients_floor=settings.min_clients_floor)
+    if request.quorum < 1 or deadline <= 0:
+        _fail("--quorum and --deadline must be positive")
+    try:
+        request.check()
+    except ValueError as exc:
+        _fail(str(exc))
     store = make_store(settings)
     codec = load_public_codec(store, settings)
     ident = load_identity(settings, store, "controller")
@@ -540,6 +547,8 @@ def status(obj: Context, as_json):
                                                    for k, v in sorted(timings.items())))
         for refusal in row["refused"]:
             click.echo(f"      refused {refusal['hospital']}: {refusal['reason']}")
+        for refusal in row.get("refused_by_hospitals", []):
+            click.echo(f"      {refusal['hospital']} refused {refusal['message']}: {refusal['reason']}")
 
 
 # -- data -------------------------------------------------------------------------------------

@@ -46,6 +46,10 @@ class Settings:
     hospitals: tuple[str, ...] = ()
     shared_broker_users: tuple[str, ...] = ()  # broker logins that may publish for any party (dev)
     message_max_age: int = 86400  # seconds a signed message stays usable
+    # the fewest updates an aggregate may sum: start-round refuses a smaller --min-clients and
+    # hospitals refuse to take part in, or decrypt, anything smaller (an aggregate of one or
+    # two updates reveals them to the other hospitals); lowering it is an operator's decision
+    min_clients_floor: int = 3
     aggregator_lease: int = 0  # seconds; >0: aggregators share a lease, one active, others standby
     aggregator_id: str | None = None  # this aggregator's name in the lease (default host:pid)
     public_context_key: str = "keys/public-context"
@@ -107,6 +111,8 @@ def _validate(s: Settings) -> Settings:
             raise ConfigError(env_name("hospitals"), f"invalid hospital id {hospital!r}")
     if s.committee_timeout < 1:
         raise ConfigError(env_name("committee_timeout"), f"must be at least 1 second, got {s.committee_timeout}")
+    if s.min_clients_floor < 1:
+        raise ConfigError(env_name("min_clients_floor"), f"must be at least 1, got {s.min_clients_floor}")
     if s.message_max_age < 1:
         raise ConfigError(env_name("message_max_age"), f"must be at least 1 second, got {s.message_max_age}")
     if s.codec_profile not in ("seed", "compact"):
