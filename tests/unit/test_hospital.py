@@ -58,7 +58,8 @@ def _updates_published(fed) -> list[dict]:
 
 def _complete_round_one(fed, weights: np.ndarray, total_samples: int) -> None:
     """Round 1 finished as the aggregator leaves it: an encrypted aggregate and its record."""
-    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=PARAMS)
+    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=PARAMS,
+                                      min_clients_floor=1)
     start = controller.open_round(fed.control, fed.store, fed.public, request,
                                   fed.identities["controller"], clock=fed.clock)
     for h in fed.hospitals:  # round 1's round_start is not what these tests are about
@@ -76,7 +77,8 @@ def test_round_two_trains_from_exactly_round_ones_decrypted_model(fed, data_dir,
     initial = training.flat_weights(training.build_model(PARAMS))
     round_one = initial + np.random.default_rng(5).normal(0, 0.05, initial.size).astype(np.float32)
     _complete_round_one(fed, round_one, total_samples=40)
-    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=PARAMS)
+    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=PARAMS,
+                                      min_clients_floor=1)
     start = controller.open_round(fed.control, fed.store, fed.public, request,
                                   fed.identities["controller"], clock=fed.clock)
     assert start["round"] == 2 and start["base_model_encrypted"] is True
