@@ -59,6 +59,8 @@ def _bucket(endpoint: str) -> dict:
 def _federation(tmp, amqp_url: str, endpoint: str, metrics: bool = False) -> Cluster:
     cluster = Cluster(tmp, amqp_url, _bucket(endpoint), f"t{uuid.uuid4().hex[:10]}", HOSPITALS,
                       metrics=metrics)
+    # some scenarios need rounds of one or two updates: below the default floor of 3
+    cluster.env["CXR_MQ_MIN_CLIENTS_FLOOR"] = "1"
     cluster.init_keys()
     cluster.make_data()
     cluster.start_all()
