@@ -356,6 +356,7 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
                             skip_bad=skip_bad, synthetic=synthetic,
                             keep_plaintext_updates=settings.keep_plaintext_updates,
+                            committee_timeout=float(settings.committee_timeout),
                             min_clients_floor=settings.min_clients_floor,
                             identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()

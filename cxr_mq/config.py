@@ -59,6 +59,7 @@ class Settings:
     work_dir: str = field(default_factory=lambda: str(Path.home() / ".cxr-mq"))
     retain_updates: bool = False  # keep individual encrypted updates after the aggregate
     keep_plaintext_updates: int = 0  # rounds of plaintext update .npy a hospital keeps (0: none)
+    committee_timeout: int = 120  # threshold profile: seconds a hospital waits for the committee
 
     # -- requirements, checked by the commands that need them ------------------------------
     def require(self, *names: str) -> "Settings":
@@ -108,6 +109,8 @@ def _validate(s: Settings) -> Settings:
     for hospital in s.hospitals:
         if not _ID_RE.match(hospital):
             raise ConfigError(env_name("hospitals"), f"invalid hospital id {hospital!r}")
+    if s.committee_timeout < 1:
+        raise ConfigError(env_name("committee_timeout"), f"must be at least 1 second, got {s.committee_timeout}")
     if s.min_clients_floor < 1:
         raise ConfigError(env_name("min_clients_floor"), f"must be at least 1, got {s.min_clients_floor}")
     if s.message_max_age < 1:

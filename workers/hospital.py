@@ -252,7 +252,7 @@ class HospitalWorker(Worker):
         self.metrics.bytes.labels(role=self.role, direction="uploaded").inc(info.size)
         update = self.sign(messages.make(
             "update_ready", round=round_no, hospital=self.id, key=info.key, sha256=info.sha256,
-            size=info.size, n_samples=n_train, n_params=int(weights.size),
+            size=info.size, n_samples=self._clear_samples(n_train), n_params=int(weights.size),
             key_fingerprint=self.codec.fingerprint,
             metrics={"train": train_metrics, "global": self.last_global_metrics},
             sent_at=self.clock()))
@@ -347,6 +347,11 @@ class HospitalWorker(Worker):
         log.info("global_model_evaluated", contributors=message["contributors"],
                  accuracy=self.last_global_metrics.get("accuracy"),
                  auc=self.last_global_metrics.get("auc"))
+
+    def _clear_samples(self, n_train: int) -> int:
+        """The sample count update_ready shows: under the threshold profile the count travels
+        only inside the encrypted stream, and the message says 1."""
+        return 1 if self.codec.profile == "threshold" else n_train
 
     def _encrypt(self, round_start: dict, weights: np.ndarray, n_samples: int, out) -> None:
         if self.codec.profile != "threshold":
