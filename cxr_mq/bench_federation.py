@@ -279,6 +279,7 @@ class _Federation:
             "round_start_to_last_model_s": max(applied.values()) - start["issued_at"],
             "round_start_to_first_model_s": min(applied.values()) - start["issued_at"],
             "aggregator_sum_seconds": summing,
+            "aggregator_download_seconds": state.timings.get("download_seconds"),
             "aggregator_finalize_seconds": state.timings.get("finalize_seconds"),
             "aggregator_mb_per_s": update_bytes / summing / 1e6,
             "aggregator_mparams_per_s": n * state.n_params / summing / 1e6,

@@ -738,6 +738,9 @@ def bench_federation(obj: Context, hospitals, params, rounds, round_timeout, as_
     from . import bench_federation as bench
     from .log import configure_logging
 
+    import signal
+    # SIGTERM unwinds like Ctrl-C: the aggregator, moto and the bench's queues are cleaned up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = obj.settings()
     configure_logging(obj.log_level or "warning", settings.log_format)  # N workers' logs
     options = bench.BenchOptions(

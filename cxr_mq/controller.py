@@ -31,14 +31,27 @@ class RoundRequest:
     training: training.TrainingParams
     hospitals: tuple[str, ...] = ()
     synthetic_params: int = 0  # >0: a benchmark round on a synthetic model of this size
+    max_samples: int = 100_000  # threshold profile: the sample count that weighs 1 (and the cap)
+    weight_bound: float = 8.0  # threshold profile: the largest |weight| an update may carry
 
 
 def latest_complete(store: ObjectStore) -> RoundState | None:
+    """The last round whose model the hospitals hold: complete and, under the threshold
+    profile, decrypted by its committee (an undecryptable round is no base for the next)."""
     for round_no in reversed(rounds.list_rounds(store)):
         state = RoundState.load(store, round_no)
-        if state is not None and state.status == COMPLETE:
+        if state is not None and state.status == COMPLETE and _decrypted(store, round_no):
             return state
     return None
+
+
+def _decrypted(store: ObjectStore, round_no: int) -> bool:
+    record = rounds.read_json(store, rounds.round_key(round_no)) or {}
+    if record.get("codec_profile") != "threshold":
+        return True
+    from . import threshold_flow
+
+    return any(entry.get("decrypted") for entry in threshold_flow.outcomes(store, round_no).values())
 
 
 def _initial_model(request: RoundRequest) -> bytes:
@@ -102,6 +115,8 @@ def _round_start(round_no: int, base: RoundState | None, initial: bytes | None, 
         n_params = base.n_params
         base_fields = {"base_model_key": base.model_key, "base_model_sha256": base.model_sha256,
                        "base_model_encrypted": True, "base_total_samples": base.total_samples}
+    if codec.profile == "threshold":  # the round's encoding: no sum of quorum updates can wrap
+        base_fields["encoding"] = {"max_samples": request.max_samples, "weight_bound": request.weight_bound}
     return messages.make(
         "round_start", round=round_no, **base_fields, quorum=request.quorum,
         min_clients=request.min_clients, deadline=now + request.deadline_seconds,

@@ -67,14 +67,20 @@ def round_key_object(round_no: int, hospital: str) -> str:
 
 
 def put_signed(store: ObjectStore, key: str, data: bytes, me, *, if_none_match: bool = False, **fields) -> None:
-    """Write ``data`` at ``key`` and its signed record at ``key.sig`` (record first: an object
-    without a valid record is never used)."""
+    """Write ``data`` at ``key`` and its signed record at ``key.sig``; a reader uses an object
+    only once the record names its hash. With ``if_none_match`` the object is created only if
+    absent (``PreconditionFailed`` otherwise) and the record follows it."""
     from .identity import sign
 
     record = sign({"schema": "threshold_object", "version": 1, "key": key,
                    "sha256": hashlib.sha256(data).hexdigest(), "signed_at": time.time(), **fields}, me)
-    store.put_bytes(key + ".sig", json.dumps(record, sort_keys=True).encode())
-    store.put_bytes(key, data, if_none_match=if_none_match)
+    record_bytes = json.dumps(record, sort_keys=True).encode()
+    if if_none_match:  # the object decides who won; only the winner then writes its record
+        store.put_bytes(key, data, if_none_match=True)
+        store.put_bytes(key + ".sig", record_bytes)
+        return
+    store.put_bytes(key + ".sig", record_bytes)
+    store.put_bytes(key, data)
 
 
 def get_signed(store: ObjectStore, key: str, registry, *, role: str, signer: str | None = None) -> tuple[bytes, dict]:
@@ -299,7 +305,10 @@ def choose_active(store: ObjectStore, round_no: int, share: CommitteeShare, regi
         data, _ = get_signed(store, key, registry, role="hospital")
         return tuple(json.loads(data))
     except ObjectNotFound:
-        pass
+        if store.exists(key):
+            return None  # decided, its record on the way
+    except FlowError:
+        return None  # decided, the record not yet matching: ask again
     ready = []
     for member in share.params.parties:
         try:
@@ -314,7 +323,10 @@ def choose_active(store: ObjectStore, round_no: int, share: CommitteeShare, regi
         put_signed(store, key, json.dumps(list(active)).encode(), me, if_none_match=True)
     except PreconditionFailed:
         pass  # another member decided first: read its choice
-    data, _ = get_signed(store, key, registry, role="hospital")
+    try:
+        data, _ = get_signed(store, key, registry, role="hospital")
+    except (ObjectNotFound, FlowError):
+        return None  # the winner's record is not there yet: ask again
     return tuple(json.loads(data))
 
 
@@ -397,3 +409,37 @@ def decrypt_round(store: ObjectStore, codec: ThresholdCodec, share: CommitteeSha
                                          if missing else f"the partials do not check out ({problem})")
                 + "; a member answers once per round, so the round stays undecryptable")
         sleep(poll)
+
+
+def round_encoding(codec: ThresholdCodec, round_start: dict):
+    """The round's encoding from its (signed) ``round_start``: at most ``quorum`` contributors."""
+    from .crypto.threshold import RoundEncoding
+
+    fields = round_start.get("encoding")
+    if not fields:
+        raise FlowError(f"round {round_start['round']}: round_start carries no threshold encoding")
+    return RoundEncoding(codec.federation, int(round_start["round"]), int(round_start["quorum"]),
+                         int(fields["max_samples"]), float(fields["weight_bound"]))
+
+
+def record_outcome(store: ObjectStore, round_no: int, me, reason: str | None) -> None:
+    """What this hospital's committee part came to (``status`` and ``start-round --wait``
+    read it): decrypted, or the reason the round is undecryptable."""
+    body = json.dumps({"round": int(round_no), "hospital": me.id, "decrypted": reason is None,
+                       "reason": reason}).encode()
+    put_signed(store, committee_key(round_no, "outcome", me.id), body, me)
+
+
+def outcomes(store: ObjectStore, round_no: int) -> dict[str, dict]:
+    """Each hospital's recorded committee outcome of a round (unchecked: for display)."""
+    prefix = committee_key(round_no, "outcome") + "/"
+    found = {}
+    for key in store.list(prefix):
+        if key.endswith(".sig"):
+            continue
+        try:
+            entry = json.loads(store.get_bytes(key))
+            found[str(entry["hospital"])] = entry
+        except (ObjectNotFound, ValueError, KeyError, TypeError):
+            continue
+    return found

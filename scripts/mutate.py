@@ -72,7 +72,8 @@ def _sites(tree: ast.AST):
             yield node, "bool", f"{node.value} -> {not node.value}"
         elif isinstance(node, ast.If):
             yield node, "negate-if", "if c -> if not c"
-        elif isinstance(node, ast.Return) and node.value is not None:
+        elif isinstance(node, ast.Return) and node.value is not None and not (
+                isinstance(node.value, ast.Constant) and node.value.value is None):
             yield node, "return-none", "return x -> return None"
         elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
             yield node, "drop-call", "call dropped"

@@ -192,7 +192,7 @@ class AggregatorWorker(Worker):
     def _accept(self, state: RoundState, update: dict) -> str | None:
         started = time.perf_counter()
         try:
-            self._add_object(self.sums[state.round], state.round, update)
+            download_seconds = self._add_object(self.sums[state.round], state.round, update)
         except bound.BindingError as exc:
             return f"unbound update: {exc}"
         except IntegrityError as exc:
@@ -213,20 +213,27 @@ class AggregatorWorker(Worker):
             "size": update["size"], "accepted_at": self.clock()})
         state.timings["aggregate_seconds"] = (state.timings.get("aggregate_seconds", 0.0)
                                               + time.perf_counter() - started)
+        # of which fetching and hash-checking the object (the rest: the ciphertext add)
+        state.timings["download_seconds"] = (state.timings.get("download_seconds", 0.0)
+                                             + download_seconds)
         state.save(self.store)  # durable before the ack
         self.crash.reached("aggregator.after_accept", round=state.round, hospital=update["hospital"])
         return None
 
-    def _add_object(self, total, round_no: int, update: dict) -> None:
+    def _add_object(self, total, round_no: int, update: dict) -> float:
         """Verify the object's hash on a local copy and that it is bound to this round and
-        hospital, then stream it into the sum."""
+        hospital, then stream it into the sum; returns the seconds the download and hash
+        check took."""
         fd, path = tempfile.mkstemp(prefix="update-", dir=self.work_dir)
         os.close(fd)
         try:
+            started = time.perf_counter()
             self.store.download(update["key"], path, sha256=update["sha256"])
+            downloaded = time.perf_counter() - started
             with open(path, "rb") as fh:
                 bound.check_header(fh, round_no, update["hospital"])
                 total.add(fh)
+            return downloaded
         finally:
             if os.path.exists(path):
                 os.unlink(path)

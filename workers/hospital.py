@@ -48,14 +48,14 @@ class HospitalWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, hospital_id: str, data_dir: str,
                  work_dir: str, stop=None, val_fraction: float = 0.2, skip_bad: bool = False,
                  clock=time.time, metrics=None, synthetic: bool = False,
-                 keep_plaintext_updates: int = 0, *, identity, verifier):
+                 keep_plaintext_updates: int = 0, *, identity, verifier, committee_timeout: float = 120.0):
         super().__init__(broker, stop, metrics=metrics, role="hospital", hospital=hospital_id,
                          identity=identity, verifier=verifier)
         if identity.id != hospital_id:
             raise ValueError(f"hospital {hospital_id!r} given the identity of {identity.id!r}")
         self.metrics.watch(self.role, store=store)
         self.crash = CrashPoints()
-        if not codec.has_secret_key:
+        if not codec.has_secret_key and codec.profile != "threshold":
             raise ValueError("a hospital needs the secret context to decrypt the global model")
         self.store, self.codec, self.id = store, codec, hospital_id
         self.data_dir, self.val_fraction, self.skip_bad = data_dir, val_fraction, skip_bad
@@ -64,6 +64,7 @@ class HospitalWorker(Worker):
         self.clock = clock
         self.synthetic = synthetic
         self.keep_plaintext_updates = keep_plaintext_updates  # rounds; 0 keeps none
+        self.committee_timeout = committee_timeout  # threshold profile: seconds for the committee
         self.queue = broker.topology.hospital_queue(hospital_id)
         self.handlers = {"round_start": self.on_round_start, "model_ready": self.on_model_ready,
                          "round_aborted": self.on_round_aborted,
@@ -210,7 +211,7 @@ class HospitalWorker(Worker):
         try:
             with os.fdopen(fd, "wb") as fh:
                 bound.write_header(fh, round_no, self.id)  # covered by the signed sha256
-                self.codec.encrypt_update(weights, n_train, fh)
+                self._encrypt(message, weights, n_train, fh)
             timings["encrypt_seconds"] = time.perf_counter() - started
             self.status = "uploading"
             started = time.perf_counter()
@@ -257,7 +258,7 @@ class HospitalWorker(Worker):
             return np.load(cache)
         raw = self.store.get_bytes(message["base_model_key"], sha256=message["base_model_sha256"])
         if message["base_model_encrypted"]:
-            weights = self.codec.decrypt_aggregate(io.BytesIO(raw), message["base_total_samples"])
+            weights = self._decrypt(raw, message["base_total_samples"], min_clients=message["min_clients"])
         else:
             weights = np.load(io.BytesIO(raw), allow_pickle=False)
         weights = np.asarray(weights, dtype=np.float32)
@@ -286,8 +287,13 @@ class HospitalWorker(Worker):
         except messages.MessageError as exc:
             raise Refuse(f"round {round_no}'s record: {exc}") from None
         raw = self.store.get_bytes(message["key"], sha256=message["sha256"])
-        weights = np.asarray(self.codec.decrypt_aggregate(io.BytesIO(raw), message["total_samples"]),
-                             dtype=np.float32)
+        try:
+            weights = np.asarray(self._decrypt(raw, message["total_samples"], contributors=message["contributors"],
+                                               min_clients=record["min_clients"], outcome=True), dtype=np.float32)
+        except UndecryptableRound as exc:
+            self.status = "idle"
+            log.warning("round_undecryptable", reason=str(exc))
+            return
         np.save(self.work_dir / f"base-{message['sha256']}.npy", weights)
         np.save(self.work_dir / "global.npy", weights)
         self.models_applied.append((round_no, self.clock()))
@@ -307,6 +313,41 @@ class HospitalWorker(Worker):
                  accuracy=self.last_global_metrics.get("accuracy"),
                  auc=self.last_global_metrics.get("auc"))
 
+    def _encrypt(self, round_start: dict, weights: np.ndarray, n_samples: int, out) -> None:
+        if self.codec.profile != "threshold":
+            self.codec.encrypt_update(weights, n_samples, out)
+            return
+        from cxr_mq import threshold_flow as flow
+
+        flow.encrypt_and_upload(self.store, self.codec, weights, n_samples, out,
+                                flow.round_encoding(self.codec, round_start), self.identity)
+
+    def _decrypt(self, raw: bytes, total_samples: int, *, contributors=None, min_clients: int,
+                 outcome: bool = False) -> np.ndarray:
+        """The FedAvg model in an aggregate. Threshold profile: through the committee
+        (``threshold_flow.decrypt_round``); with ``outcome`` the result is recorded for
+        ``status``, and a round the committee cannot decrypt raises UndecryptableRound."""
+        if self.codec.profile != "threshold":
+            return self.codec.decrypt_aggregate(io.BytesIO(raw), total_samples)
+        from cxr_mq import threshold_flow as flow
+        from cxr_mq.crypto.committee import CommitteeRefusal, Ledger
+
+        header, key_sum = self.codec.read_prefix(io.BytesIO(raw))
+        round_no = header.encoding.round
+        try:
+            weights, _ = flow.decrypt_round(
+                self.store, self.codec, flow.load_share(self.work_dir, self.codec), round_no,
+                contributors or key_sum.contributors, raw, self.identity, self.verifier.registry,
+                Ledger(self.work_dir / "committee-ledger"), min_clients=max(3, min_clients),
+                deadline=self.clock() + self.committee_timeout, sleep=self.broker.sleep, clock=self.clock)
+        except (flow.FlowError, CommitteeRefusal) as exc:
+            if outcome:
+                flow.record_outcome(self.store, round_no, self.identity, str(exc))
+            raise UndecryptableRound(str(exc)) from None
+        if outcome:
+            flow.record_outcome(self.store, round_no, self.identity, None)
+        return weights
+
     def on_round_aborted(self, message: dict, delivery: Delivery) -> None:
         self.status = "idle"
         self.log.warning("round_aborted", round=message["round"], reason=message["reason"])
@@ -325,6 +366,10 @@ class HospitalWorker(Worker):
         except (flow.FlowError, CodecError, ObjectNotFound) as exc:
             raise Refuse(f"ceremony {message['ceremony_id']}: {exc}") from None
         self.log.info(message["schema"], ceremony=message["ceremony_id"], outcome=outcome)
+
+
+class UndecryptableRound(Exception):
+    """The committee could not (or would not) decrypt a threshold round's aggregate."""
 
 
 def synthetic_samples(hospital_id: str) -> int:

@@ -3,10 +3,11 @@ workers on the embedded broker and a local-directory store, a fake clock, real C
 
 One place builds workers and one place publishes messages (``Federation.publish``), so a
 change to how messages are made or signed is a change here, not in every test. Every party
-has a registered identity and a broker connection logged in as itself: ``publish`` signs a
-message as its sender (the controller, the hospital it names, the aggregator) and sends it
-on the sender's connection, so it carries the sender's ``user_id``. A sender that is not
-registered signs with a key of its own that nobody registered.
+has a registered identity and a broker connection logged in as itself, with its role's least
+privilege (as on RabbitMQ; only an admin connection declares the topology): ``publish``
+signs a message as its sender (the controller, the hospital it names, the aggregator) and
+sends it on the sender's connection, so it carries the sender's ``user_id``. A sender that is
+not registered signs with a key of its own that nobody registered.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from cxr_mq.storage.local import LocalStore
 from cxr_mq.training import TrainingParams
 from cxr_mq.transport.base import ORIGIN_HEADER, REASON_HEADER, Topology
 from cxr_mq.transport.embedded import EmbeddedBroker, EmbeddedServer
+from cxr_mq.transport.permissions import permissions_for
 
 DRAIN_SECONDS = 10.0  # a queue that is not empty by then is a failure, never a hang
 
@@ -45,15 +47,21 @@ class Federation:
                            + [(h, "hospital") for h in (*self.hospitals, *outsiders)]}
         self._strangers: dict[str, identity.Identity] = {}  # keys nobody registered
         self._logins: dict[str, EmbeddedBroker] = {}
+        self.admin = self.broker()  # no user, no limits: declares what the parties only check
+        self.admin.declare_topology(self.hospitals)
         self.control = self.login("controller")
-        self.control.declare_topology(self.hospitals)
 
     def clock(self) -> float:
         return self.now
 
     def broker(self, user: str | None = None) -> EmbeddedBroker:
+        """A connection logged in as ``user`` with its role's permissions (none: an admin)."""
+        permissions = None
+        if user is not None:
+            role = {"controller": "controller", "aggregator": "aggregator"}.get(user, "hospital")
+            permissions = permissions_for(role, user, self.topology.namespace)
         return EmbeddedBroker(self.server, topology=self.topology, retry_delay=0.01,
-                              max_retry_delay=0.05, user=user)
+                              max_retry_delay=0.05, user=user, permissions=permissions)
 
     def login(self, user: str) -> EmbeddedBroker:
         """The one connection party ``user`` publishes on."""
@@ -123,7 +131,7 @@ class Federation:
         """Publish ``message`` on the control exchange as its sender would: signed by it, on
         its connection (``body`` overrides the encoding, for malformed or forged input;
         ``login`` publishes on another party's connection)."""
-        sender = self.SENDER.get(message.get("schema")) or message.get("hospital") or "controller"
+        sender = self.SENDER.get(message.get("schema")) or message.get("hospital") or self.hospitals[0]
         if body is None:
             message = self.sign(message)
             sender = message["signer"]
