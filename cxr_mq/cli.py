@@ -428,6 +428,15 @@ def _training_options(f):
                      show_default=True, help="Class balancing on skewed hospitals."),
         click.option("--server-lr", type=float, default=1.0, show_default=True,
                      help="FedAvg server learning rate (applied by each hospital to its update)."),
+        click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "scaffold", "fedavgm",
+                                                      "fedadam", "fedyogi"]),
+                     default="fedavg", show_default=True,
+                     help="Federated strategy (docs/model-quality.md); the aggregator only adds."),
+        click.option("--prox-mu", type=float, default=0.01, show_default=True, help="FedProx mu."),
+        click.option("--server-momentum", type=float, default=0.9, show_default=True, help="FedAvgM beta."),
+        click.option("--beta1", type=float, default=0.9, show_default=True, help="FedAdam/FedYogi beta1."),
+        click.option("--beta2", type=float, default=0.99, show_default=True, help="FedAdam/FedYogi beta2."),
+        click.option("--tau", type=float, default=1e-3, show_default=True, help="FedAdam/FedYogi tau."),
     ]):
         f = option(f)
     return f
@@ -454,7 +463,8 @@ def _training_options(f):
               help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
-                epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json,
+                epochs, lr, batch_size, seed, width, depth, balance, server_lr, strategy, prox_mu,
+                server_momentum, beta1, beta2, tau, wait, timeout, as_json,
                 synthetic_params, identity_path):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
@@ -464,7 +474,9 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
     try:
         params = training.TrainingParams(model=model, image_size=image_size, classes=classes,
                                          epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                                         width=width, depth=depth, balance=balance, server_lr=server_lr)
+                                         width=width, depth=depth, balance=balance, server_lr=server_lr,
+                                         strategy=strategy, prox_mu=prox_mu, server_momentum=server_momentum,
+                                         beta1=beta1, beta2=beta2, tau=tau)
     except ValueError as exc:
         _fail(str(exc))
     quorum = quorum or max(1, len(settings.hospitals))

@@ -88,6 +88,7 @@ class Strategy:
 
     name = "fedavg"
     upload_factor = 1  # upload length / model size
+    stateful = False  # the server step needs more than the average (kept at each hospital)
 
     def __init__(self, params):
         self.params = params
@@ -122,6 +123,8 @@ class FedProx(Strategy):
 class ServerOptimizer(Strategy):
     """Hospitals upload their trained model; every hospital turns the decrypted average into
     the pseudo-gradient ``delta = average - base`` and takes the same server step."""
+
+    stateful = True
 
     def upload(self, base, trained, state, gradient_at_base=None):
         return np.asarray(trained, dtype=np.float32)
@@ -180,6 +183,7 @@ class Scaffold(Strategy):
 
     name = "scaffold"
     upload_factor = 2
+    stateful = True
 
     @property
     def needs_gradient(self) -> bool:

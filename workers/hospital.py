@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_mq import bound, messages, rounds, training
+from cxr_mq import bound, messages, rounds, strategies, training
 from cxr_mq.faults import CrashPoints
 from cxr_mq.rounds import OPEN, RoundState
 from cxr_mq.storage.base import ObjectNotFound, ObjectStore, StoreError
@@ -186,15 +186,20 @@ class HospitalWorker(Worker):
         """Train locally from the round's base model: the new weights, the sample count and
         the training metrics."""
         round_no = message["round"]
-        base = self._base_weights(message)
+        base = self._base_weights(message, params)
+        train_metrics = {"start_sha256": strategies.model_sha256(base)}
         if self.synthetic:
             return synthetic_update(base, self.id, round_no), synthetic_samples(self.id), {
-                "synthetic": True}
+                "synthetic": True, **train_metrics}
         data = self._local_data(params)
         model = training.build_model(params)
         training.load_flat_weights(model, base)
-        train_metrics = training.train_local(model, data, params, round_seed=round_no)
-        weights = training.extrapolate(base, training.flat_weights(model), params.server_lr)
+        strategy, state = strategies.make(params), self._strategy_state(base)
+        gradient = training.data_gradient(model, data) if strategy.needs_gradient else None
+        train_metrics.update(training.train_local(model, data, params, round_seed=round_no,
+                                                  objective=strategy.local_objective(base, state)))
+        weights = strategy.upload(base, training.flat_weights(model), state, gradient)
+        state.save(self._state_path)  # e.g. SCAFFOLD's next client control, kept across a restart
         return weights, data.n_train, train_metrics
 
     def _train_and_upload(self, message: dict, params: training.TrainingParams) -> dict:
@@ -227,6 +232,7 @@ class HospitalWorker(Worker):
         update = self.sign(messages.make(
             "update_ready", round=round_no, hospital=self.id, key=info.key, sha256=info.sha256,
             size=info.size, n_samples=n_train, n_params=int(weights.size),
+            start_sha256=train_metrics.pop("start_sha256"),
             key_fingerprint=self.codec.fingerprint,
             metrics={"train": train_metrics, "global": self.last_global_metrics},
             sent_at=self.clock()))
@@ -252,18 +258,53 @@ class HospitalWorker(Worker):
                             message_id=f"update_ready:{update['round']}:{self.id}")
         self.metrics.updates_published.labels(role=self.role).inc()
 
-    def _base_weights(self, message: dict) -> np.ndarray:
+    @property
+    def _state_path(self) -> Path:
+        return self.work_dir / "strategy-state.npz"
+
+    def _strategy_state(self, model: np.ndarray) -> strategies.ServerState:
+        """This hospital's strategy state (server optimizer moments, control variates) for a
+        round that starts from ``model``."""
+        state = strategies.ServerState.load(self._state_path)
+        if state is None or not np.array_equal(state.model, model):
+            state = strategies.ServerState(model=model)
+        return state
+
+    def _base_weights(self, message: dict, params: training.TrainingParams) -> np.ndarray:
         cache = self.work_dir / f"base-{message['base_model_sha256']}.npy"
         if cache.exists():
             return np.load(cache)
         raw = self.store.get_bytes(message["base_model_key"], sha256=message["base_model_sha256"])
         if message["base_model_encrypted"]:
-            weights = self._decrypt(raw, message["base_total_samples"], min_clients=message["min_clients"])
+            average = self._decrypt(raw, message["base_total_samples"], min_clients=message["min_clients"])
+            weights = self._server_step(average, message["base_model_sha256"], params)
         else:
             weights = np.load(io.BytesIO(raw), allow_pickle=False)
+            strategies.ServerState(model=np.asarray(weights, np.float32)).save(self._state_path)
         weights = np.asarray(weights, dtype=np.float32)
         np.save(cache, weights)
         return weights
+
+    def _server_step(self, average, aggregate_sha: str, params: training.TrainingParams) -> np.ndarray:
+        """The next global model from a round's decrypted average: the strategy's server step,
+        taken here as at every hospital, from the state kept on disk (idempotent per aggregate)."""
+        cache = self.work_dir / f"base-{aggregate_sha}.npy"
+        if cache.exists():  # stepped already (a redelivery, possibly after a restart)
+            return np.load(cache)
+        strategy = strategies.make(params)
+        average = np.asarray(average, dtype=np.float32)
+        state = strategies.ServerState.load(self._state_path)
+        if not strategy.stateful:
+            state = strategies.ServerState(model=average[:average.size // strategy.upload_factor])
+        elif state is None:
+            raise Refuse(f"{strategy.name}: no strategy state at hospital {self.id} (it did not "
+                         f"take part from the first round), cannot take the server step")
+        try:
+            state = strategies.advance(strategy, state, average, aggregate_sha)
+        except ValueError as exc:
+            raise Refuse(str(exc)) from None
+        state.save(self._state_path)
+        return state.model
 
     # -- model_ready / round_aborted --------------------------------------------------------
     def on_model_ready(self, message: dict, delivery: Delivery) -> None:
@@ -294,6 +335,8 @@ class HospitalWorker(Worker):
             self.status = "idle"
             log.warning("round_undecryptable", reason=str(exc))
             return
+        params = training.TrainingParams.from_dict(record["training"])
+        weights = self._server_step(weights, message["sha256"], params)
         np.save(self.work_dir / f"base-{message['sha256']}.npy", weights)
         np.save(self.work_dir / "global.npy", weights)
         self.models_applied.append((round_no, self.clock()))
@@ -302,7 +345,6 @@ class HospitalWorker(Worker):
             self._applied_model = (round_no, message["sha256"])
             log.info("global_model_applied", contributors=message["contributors"], synthetic=True)
             return
-        params = training.TrainingParams.from_dict(record["training"])
         model = training.build_model(params)
         training.load_flat_weights(model, weights)
         self.last_global_metrics = {"round": round_no,
