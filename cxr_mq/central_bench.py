@@ -196,7 +196,8 @@ def run_central_vs_federated(
     ``rounds`` rounds x ``epochs_per_round`` local epochs over ``hospitals`` Dirichlet(alpha)
     hospitals (``alpha=None``: IID). Returns both reports and the per-hospital class table."""
     params = TrainingParams(model=model, image_size=image_size, classes=classes, epochs=1, lr=lr,
-                            batch_size=batch_size, seed=seed, balance=balance, server_lr=server_lr)
+                            batch_size=batch_size, seed=seed, balance=balance, server_lr=server_lr,
+                            width=width, strategy=strategy, **(strategy_params or {}))
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         if data_dir is None:
             started = time.perf_counter()
