@@ -342,20 +342,22 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
     """Run a hospital worker (long-running)."""
     from workers.hospital import HospitalWorker
 
-    from .runtime import load_identity, load_secret_codec, make_broker, make_store, make_verifier
+    from .runtime import load_hospital_codec, load_identity, make_broker, make_store, make_verifier
 
     validate_hospital_id(hospital_id)
     if data_dir is None and not synthetic:
         _fail("--data: a hospital needs its image directory (or --synthetic for benchmarks)")
     settings = obj.settings(secret_context=secret_context, identity=identity_path)
-    codec = load_secret_codec(settings)
     store = make_store(settings)
+    codec = load_hospital_codec(settings, store)
     ident = load_identity(settings, store, "hospital", hospital_id)
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
                             skip_bad=skip_bad, synthetic=synthetic,
                             keep_plaintext_updates=settings.keep_plaintext_updates,
+                            committee_timeout=float(settings.committee_timeout),
+                            min_clients_floor=settings.min_clients_floor,
                             identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
@@ -446,7 +448,8 @@ def _training_options(f):
 @click.option("--quorum", type=int, default=None,
               help="Updates that complete the round (default: number of configured hospitals, or 1).")
 @click.option("--min-clients", type=int, default=None,
-              help="Fewest updates accepted at the deadline (default: the quorum).")
+              help="Fewest updates accepted at the deadline (default: the quorum); at least "
+                   "min_clients_floor (3 unless lowered in the configuration).")
 @click.option("--deadline", type=float, default=3600.0, show_default=True,
               help="Seconds the aggregator waits for the quorum.")
 @click.option("--hospital", "hospitals", multiple=True,
@@ -461,11 +464,18 @@ def _training_options(f):
                    "(for hospitals run with --synthetic).")
 @click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
               help="This party's identity key file (or CXR_MQ_IDENTITY).")
+@click.option("--max-samples", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Threshold profile: the sample count that weighs 1 in FedAvg (a hospital with more "
+                   "is refused); declare it close to the largest hospital for precision.")
+@click.option("--weight-bound", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
+              help="Threshold profile: the largest |weight| an update may carry.")
+@click.option("--committee-timeout", type=float, default=180.0, show_default=True,
+              help="Threshold profile, with --wait: seconds to wait for the committee after model_ready.")
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
                 epochs, lr, batch_size, seed, width, depth, balance, server_lr, strategy, prox_mu,
                 server_momentum, beta1, beta2, tau, wait, timeout, as_json,
-                synthetic_params, identity_path):
+                synthetic_params, identity_path, max_samples, weight_bound, committee_timeout):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
     from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
@@ -483,9 +493,15 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
     request = controller.RoundRequest(quorum=quorum, min_clients=min_clients or quorum,
                                       deadline_seconds=deadline, training=params,
                                       hospitals=settings.hospitals,
-                                      synthetic_params=synthetic_params or 0)
-    if request.min_clients > request.quorum or request.quorum < 1 or deadline <= 0:
-        _fail("--min-clients must be between 1 and --quorum, and --deadline positive")
+                                      synthetic_params=synthetic_params or 0,
+                                      max_samples=max_samples, weight_bound=weight_bound,
+                                      min_clients_floor=settings.min_clients_floor)
+    if request.quorum < 1 or deadline <= 0:
+        _fail("--quorum and --deadline must be positive")
+    try:
+        request.check()
+    except ValueError as exc:
+        _fail(str(exc))
     store = make_store(settings)
     codec = load_public_codec(store, settings)
     ident = load_identity(settings, store, "controller")
@@ -505,6 +521,11 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
         except controller.RoundTimeout as exc:
             _fail(str(exc), 1)
     result = controller.round_result(start, outcome)
+    if codec.profile == "threshold" and result["status"] == "complete":
+        committee = controller.wait_for_committee(store, start["round"], committee_timeout)
+        result["committee"] = committee
+        if not committee["decrypted"]:
+            result["status"], result["reason"] = controller.UNDECRYPTABLE, committee["reason"]
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -538,6 +559,8 @@ def status(obj: Context, as_json):
                                                    for k, v in sorted(timings.items())))
         for refusal in row["refused"]:
             click.echo(f"      refused {refusal['hospital']}: {refusal['reason']}")
+        for refusal in row.get("refused_by_hospitals", []):
+            click.echo(f"      {refusal['hospital']} refused {refusal['message']}: {refusal['reason']}")
 
 
 # -- data -------------------------------------------------------------------------------------

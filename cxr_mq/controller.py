@@ -33,6 +33,24 @@ class RoundRequest:
     synthetic_params: int = 0  # >0: a benchmark round on a synthetic model of this size
     max_samples: int = 100_000  # threshold profile: the sample count that weighs 1 (and the cap)
     weight_bound: float = 8.0  # threshold profile: the largest |weight| an update may carry
+    min_clients_floor: int = 3  # settings.min_clients_floor: the smallest min_clients allowed
+    max_contributors: int | None = None  # the most updates the aggregate may sum (default: quorum)
+
+    def check(self) -> None:
+        """Refuse a round whose aggregate could reveal a hospital's update or wrap."""
+        if self.min_clients < self.min_clients_floor:
+            raise ValueError(
+                f"--min-clients {self.min_clients} is below the floor of {self.min_clients_floor} "
+                "(min_clients_floor): an aggregate of so few updates reveals them to the other hospitals")
+        if self.min_clients > self.quorum:
+            raise ValueError(f"--min-clients ({self.min_clients}) cannot exceed --quorum ({self.quorum})")
+        if self.most_contributors < self.quorum:
+            raise ValueError(f"max_contributors ({self.max_contributors}) cannot be below --quorum ({self.quorum})")
+
+    @property
+    def most_contributors(self) -> int:
+        """The round completes at its quorum, so it never sums more than that by default."""
+        return self.max_contributors or self.quorum
 
 
 def latest_complete(store: ObjectStore) -> RoundState | None:
@@ -79,8 +97,7 @@ def open_round(broker: Broker, store: ObjectStore, codec, request: RoundRequest,
     controllers that listed the same rounds, exactly one creates the record; the other finds
     it taken and tries the next number. Only the winner writes the round's base model and
     publishes, so no round is opened twice and no record points at another's base model."""
-    if request.min_clients > request.quorum:
-        raise ValueError(f"--min-clients ({request.min_clients}) cannot exceed --quorum ({request.quorum})")
+    request.check()
     log = get_logger(role="controller")
     existing = rounds.list_rounds(store)
     round_no = (existing[-1] + 1) if existing else 1
@@ -121,7 +138,8 @@ def _round_start(round_no: int, base: RoundState | None, initial: bytes | None, 
         base_fields["encoding"] = {"max_samples": request.max_samples, "weight_bound": request.weight_bound}
     return messages.make(
         "round_start", round=round_no, **base_fields, quorum=request.quorum,
-        min_clients=request.min_clients, deadline=now + request.deadline_seconds,
+        min_clients=request.min_clients, max_contributors=request.most_contributors,
+        deadline=now + request.deadline_seconds,
         training=request.training.to_dict(), key_fingerprint=codec.fingerprint,
         codec_profile=codec.profile, n_params=n_params, hospitals=list(request.hospitals),
         issued_at=now)
@@ -182,6 +200,46 @@ def wait_for_round(broker: Broker, queue: str, round_no: int, timeout: float,
     raise RoundTimeout(f"round {round_no}: no model_ready or round_aborted within {timeout:.0f}s")
 
 
+UNDECRYPTABLE = "undecryptable"
+
+
+def committee_outcome(store: ObjectStore, round_no: int) -> dict | None:
+    """A threshold round's committee result from the hospitals' signed outcome records:
+    ``{"decrypted": True, "hospitals": [...]}`` once any hospital decrypted, ``{"decrypted":
+    False, "reason": ...}`` if only failures are recorded, None while nothing is."""
+    from . import threshold_flow
+
+    found = threshold_flow.outcomes(store, round_no)
+    if not found:
+        return None
+    decrypted = sorted(h for h, o in found.items() if o.get("decrypted"))
+    if decrypted:
+        return {"decrypted": True, "hospitals": decrypted}
+    reasons = sorted({str(o.get("reason")) for o in found.values()})
+    return {"decrypted": False, "reason": "; ".join(reasons), "hospitals": sorted(found)}
+
+
+def wait_for_committee(store: ObjectStore, round_no: int, timeout: float, poll: float = 1.0,
+                       clock=time.monotonic, sleep=time.sleep) -> dict:
+    """After ``model_ready`` of a threshold round: the committee's result. Every live hospital
+    gets the same partials, so the first recorded outcome decides, with a grace of two polls
+    for a decrypted one after a failure."""
+    deadline = clock() + timeout
+    failed_at = None
+    while True:
+        result = committee_outcome(store, round_no)
+        if result is not None and result["decrypted"]:
+            return result
+        if result is not None:
+            failed_at = failed_at if failed_at is not None else clock()
+            if clock() - failed_at >= 2 * poll:
+                return result
+        if clock() > deadline:
+            return result or {"decrypted": False, "reason": f"no hospital reported the committee's result "
+                                                             f"of round {round_no} within {timeout:.0f}s"}
+        sleep(poll)
+
+
 def round_result(start: dict, outcome: dict) -> dict:
     complete = outcome["schema"] == "model_ready"
     return {
@@ -213,6 +271,10 @@ def _timings(record: dict, state: RoundState | None) -> dict:
 def status(store: ObjectStore) -> list[dict]:
     """Every round with its state, contributors, refusals (with reasons) and timings.
 
+    ``refused``: updates the aggregator refused; ``refused_by_hospitals``: messages of the
+    round a hospital refused (a ``round_start`` it would not take part in or encrypt for, an
+    aggregate it would not decrypt).
+
     Refusals the aggregator could not attach to a round's record (an unknown round number, a
     message that did not decode, or one whose signature, sender or broker user did not check
     out) are listed with the round they claim when it exists; otherwise they come last, under
@@ -230,6 +292,7 @@ def status(store: ObjectStore) -> list[dict]:
             "contributors": state.contributors if state else [],
             "total_samples": state.total_samples if state else 0,
             "refused": state.refused if state else [],
+            "refused_by_hospitals": rounds.hospital_refusals(store, round_no),
             "reason": state.reason if state else None,
             "model_key": state.model_key if state else None,
             "timings": _timings(record, state),
@@ -237,6 +300,10 @@ def status(store: ObjectStore) -> list[dict]:
             "finished_at": state.finished_at if state else None,
             "announced": state.announced if state else False,
         })
+        if record.get("codec_profile") == "threshold" and state is not None and state.status == COMPLETE:
+            rows[-1]["committee"] = committee_outcome(store, round_no)
+            if rows[-1]["committee"] is not None and not rows[-1]["committee"]["decrypted"]:
+                rows[-1]["state"], rows[-1]["reason"] = UNDECRYPTABLE, rows[-1]["committee"]["reason"]
     known = {row["round"]: row for row in rows}
     unrouted: dict = {}
     for entry in (rounds.read_json(store, rounds.UNROUTED_REFUSALS_KEY) or {}).get("refused", []):
@@ -248,7 +315,8 @@ def status(store: ObjectStore) -> list[dict]:
             continue
         rows.append({"round": round_no, "state": "unknown" if round_no else "malformed",
                      "quorum": None, "min_clients": None, "deadline": None, "contributors": [],
-                     "total_samples": 0, "refused": unrouted[round_no], "reason": None,
+                     "total_samples": 0, "refused": unrouted[round_no], "refused_by_hospitals": [],
+                     "reason": None,
                      "model_key": None, "timings": {}, "issued_at": None, "finished_at": None,
                      "announced": False})
     return rows

@@ -480,7 +480,9 @@ class DemoRun:
                                     identity=parties["aggregator"], verifier=verifier)
         hospitals = [DemoHospital(crew, federation.broker(d.name), store, secret, d.name, str(d),
                                   str(root / "work"), stop=crew.stop, identity=parties[d.name],
-                                  verifier=verifier) for d in dirs]
+                                  verifier=verifier,
+                                  min_clients_floor=self._min_clients_floor(len(dirs)))
+                     for d in dirs]
         crew.start("aggregator", aggregator)
         for hospital in hospitals:
             crew.start(hospital.id, hospital)
@@ -538,11 +540,17 @@ class DemoRun:
                     raise DemoError(f"round {round_no}: no model_ready or round_aborted within "
                                     f"{self.options.deadline + 60:.0f}s") from None
 
+    def _min_clients_floor(self, hospitals: int) -> int:
+        """A demo of fewer hospitals than the floor lowers it to their number: one process
+        holds every hospital's update anyway, so there is nobody to hide them from."""
+        return min(self.settings.min_clients_floor, hospitals)
+
     def _one_round(self, session: "_Session", result: DemoResult) -> RoundReport:
         options, ids = self.options, [h.id for h in session.hospitals]
         request = controller.RoundRequest(quorum=len(ids), min_clients=len(ids),
                                           deadline_seconds=options.deadline,
-                                          training=options.training_params(), hospitals=tuple(ids))
+                                          training=options.training_params(), hospitals=tuple(ids),
+                                          min_clients_floor=self._min_clients_floor(len(ids)))
         started = time.perf_counter()
         round_no = controller.open_round(session.control, session.store, session.public, request,
                                          session.controller_identity)["round"]

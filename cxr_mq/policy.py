@@ -39,6 +39,9 @@ class RoundPolicy:
         previous = state.accepted_from(hospital)
         if previous is not None and previous["sha256"] != update["sha256"]:
             return f"duplicate hospital {hospital!r} with different content"
+        if len(state.accepted) >= state.most_contributors:
+            return (f"round {state.round} takes at most {state.most_contributors} contributors: "
+                    "one more could make the sum wrap")
         return None
 
     def is_duplicate(self, state: RoundState, update: dict) -> bool:

@@ -56,6 +56,18 @@ def make_kms(settings: Settings):
                         region_name=settings.aws_region)
 
 
+def load_hospital_codec(settings: Settings, store: ObjectStore):
+    """A hospital's codec: under the threshold profile the public context in the bucket (the
+    hospital's secret is its committee share, in its work directory), else its secret file."""
+    try:
+        public = crypto.load_context(store.get_bytes(settings.public_context_key))
+    except (ObjectNotFound, crypto.CodecError):
+        public = None
+    if public is not None and public.profile == "threshold":
+        return public
+    return load_secret_codec(settings)
+
+
 def load_secret_codec(settings: Settings, path: str | Path | None = None):
     """A hospital's secret context from its file, plain or KMS-wrapped (unwrapped here, in
     memory only)."""

@@ -412,13 +412,15 @@ def decrypt_round(store: ObjectStore, codec: ThresholdCodec, share: CommitteeSha
 
 
 def round_encoding(codec: ThresholdCodec, round_start: dict):
-    """The round's encoding from its (signed) ``round_start``: at most ``quorum`` contributors."""
+    """The round's encoding from its (signed) ``round_start``: at most ``max_contributors``
+    (else ``quorum``) contributors."""
     from .crypto.threshold import RoundEncoding
 
     fields = round_start.get("encoding")
     if not fields:
         raise FlowError(f"round {round_start['round']}: round_start carries no threshold encoding")
-    return RoundEncoding(codec.federation, int(round_start["round"]), int(round_start["quorum"]),
+    most = round_start.get("max_contributors") or round_start["quorum"]
+    return RoundEncoding(codec.federation, int(round_start["round"]), int(most),
                          int(fields["max_samples"]), float(fields["weight_bound"]))
 
 

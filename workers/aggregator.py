@@ -105,7 +105,7 @@ class AggregatorWorker(Worker):
         """Rebuild an open round's running sum from the updates it already accepted."""
         self.states[state.round] = state
         if state.status == OPEN:
-            total = self.codec.new_sum(state.n_params)
+            total = self.codec.new_sum(state.n_params, max_updates=state.most_contributors)
             for accepted in state.accepted:
                 self._add_object(total, state.round, accepted)
             self.sums[state.round] = total
@@ -134,7 +134,7 @@ class AggregatorWorker(Worker):
             state = self._create(RoundState.from_round_start(message, self.clock()))
             self.states[state.round] = state
         if state.status == OPEN and state.round not in self.sums:
-            self.sums[state.round] = self.codec.new_sum(state.n_params)
+            self.sums[state.round] = self.codec.new_sum(state.n_params, max_updates=state.most_contributors)
         self.log.info("round_opened", round=state.round, quorum=state.quorum,
                       min_clients=state.min_clients, deadline=state.deadline)
 

@@ -21,6 +21,14 @@ upload, messages, acks, decryption) is the code above. Such a hospital needs no 
 
 A permanent S3 fault (e.g. access denied) gives up this hospital's part in the round: its
 ``round_start`` is dead-lettered with the error; the worker goes on with the next message.
+
+Limits a hospital keeps whatever it is told (issue 10): it takes no part in a round whose
+minimum is below its ``min_clients_floor``; it encrypts nothing that a sum of the round's
+``max_contributors`` could wrap (the codec refuses before encrypting; ``round_start`` is
+dead-lettered, not retrained); it decrypts an aggregate only if it sums exactly
+``model_ready``'s contributors, at least the minimum, each once (the codec checks the seed
+records). Each refusal is dead-lettered with its reason and kept in
+``rounds/<r>/updates/<hospital>.refused``, where ``cxr-mq status`` shows it.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_mq import bound, messages, rounds, strategies, training
+from cxr_mq.crypto import CodecError
 from cxr_mq.faults import CrashPoints
 from cxr_mq.rounds import OPEN, RoundState
 from cxr_mq.storage.base import ObjectNotFound, ObjectStore, StoreError
@@ -48,7 +57,7 @@ class HospitalWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, hospital_id: str, data_dir: str,
                  work_dir: str, stop=None, val_fraction: float = 0.2, skip_bad: bool = False,
                  clock=time.time, metrics=None, synthetic: bool = False,
-                 keep_plaintext_updates: int = 0, *, identity, verifier, committee_timeout: float = 120.0):
+                 keep_plaintext_updates: int = 0, min_clients_floor: int = 3, *, identity, verifier, committee_timeout: float = 120.0):
         super().__init__(broker, stop, metrics=metrics, role="hospital", hospital=hospital_id,
                          identity=identity, verifier=verifier)
         if identity.id != hospital_id:
@@ -63,6 +72,7 @@ class HospitalWorker(Worker):
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
         self.synthetic = synthetic
+        self.min_clients_floor = min_clients_floor
         self.keep_plaintext_updates = keep_plaintext_updates  # rounds; 0 keeps none
         self.committee_timeout = committee_timeout  # threshold profile: seconds for the committee
         self.queue = broker.topology.hospital_queue(hospital_id)
@@ -112,13 +122,29 @@ class HospitalWorker(Worker):
         if message.get("hospitals") and self.id not in message["hospitals"]:
             log.info("round_not_for_this_hospital")
             return
+        if message["min_clients"] < self.min_clients_floor:
+            self._refuse(round_no, "round_start", (
+                f"round {round_no} accepts aggregates of {message['min_clients']} update(s), below "
+                f"hospital {self.id}'s floor of {self.min_clients_floor} (min_clients_floor)"))
         try:
             self._take_part(message, delivery, log)
+        except CodecError as exc:  # permanent: an update too large, an unusable base model
+            self._refuse(round_no, "round_start", f"round {round_no}: hospital {self.id} refused: {exc}")
         except StoreError as exc:  # IntegrityError and ObjectNotFound are never transient
             if exc.transient:
                 raise  # requeued after a pause; the store may recover
             log.error("round_given_up", error=str(exc))
             raise Refuse(f"round {round_no}: hospital {self.id} gave up: {exc}") from None
+
+    def _refuse(self, round_no: int, kind: str, reason: str) -> None:
+        """Dead-letter the message with ``reason`` and keep the reason where ``status`` finds
+        it (best effort: failing to record must not change what happens to the message)."""
+        self.log.warning("message_refused", round=round_no, message=kind, reason=reason)
+        try:
+            rounds.record_hospital_refusal(self.store, round_no, self.id, kind, reason, self.clock())
+        except Exception as exc:  # noqa: BLE001
+            self.log.warning("refusal_not_recorded", error=repr(exc), reason=reason)
+        raise Refuse(reason)
 
     def _take_part(self, message: dict, delivery: Delivery, log) -> None:
         round_no = message["round"]
@@ -231,7 +257,7 @@ class HospitalWorker(Worker):
         self.metrics.bytes.labels(role=self.role, direction="uploaded").inc(info.size)
         update = self.sign(messages.make(
             "update_ready", round=round_no, hospital=self.id, key=info.key, sha256=info.sha256,
-            size=info.size, n_samples=n_train, n_params=int(weights.size),
+            size=info.size, n_samples=self._clear_samples(n_train), n_params=int(weights.size),
             start_sha256=train_metrics.pop("start_sha256"),
             key_fingerprint=self.codec.fingerprint,
             metrics={"train": train_metrics, "global": self.last_global_metrics},
@@ -327,6 +353,13 @@ class HospitalWorker(Worker):
             self.verifier.verify_stored(record, role="controller")
         except messages.MessageError as exc:
             raise Refuse(f"round {round_no}'s record: {exc}") from None
+        contributors = len(message["contributors"])
+        fewest = max(self.min_clients_floor, record["min_clients"])
+        most = record.get("max_contributors") or record["quorum"]
+        if not fewest <= contributors <= most:
+            self._refuse(round_no, "model_ready", (
+                f"model_ready for round {round_no} names {contributors} contributor(s); this hospital "
+                f"decrypts only aggregates of {fewest} to {most} updates"))
         raw = self.store.get_bytes(message["key"], sha256=message["sha256"])
         try:
             weights = np.asarray(self._decrypt(raw, message["total_samples"], contributors=message["contributors"],
@@ -335,6 +368,8 @@ class HospitalWorker(Worker):
             self.status = "idle"
             log.warning("round_undecryptable", reason=str(exc))
             return
+        except CodecError as exc:
+            self._refuse(round_no, "model_ready", f"round {round_no}: the aggregate was not decrypted: {exc}")
         params = training.TrainingParams.from_dict(record["training"])
         weights = self._server_step(weights, message["sha256"], params)
         np.save(self.work_dir / f"base-{message['sha256']}.npy", weights)
@@ -355,9 +390,15 @@ class HospitalWorker(Worker):
                  accuracy=self.last_global_metrics.get("accuracy"),
                  auc=self.last_global_metrics.get("auc"))
 
+    def _clear_samples(self, n_train: int) -> int:
+        """The sample count update_ready shows: under the threshold profile the count travels
+        only inside the encrypted stream, and the message says 1."""
+        return 1 if self.codec.profile == "threshold" else n_train
+
     def _encrypt(self, round_start: dict, weights: np.ndarray, n_samples: int, out) -> None:
         if self.codec.profile != "threshold":
-            self.codec.encrypt_update(weights, n_samples, out)
+            self.codec.encrypt_update(weights, n_samples, out,
+                                      max_contributors=round_start.get("max_contributors") or round_start["quorum"])
             return
         from cxr_mq import threshold_flow as flow
 
@@ -370,7 +411,13 @@ class HospitalWorker(Worker):
         (``threshold_flow.decrypt_round``); with ``outcome`` the result is recorded for
         ``status``, and a round the committee cannot decrypt raises UndecryptableRound."""
         if self.codec.profile != "threshold":
-            return self.codec.decrypt_aggregate(io.BytesIO(raw), total_samples)
+            # a round's aggregate: exactly its contributors, at least its minimum and the floor;
+            # a base model (no contributors given): at least the floor
+            if contributors is None:
+                return self.codec.decrypt_aggregate(io.BytesIO(raw), total_samples,
+                                                    min_updates=self.min_clients_floor)
+            return self.codec.decrypt_aggregate(io.BytesIO(raw), total_samples, n_updates=len(contributors),
+                                                min_updates=max(self.min_clients_floor, min_clients))
         from cxr_mq import threshold_flow as flow
         from cxr_mq.crypto.committee import CommitteeRefusal, Ledger
 
@@ -380,7 +427,8 @@ class HospitalWorker(Worker):
             weights, _ = flow.decrypt_round(
                 self.store, self.codec, flow.load_share(self.work_dir, self.codec), round_no,
                 contributors or key_sum.contributors, raw, self.identity, self.verifier.registry,
-                Ledger(self.work_dir / "committee-ledger"), min_clients=max(3, min_clients),
+                Ledger(self.work_dir / "committee-ledger"),
+                min_clients=max(self.min_clients_floor, min_clients),
                 deadline=self.clock() + self.committee_timeout, sleep=self.broker.sleep, clock=self.clock)
         except (flow.FlowError, CommitteeRefusal) as exc:
             if outcome:

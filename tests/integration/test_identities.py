@@ -95,6 +95,7 @@ def federation(tmp_path, amqp_url, s3_settings):
         users.create({cluster.controller_id: "controller", cluster.aggregator_id: "aggregator",
                       h1: "hospital", h2: "hospital", h3: "hospital"})
         cluster.env["CXR_MQ_SHARED_BROKER_USERS"] = ""  # strict: every login is its own party
+        cluster.env["CXR_MQ_MIN_CLIENTS_FLOOR"] = "1"  # round 2 takes h3 alone: below the default floor
         cluster.init_keys()
         cluster.make_data(n=24)
         cluster.users = users

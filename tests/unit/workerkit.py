@@ -95,6 +95,9 @@ class Federation:
     def hospital(self, hospital_id: str, data_dir, **kwargs):
         from workers.hospital import HospitalWorker
 
+        # the kit's rounds have one to three hospitals: below the default floor of 3
+        kwargs.setdefault("min_clients_floor", 1)
+
         worker = HospitalWorker(self.broker(hospital_id), self.store, self.secret, hospital_id,
                                 str(data_dir), str(self.root / "work"), clock=self.clock,
                                 identity=self.identities[hospital_id], verifier=self.verifier(),
