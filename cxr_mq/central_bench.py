@@ -308,6 +308,48 @@ def summary_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def load_results(paths: list[str]) -> list[dict]:
+    """Grid results from ``--jsonl`` files; runs made with ``--federated-only`` get the gap to
+    the central run of the same seed and data size found in the files."""
+    results = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+    central = {(r["setup"]["seed"], r["setup"]["n"], r["setup"]["total_epochs"]): r["central"]
+               for r in results if r.get("central")}
+    for r in results:
+        found = central.get((r["setup"]["seed"], r["setup"]["n"], r["setup"]["total_epochs"]))
+        if r.get("central") is None and found is not None:
+            r["central"] = found
+            r["accuracy_gap_points"] = round(100 * (found["summary"]["accuracy"]
+                                                    - r["federated"]["test"]["accuracy"]), 2)
+    return results
+
+
+def plot_curves(results: list[dict], path: str) -> None:
+    """Test accuracy per round, one panel per alpha, central per epoch as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = sorted({r["setup"]["alpha"] or 0.0 for r in results})
+    fig, axes = plt.subplots(1, len(alphas), figsize=(5 * len(alphas), 3.6), squeeze=False)
+    for ax, alpha in zip(axes[0], alphas):
+        runs = [r for r in results if (r["setup"]["alpha"] or 0.0) == alpha]
+        for r in runs:
+            h = r["federated"]["history"]
+            ax.plot([e["round"] for e in h], [100 * e["accuracy"] for e in h],
+                    label=f"{r['setup']['strategy']} (seed {r['setup']['seed']})")
+        central = next((r["central"] for r in runs if r.get("central")), None)
+        if central:
+            ax.plot([e["epoch"] for e in central["history"]], [100 * e["accuracy"] for e in central["history"]],
+                    "k--", label="central")
+        ax.set_title(f"alpha {alpha or 'IID'}")
+        ax.set_xlabel("round (central: epoch)")
+        ax.set_ylabel("test accuracy %")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None, prog: str | None = None) -> None:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1500)
@@ -337,9 +379,18 @@ def main(argv=None, prog: str | None = None) -> None:
     ap.add_argument("--alphas", default=None, help="comma-separated alphas (0 = IID) for a grid")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds for a grid")
     ap.add_argument("--jsonl", default=None, help="grid: append each run's result here as it ends")
+    ap.add_argument("--report", nargs="+", default=None, metavar="JSONL",
+                    help="no training: print the table of earlier --jsonl results")
+    ap.add_argument("--plot", default=None, help="with --report: write the learning curves here (PNG)")
     ap.add_argument("--federated-only", action="store_true",
                     help="skip the central run (e.g. to compare federated settings against one central run)")
     a = ap.parse_args(argv)
+    if a.report:
+        results = load_results(a.report)
+        print(summary_table(results))
+        if a.plot:
+            plot_curves(results, a.plot)
+        return
     try:
         TrainingParams(model=a.model, image_size=a.image_size, classes=a.classes, lr=a.lr,
                        batch_size=a.batch_size, seed=a.seed, balance=a.balance, server_lr=a.server_lr)
