@@ -164,3 +164,17 @@ def test_local_objective_adds_the_prox_and_correction_gradients():
     expected = training.data_gradient(model, data) + mu * (w - anchor) + correction
     assert np.max(np.abs(total - expected)[trainable]) < 1e-4
     assert np.max(np.abs(mu * (w - anchor) + correction)) > 0.1  # the terms are not negligible
+
+
+def test_round_start_carries_the_strategy_and_refuses_an_unknown_one():
+    from cxr_mq import messages
+
+    sha = "0" * 64
+    fields = dict(round=1, base_model_key="rounds/000001/base", base_model_sha256=sha,
+                  base_model_encrypted=False, base_total_samples=0, quorum=3, min_clients=2,
+                  deadline=10.0, key_fingerprint=sha, codec_profile="compact", n_params=10, issued_at=1.0)
+    params = training.TrainingParams(strategy="fedadam", server_lr=0.03, beta2=0.999)
+    message = messages.decode(messages.encode(messages.make("round_start", training=params.to_dict(), **fields)))
+    assert training.TrainingParams.from_dict(message["training"]) == params
+    with pytest.raises(messages.MessageError, match="strategy"):
+        messages.make("round_start", training={**params.to_dict(), "strategy": "fedsgd"}, **fields)
