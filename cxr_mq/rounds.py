@@ -10,6 +10,8 @@ Layout (``<r>`` is the round number, zero-padded so keys sort by round):
   restarted after uploading republishes the same update instead of training a different one
 - ``rounds/<r>/state``: the aggregator's record (accepted and refused updates, outcome)
 - ``rounds/<r>/aggregate``: the encrypted sum of the accepted updates
+- ``rounds/<r>/evaluations/<hospital>``: the round's global model's metrics on that
+  hospital's validation split (plaintext figures, as in ``update_ready``; for reports)
 """
 from __future__ import annotations
 
@@ -45,6 +47,10 @@ def update_key(round_no: int, hospital: str) -> str:
 
 def update_message_key(round_no: int, hospital: str) -> str:
     return update_key(round_no, hospital) + ".msg"
+
+
+def evaluation_key(round_no: int, hospital: str) -> str:
+    return f"{round_prefix(round_no)}/evaluations/{hospital}"
 
 
 def state_key(round_no: int) -> str:

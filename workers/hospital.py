@@ -56,6 +56,7 @@ class HospitalWorker(Worker):
         self.handlers = {"round_start": self.on_round_start, "model_ready": self.on_model_ready,
                          "round_aborted": self.on_round_aborted}
         self._data: dict[tuple, training.LocalData] = {}
+        self._models: dict[tuple, object] = {}
         self.last_global_metrics: dict = {}
         self._applied_model: tuple | None = None
         self._training_thread: threading.Thread | None = None
@@ -167,11 +168,20 @@ class HospitalWorker(Worker):
                 self.data_dir, params, val_fraction=self.val_fraction, skip_bad=self.skip_bad)
         return self._data[key]
 
+    def _model(self, purpose: str, params: training.TrainingParams):
+        """The model for ``params``, built once per graph and purpose: every round loads its
+        weights, and a rebuilt model would pay TensorFlow's tracing of the training step again
+        (seconds per round, more than the training itself on small data)."""
+        key = (purpose, params.model, params.image_size, params.classes, params.width, params.depth)
+        if key not in self._models:
+            self._models[key] = training.build_model(params)
+        return self._models[key]
+
     def _train_and_upload(self, message: dict, params: training.TrainingParams) -> dict:
         round_no = message["round"]
         timings = self.timings.setdefault(round_no, {})
         data = self._local_data(params)
-        model = training.build_model(params)
+        model = self._model("train", params)
         base = self._base_weights(message)
         training.load_flat_weights(model, base)
         self.status = "training"
@@ -202,7 +212,8 @@ class HospitalWorker(Worker):
             "update_ready", round=round_no, hospital=self.id, key=info.key, sha256=info.sha256,
             size=info.size, n_samples=data.n_train, n_params=int(weights.size),
             key_fingerprint=self.codec.fingerprint,
-            metrics={"train": train_metrics, "global": self.last_global_metrics},
+            metrics={"train": train_metrics, "global": self.last_global_metrics,
+                     "timings": dict(timings)},
             sent_at=self.clock())
         # the plaintext stays on this machine: it lets an operator (and the tests) audit FedAvg
         np.save(self.work_dir / f"update-{round_no:06d}.npy", weights)
@@ -245,15 +256,27 @@ class HospitalWorker(Worker):
         np.save(self.work_dir / f"base-{message['sha256']}.npy", weights)
         np.save(self.work_dir / "global.npy", weights)
         params = training.TrainingParams.from_dict(record["training"])
-        model = training.build_model(params)
+        model = self._model("evaluate", params)
         training.load_flat_weights(model, weights)
         self.last_global_metrics = {"round": round_no,
                                     **training.evaluate(model, self._local_data(params))}
+        self._record_evaluation(round_no, log)
         self.status = "idle"
         self._applied_model = (round_no, message["sha256"])
         log.info("global_model_evaluated", contributors=message["contributors"],
                  accuracy=self.last_global_metrics.get("accuracy"),
                  auc=self.last_global_metrics.get("auc"))
+
+    def _record_evaluation(self, round_no: int, log) -> None:
+        """Leave the global model's metrics on the local validation split where ``cxr-mq
+        report`` finds them (the next update_ready carries them too, but a round may be the
+        last). Plaintext aggregate figures only, as in update_ready; best effort."""
+        try:
+            rounds.write_json(self.store, rounds.evaluation_key(round_no, self.id),
+                              {"round": round_no, "hospital": self.id,
+                               "metrics": self.last_global_metrics, "at": self.clock()})
+        except StoreError as exc:
+            log.warning("evaluation_not_recorded", error=str(exc))
 
     def on_round_aborted(self, message: dict, delivery: Delivery) -> None:
         self.status = "idle"
