@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import crypto
+from .crypto.pool import available_cores
 
 SAMPLE_COUNTS = (100_000, 1, 99_999, 50_000, 7, 100_000, 3, 100_000, 12_345, 100_000)
 TARGETS = {
@@ -48,10 +49,6 @@ TARGETS = {
     "seed_encrypt_mparams_per_s_reference": 1.2,
     "seed_aggregate_mparams_per_s_reference": 7.6,
 }
-
-
-def available_cores() -> int:
-    return crypto._available_cores()
 
 
 REPEATS = 3  # timed passes of the encryption figures and the seed reference; the best counts
@@ -79,7 +76,7 @@ def fedavg(weights: list[np.ndarray], counts: list[int]) -> np.ndarray:
 def run_codec_bench(
     params: int = 1_000_000,
     hospitals: list[int] = (2, 10, 50),
-    profiles=("seed", "compact"),
+    profiles=("seed", "compact", "threshold"),
     *,
     seed: int = 0,
     work_dir: str | None = None,
@@ -104,11 +101,20 @@ def run_codec_bench(
             log(f"bench: {profile} profile, {params:,} parameters")
             folder = Path(tmp) / profile
             folder.mkdir()
+            if profile == "threshold":
+                from .bench_threshold import bench_threshold
+
+                result["profiles"][profile] = bench_threshold(
+                    weights, counts, expected, list(hospitals), folder, cores, log,
+                    aggregate_all_cores=_aggregate_all_cores, peak_rss=_peak_rss)
+                continue
             result["profiles"][profile] = _bench_profile(profile, weights, counts, expected, list(hospitals), folder, cores, log)
     if "seed" in result["profiles"]:
         result["seed_reference"] = seed_reference()
     if "seed" in result["profiles"] and "compact" in result["profiles"]:
         result["compact_vs_seed"] = _compare(result["profiles"]["seed"], result["profiles"]["compact"])
+    if "threshold" in result["profiles"] and "compact" in result["profiles"]:
+        result["threshold_vs_compact"] = _compare(result["profiles"]["compact"], result["profiles"]["threshold"])
     result["load_average_at_end"] = list(os.getloadavg())
     result["targets"] = _check_targets(result)
     return result
@@ -183,7 +189,7 @@ def _encrypt_all(secret, weights, counts, folder: Path, cores: int, log):
     def encrypt(i: int) -> tuple[float, float]:
         buf = io.BytesIO()
         wall, cpu = time.perf_counter(), time.process_time()
-        secret.encrypt_update(weights[i], counts[i], buf)
+        secret.encrypt_update(weights[i], counts[i], buf, max_contributors=len(weights))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         files[i].write_bytes(buf.getbuffer())
         return wall, cpu
@@ -250,7 +256,7 @@ def _small_total_error(secret, public, weights, params: int = 1 << 16) -> float:
     total = public.new_sum(part[0].size)
     for w in part:
         buf = io.BytesIO()
-        secret.encrypt_update(w, 1, buf)
+        secret.encrypt_update(w, 1, buf, max_contributors=len(part))
         buf.seek(0)
         total.add(buf)
     buf = io.BytesIO()
@@ -289,9 +295,9 @@ def _aggregate_all_cores(public, public_path: Path, files, params: int, cores: i
         started = time.perf_counter()
         list(pool.map(_partial_sum, ctx, [params] * workers, shares, outs))
         merged = public.new_sum(params)
-        for path in outs:
+        for path, share in zip(outs, shares):
             with open(path, "rb") as fh:
-                merged.add(fh)
+                merged.add(fh, n_updates=len(share))
         buf = io.BytesIO()
         merged.write(buf)
         seconds = time.perf_counter() - started
@@ -316,7 +322,7 @@ def aggregate_files_main(argv: list[str]) -> None:
     codec.require_public_only()
     loaded = _reset_peak_rss()
     started = time.perf_counter()
-    total = codec.new_sum(int(params))
+    total = codec.new_sum(int(params), distinct_updates=False)  # the bench streams its files again
     for path in files:
         with open(path, "rb") as fh:
             total.add(fh)
@@ -401,9 +407,11 @@ def _compare(seed: dict, compact: dict) -> dict:
 
 def _check_targets(result: dict) -> dict:
     """The issue's targets, absolute and scaled by how fast the seed ran in this run."""
+    from .bench_threshold import threshold_targets
+
     compact = result["profiles"].get("compact")
     if not compact:
-        return {}
+        return threshold_targets(result)
     t = TARGETS
     checks = {
         "bytes_per_param": compact["bytes_per_param"] <= t["bytes_per_param_max"],
@@ -432,6 +440,7 @@ def _check_targets(result: dict) -> dict:
         checks["aggregate_mparams_per_s_per_core_scaled"] = agg >= t["aggregate_mparams_per_s_per_core_min"]
     if "round_overhead_ratio" in result:
         checks["round_overhead_ratio"] = result["round_overhead_ratio"] <= t["round_overhead_ratio_max"]
+    checks.update(threshold_targets(result))
     return checks
 
 
@@ -453,6 +462,12 @@ def results_table(result: dict) -> str:
         ("max_abs_error", "{:.2e}"),
         ("max_abs_error_total_10", "{:.2e}"),
         ("decrypt_seconds", "{:.2f}"),
+        ("chunk_bytes_per_param", "{:.4f}"),
+        ("per_round_overhead_bytes", "{:,}"),
+        ("committee_seconds", "{:.3f}"),
+        ("committee_cpu_seconds", "{:.3f}"),
+        ("decrypt_mparams_per_s", "{:.2f}"),
+        ("decrypt_mparams_per_cpu_s", "{:.2f}"),
     ]
     lines = ["| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, fmt in rows:

@@ -69,17 +69,18 @@ class _Aggregator:
         total = sum(n for _, n in updates)
         if not self.encrypted:
             return (sum(w.astype(np.float64) * n for w, n in updates) / total).astype(np.float32)
-        running = self.public.new_sum(updates[0][0].size)
+        running = self.public.new_sum(updates[0][0].size, max_updates=len(updates))
         for weights, n in updates:
             buf = io.BytesIO()
-            self.secret.encrypt_update(weights, n, buf)  # hospitals hold the secret context
+            # hospitals hold the secret context; the round takes exactly these updates
+            self.secret.encrypt_update(weights, n, buf, max_contributors=len(updates))
             self.bytes_per_update = buf.tell()
             buf.seek(0)
             running.add(buf)
         out = io.BytesIO()
         running.write(out)
         out.seek(0)
-        return np.asarray(self.secret.decrypt_aggregate(out, total), dtype=np.float32)
+        return np.asarray(self.secret.decrypt_aggregate(out, total, n_updates=len(updates)), dtype=np.float32)
 
 
 def cosine_lr(lr: float, progress: float, floor: float = 0.01) -> float:

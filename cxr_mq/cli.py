@@ -16,6 +16,7 @@ import click
 from .config import ConfigError, Settings, load_settings, validate_hospital_id
 
 EXIT_USAGE = 2
+EXIT_LEASE_LOST = 3
 
 
 class Context:
@@ -41,6 +42,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         from .crypto import CodecError
         from .data import DataError
+        from .identity import IdentityError
         from .storage.base import StoreError
         from .transport.base import TransportError
         try:
@@ -51,6 +53,8 @@ class _Group(click.Group):
             _fail(str(exc))
         except CodecError as exc:
             _fail(f"crypto: {exc}")
+        except IdentityError as exc:
+            _fail(f"identity: {exc}")
         except StoreError as exc:
             _fail(f"store: {exc}", 1)
         except TransportError as exc:
@@ -76,38 +80,241 @@ def keys():
 
 
 @keys.command("init")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory for secret.ctx (hospitals only) and public.ctx.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Directory for secret.ctx (hospitals only) and public.ctx (required but with --threshold).")
+@click.option("--threshold", type=int, default=None,
+              help="Run the threshold key ceremony through the running hospital workers "
+                   "(CXR_MQ_HOSPITALS; the key authority signs with its identity, CXR_MQ_IDENTITY): T of them decrypt.")
+@click.option("--ceremony-id", default=None, help="With --threshold: the ceremony's id (default: a fresh one).")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="With --threshold: seconds to wait for each step of the hospitals.")
 @click.option("--profile", type=click.Choice(["compact", "seed"]), default=None,
               help="Codec profile (default: compact).")
 @click.option("--upload/--no-upload", default=True,
               help="Upload the public context to the bucket (keys/public-context).")
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
+@click.option("--kms-wrap", is_flag=True,
+              help="Write secret.ctx KMS-wrapped (secret_kms_key_id, else kms_key_id).")
 @click.pass_obj
-def keys_init(obj: Context, out_dir, profile, upload, force):
-    """Create a key pair: DIR/secret.ctx and DIR/public.ctx, and publish the public one."""
+def keys_init(obj: Context, out_dir, threshold, ceremony_id, timeout, profile, upload, force, kms_wrap):
+    """Create a key pair: DIR/secret.ctx and DIR/public.ctx, and publish the public one; or,
+    with --threshold T, run the key ceremony (docs/threshold.md)."""
     from . import crypto
-    from .runtime import make_store
+    from .crypto import keyfile
+    from .runtime import make_kms, make_store
 
+    if threshold is not None:
+        _threshold_ceremony(obj, threshold, ceremony_id, timeout, out_dir)
+        return
+    if not out_dir:
+        _fail("--out is required (unless --threshold)")
     settings = obj.settings(codec_profile=profile)
     out = Path(out_dir)
     secret_path, public_path = out / "secret.ctx", out / "public.ctx"
     if not force and (secret_path.exists() or public_path.exists()):
         _fail(f"{out}: key files exist already (use --force to replace them)")
     store = make_store(settings) if upload else None
+    wrap_key = _wrap_key_id(settings) if kms_wrap else None
     pair = crypto.generate_keys(settings.codec_profile)
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pair.secret)
-    public_path.write_bytes(pair.public)
     codec = crypto.load_context(pair.public)
+    secret = pair.secret
+    if wrap_key:
+        secret = keyfile.wrap(secret, make_kms(settings), wrap_key,
+                              {"cxr-mq:fingerprint": codec.fingerprint})
+    out.mkdir(parents=True, exist_ok=True)
+    keyfile.write_secret_file(secret_path, secret)
+    public_path.write_bytes(pair.public)
     result = {"secret_context": str(secret_path), "public_context": str(public_path),
               "profile": codec.profile, "fingerprint": codec.fingerprint}
+    if wrap_key:
+        result["kms_wrapped"] = keyfile.read_header(secret)["kms_key_id"]
     if store is not None:
         info = store.put_bytes(settings.public_context_key, pair.public)
         result["uploaded"] = f"{settings.public_context_key} sha256={info.sha256}"
     click.echo(json.dumps(result, indent=1))
+
+
+def _threshold_ceremony(obj: Context, threshold: int, ceremony_id, timeout: float, out_dir) -> None:
+    import uuid
+
+    from . import threshold_flow
+    from .crypto.ceremony import CeremonyError, CeremonyParams
+    from .identity import Identity, Registry
+    from .runtime import make_broker, make_store
+
+    settings = obj.settings()
+    if len(settings.hospitals) < 2:
+        _fail("--threshold needs the hospitals (CXR_MQ_HOSPITALS, at least two)")
+    try:
+        params = CeremonyParams(settings.namespace, tuple(sorted(settings.hospitals)), threshold,
+                                ceremony_id or f"c{uuid.uuid4().hex[:12]}")
+    except CeremonyError as exc:
+        _fail(f"--threshold: {exc}")
+    authority = Identity.load(settings.identity_path())
+    store = make_store(settings)
+    with make_broker(settings) as broker:
+        broker.declare_topology(settings.hospitals)
+        try:
+            codec = threshold_flow.run_ceremony(store, broker, params, authority, Registry(store), timeout=timeout,
+                                                log=lambda m: click.echo(m, err=True))
+        except threshold_flow.FlowError as exc:
+            _fail(str(exc))
+    info = store.put_bytes(settings.public_context_key, codec.public_bytes())
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "public.ctx").write_bytes(codec.public_bytes())
+    click.echo(json.dumps({"ceremony_id": params.ceremony_id, "parties": list(params.parties),
+                           "threshold": params.threshold, "profile": codec.profile, "fingerprint": codec.fingerprint,
+                           "uploaded": f"{settings.public_context_key} sha256={info.sha256}"}, indent=1))
+
+
+def _wrap_key_id(settings: Settings) -> str:
+    key = settings.secret_kms_key_id or settings.kms_key_id
+    if not key:
+        raise ConfigError("CXR_MQ_SECRET_KMS_KEY_ID", "is required to KMS-wrap a secret key file "
+                          "(or CXR_MQ_KMS_KEY_ID)")
+    return key
+
+
+@keys.command("wrap")
+@click.argument("secret_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help="The wrapped key file to write (mode 0600); may be SECRET_FILE itself.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@click.pass_obj
+def keys_wrap(obj: Context, secret_file, out_file, force):
+    """KMS-wrap a secret context file (envelope: KMS GenerateDataKey + AES-256-GCM)."""
+    from . import crypto
+    from .crypto import keyfile
+    from .runtime import make_kms
+
+    settings = obj.settings()
+    source, out = Path(secret_file), Path(out_file)
+    if out.exists() and not force:
+        _fail(f"{out}: exists already (use --force to replace it)")
+    data = source.read_bytes()
+    if keyfile.is_wrapped(data):
+        _fail(f"{source}: is KMS-wrapped already")
+    try:
+        codec = crypto.load_context(data)
+    except crypto.CodecError as exc:
+        raise type(exc)(f"{source}: {exc}") from exc
+    if not codec.has_secret_key:
+        _fail(f"{source}: holds no secret key (nothing to wrap)")
+    wrapped = keyfile.wrap(data, make_kms(settings), _wrap_key_id(settings),
+                           {"cxr-mq:fingerprint": codec.fingerprint})
+    keyfile.write_secret_file(out, wrapped)
+    click.echo(json.dumps({"wrapped": str(out), "fingerprint": codec.fingerprint,
+                           "kms_key_id": keyfile.read_header(wrapped)["kms_key_id"]}, indent=1))
+
+
+# -- identities -------------------------------------------------------------------------------
+@main.group()
+def identity():
+    """Party identities: Ed25519 signing and X25519 key-agreement keys, and their registry."""
+
+
+@identity.command("init")
+@click.option("--id", "party_id", required=True, help="The party's id (also its broker user name).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for ID.key (mode 0600, private keys) and ID.pub (public keys).")
+@click.option("--force", is_flag=True, help="Replace existing identity files.")
+def identity_init(party_id, out_dir, force):
+    """Create an identity: DIR/ID.key (private, 0600) and DIR/ID.pub (public)."""
+    from .identity import Identity, IdentityError
+
+    try:
+        ident = Identity.generate(party_id)
+        key_path, pub_path = ident.save(out_dir, force=force)
+    except IdentityError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps({"id": ident.id, "key": str(key_path), "pub": str(pub_path),
+                           **{k: v for k, v in ident.public.to_dict().items() if k != "id"}}, indent=1))
+
+
+@identity.command("register")
+@click.argument("party_id")
+@click.argument("pubfile", type=click.Path(exists=True, dir_okay=False))
+@click.option("--role", required=True, type=click.Choice(["hospital", "aggregator", "controller"]))
+@click.option("--force", is_flag=True, help="Replace an entry registered with other keys or role.")
+@click.pass_obj
+def identity_register(obj: Context, party_id, pubfile, role, force):
+    """Add PUBFILE's public keys to the registry in the bucket (keys/identities/ID)."""
+    from .identity import IdentityError, PublicIdentity, register, registry_key
+    from .runtime import make_store
+
+    settings = obj.settings()
+    try:
+        public = PublicIdentity.load(pubfile)
+        if public.id != party_id:
+            _fail(f"{pubfile} holds the identity of {public.id!r}, not {party_id!r}")
+        entry = register(make_store(settings), public, role, force=force)
+    except IdentityError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps({"registered": registry_key(party_id), **entry.to_dict()}, indent=1))
+
+
+@identity.command("show")
+@click.argument("party_id", required=False)
+@click.pass_obj
+def identity_show(obj: Context, party_id):
+    """Print one registry entry, or every registered party."""
+    from .identity import IdentityError, Registry
+    from .runtime import make_store
+
+    registry = Registry(make_store(obj.settings()))
+    try:
+        entries = [registry.get(party_id)] if party_id else registry.parties()
+    except IdentityError as exc:
+        _fail(str(exc), 1)
+    click.echo(json.dumps([e.to_dict() for e in entries], indent=1))
+
+
+# -- broker administration --------------------------------------------------------------------
+@main.group()
+def broker():
+    """Broker administration: per-party permissions and the durable topology."""
+
+
+@broker.command("permissions")
+@click.option("--role", required=True,
+              type=click.Choice(["hospital", "aggregator", "controller", "admin"]))
+@click.option("--id", "party_id", required=True, help="The party's id: its broker user name.")
+@click.option("--namespace", default=None, help="Queue/exchange prefix (default: settings).")
+@click.option("--vhost", default="/", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (for Ansible).")
+@click.pass_obj
+def broker_permissions(obj: Context, role, party_id, namespace, vhost, as_json):
+    """The least-privilege permissions of one party's broker user."""
+    from .config import validate_hospital_id
+    from .transport.permissions import permissions_for
+
+    validate_hospital_id(party_id)
+    settings = obj.settings(namespace=namespace)
+    perms = permissions_for(role, party_id, settings.namespace)
+    if as_json:
+        click.echo(json.dumps({**perms.to_dict(), "vhost": vhost, "namespace": settings.namespace}))
+        return
+    import shlex
+    for args in perms.rabbitmqctl(vhost):
+        click.echo("rabbitmqctl " + " ".join(shlex.quote(a) for a in args))
+
+
+@broker.command("declare")
+@click.option("--hospital", "hospitals", multiple=True,
+              help="A hospital whose queue to declare (repeatable; default: configured hospitals).")
+@click.pass_obj
+def broker_declare(obj: Context, hospitals):
+    """Declare the exchanges and queues (admin login): workers only check that they exist."""
+    from .runtime import make_broker
+
+    settings = obj.settings(hospitals=tuple(hospitals) or None)
+    with make_broker(settings) as admin:
+        admin.declare_topology(settings.hospitals)
+    t = admin.topology
+    click.echo(json.dumps({"namespace": t.namespace, "exchanges": [t.control_exchange,
+                           t.dead_letter_exchange], "queues": [t.aggregator_queue, t.dead_letter_queue]
+                           + [t.hospital_queue(h) for h in settings.hospitals]}))
 
 
 # -- workers ----------------------------------------------------------------------------------
@@ -119,26 +326,31 @@ def _serve_metrics(port):
 
 @main.command()
 @click.option("--id", "hospital_id", required=True, help="This hospital's id (letters, digits, - and _).")
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="COVIDx-format directory: a label file and the images.")
 @click.option("--secret-context", type=click.Path(dir_okay=False), default=None,
               help="Path of the secret CKKS context (or CXR_MQ_SECRET_CONTEXT).")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed label lines and missing images.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--synthetic", is_flag=True,
+              help="Benchmarks only: replace local training by a seeded synthetic update.")
 @click.pass_obj
-def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port):
+def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port, synthetic):
     """Run a hospital worker (long-running)."""
     from workers.hospital import HospitalWorker
 
     from .runtime import load_secret_codec, make_broker, make_store
 
     validate_hospital_id(hospital_id)
+    if data_dir is None and not synthetic:
+        _fail("--data: a hospital needs its image directory (or --synthetic for benchmarks)")
     settings = obj.settings(secret_context=secret_context)
     codec = load_secret_codec(settings)
     store, broker = make_store(settings), make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
-                            skip_bad=skip_bad)
+                            skip_bad=skip_bad, synthetic=synthetic,
+                            keep_plaintext_updates=settings.keep_plaintext_updates)
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -150,24 +362,40 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
 @click.option("--public-context", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Public CKKS context file (default: keys/public-context from the bucket).")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--lease", "lease_seconds", type=click.IntRange(min=1), default=None,
+              help="Run with a standby: aggregators share a lease of this many seconds in the "
+                   "store; one is active, the others take over when it lapses.")
+@click.option("--id", "aggregator_id", default=None,
+              help="This aggregator's name in the lease (default: host:pid).")
 @click.pass_obj
-def aggregator(obj: Context, public_context, metrics_port):
+def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id):
     """Run the aggregator worker (long-running; public context only)."""
     from workers.aggregator import AggregatorWorker
 
     from .runtime import load_public_codec, make_broker, make_store
 
-    settings = obj.settings()
+    settings = obj.settings(aggregator_lease=lease_seconds, aggregator_id=aggregator_id)
     store = make_store(settings)
     codec = load_public_codec(store, settings, public_context)
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
-    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals)
+    lease = None
+    if settings.aggregator_lease:
+        import socket
+
+        from .lease import Lease
+        lease = Lease(store, settings.aggregator_id or f"{socket.gethostname()}:{os.getpid()}",
+                      ttl=settings.aggregator_lease)
+    worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease,
+                              retain_updates=settings.retain_updates)
     worker.install_signal_handlers()
     try:
         worker.run()
     finally:
         broker.close()
+    if worker.lease_lost:
+        _fail(f"aggregator lease lost: {worker.lease_lost}; restart this one as a standby",
+              EXIT_LEASE_LOST)
 
 
 # -- controller -------------------------------------------------------------------------------
@@ -208,9 +436,13 @@ def _training_options(f):
 @click.option("--timeout", type=float, default=None,
               help="With --wait: give up after this many seconds (default: deadline + 60).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--synthetic-params", type=click.IntRange(min=1), default=None,
+              help="Benchmarks only: a first round on a synthetic model of this many parameters "
+                   "(for hospitals run with --synthetic).")
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
-                epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json):
+                epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json,
+                synthetic_params):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
     from .runtime import load_public_codec, make_broker, make_store
@@ -225,7 +457,8 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
     quorum = quorum or max(1, len(settings.hospitals))
     request = controller.RoundRequest(quorum=quorum, min_clients=min_clients or quorum,
                                       deadline_seconds=deadline, training=params,
-                                      hospitals=settings.hospitals)
+                                      hospitals=settings.hospitals,
+                                      synthetic_params=synthetic_params or 0)
     if request.min_clients > request.quorum or request.quorum < 1 or deadline <= 0:
         _fail("--min-clients must be between 1 and --quorum, and --deadline positive")
     store = make_store(settings)
@@ -500,7 +733,7 @@ def demo(obj: Context, hospitals, n_rounds, data, n_images, model, width, image_
               help="Model parameters per update.")
 @click.option("--hospitals", "hospitals", type=int, multiple=True,
               help="Hospital counts for the aggregator memory figure (repeatable; default 2, 10, 50).")
-@click.option("--profile", "profiles", type=click.Choice(["seed", "compact"]), multiple=True,
+@click.option("--profile", "profiles", type=click.Choice(["seed", "compact", "threshold"]), multiple=True,
               help="Profiles to measure (default both).")
 @click.option("--round/--no-round", "with_round", default=True, show_default=True,
               help="Also time one embedded demo round encrypted and in plaintext.")
@@ -515,7 +748,7 @@ def bench(obj: Context, params, hospitals, profiles, with_round, as_json):
         _fail("--params and --hospitals must be positive")
     log = (lambda message: click.echo(message, err=True))
     result = run_codec_bench(params, list(hospitals) or [2, 10, 50],
-                             tuple(profiles) or ("seed", "compact"), log=log)
+                             tuple(profiles) or ("seed", "compact", "threshold"), log=log)
     if with_round:
         result.update(round_overhead(settings=settings, log=log))
         result["targets"] = _check_targets(result)
@@ -531,6 +764,46 @@ def bench_federated(args):
     from .central_bench import main as central_bench_main
 
     central_bench_main(list(args), prog="cxr-mq bench-federated")
+
+
+@main.command("bench-federation")
+@click.option("--hospitals", type=click.IntRange(min=1), required=True, help="Hospitals (N).")
+@click.option("--params", type=click.IntRange(min=1), required=True, help="Model parameters (P).")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--round-timeout", type=float, default=3600.0, show_default=True,
+              help="Seconds a round may take before the bench gives up.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def bench_federation(obj: Context, hospitals, params, rounds, round_timeout, as_json):
+    """Rounds of N hospitals x P parameters through the real workers, RabbitMQ and S3.
+
+    Local training is replaced by a seeded synthetic update (said in the output); the store
+    is moto's server on loopback, started here, unless CXR_MQ_S3_ENDPOINT_URL is set (then
+    CXR_MQ_S3_BUCKET, if set, must hold no rounds). Uses its own broker namespace."""
+    from . import bench_federation as bench
+    from .log import configure_logging
+
+    settings = obj.settings()
+    configure_logging(obj.log_level or "warning", settings.log_format)  # N workers' logs
+    options = bench.BenchOptions(
+        hospitals=hospitals, params=params, rounds=rounds, round_timeout=round_timeout,
+        amqp_url=settings.amqp_url or bench.BenchOptions.amqp_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_bucket=settings.s3_bucket if settings.s3_endpoint_url else None,
+        kms_key_id=settings.kms_key_id if settings.s3_endpoint_url else None,
+        region=settings.aws_region or "us-east-1")
+    try:
+        result = bench.run(options)
+    except (RuntimeError, ValueError) as exc:
+        _fail(f"bench-federation: {exc}", 1)
+    if as_json:
+        click.echo(bench.main_json(result))
+        return
+    click.echo(f"bench-federation: {result['synthetic_training']}")
+    click.echo(f"store: {result['store']}; broker: {result['broker']} (namespace "
+               f"{result['namespace']}); load average before/after: "
+               f"{result['load_average_before'][0]:.1f} / {result['load_average_after'][0]:.1f}")
+    click.echo(bench.table(result))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ from typing import Mapping
 ENV_PREFIX = "CXR_MQ_"
 DEFAULT_CONFIG_PATH = Path("/etc/cxr-mq/config.toml")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+LIST_KEYS = ("hospitals", "shared_broker_users")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,62}$")
 
 
@@ -29,18 +30,31 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Settings:
     amqp_url: str | None = None
+    amqp_ca_file: str | None = None  # CA bundle that signs the broker's certificate
+    amqp_cert_file: str | None = None  # optional client certificate (PEM) ...
+    amqp_key_file: str | None = None  # ... and its private key
+    amqp_tls_required: bool = False  # refuse a plain amqp:// URL
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None
     kms_key_id: str | None = None
     secret_context: str | None = None
+    secret_kms_key_id: str | None = None  # KMS key that wraps secret key files (keys wrap)
+    kms_endpoint_url: str | None = None  # KMS API endpoint; unset: the S3 endpoint, else AWS
+    identity: str | None = None  # path of this party's identity key file (cxr-mq identity init)
     aws_region: str | None = None
     namespace: str = "cxr"
     hospitals: tuple[str, ...] = ()
+    shared_broker_users: tuple[str, ...] = ()  # broker logins that may publish for any party (dev)
+    message_max_age: int = 86400  # seconds a signed message stays usable
+    aggregator_lease: int = 0  # seconds; >0: aggregators share a lease, one active, others standby
+    aggregator_id: str | None = None  # this aggregator's name in the lease (default host:pid)
     public_context_key: str = "keys/public-context"
     codec_profile: str = "compact"
     log_level: str = "info"
     log_format: str = "json"
     work_dir: str = field(default_factory=lambda: str(Path.home() / ".cxr-mq"))
+    retain_updates: bool = False  # keep individual encrypted updates after the aggregate
+    keep_plaintext_updates: int = 0  # rounds of plaintext update .npy a hospital keeps (0: none)
 
     # -- requirements, checked by the commands that need them ------------------------------
     def require(self, *names: str) -> "Settings":
@@ -49,6 +63,13 @@ class Settings:
                 raise ConfigError(env_name(name), "is required but not set "
                                   f"(set {env_name(name)} or '{name}' in the config file)")
         return self
+
+    def identity_path(self) -> Path:
+        self.require("identity")
+        path = Path(self.identity)
+        if not path.is_file():
+            raise ConfigError(env_name("identity"), f"no such file: {path}")
+        return path
 
     def secret_context_path(self) -> Path:
         self.require("secret_context")
@@ -69,10 +90,13 @@ def _split_list(value) -> tuple[str, ...]:
 
 
 def _validate(s: Settings) -> Settings:
-    if s.amqp_url and not re.match(r"^amqps?://", s.amqp_url):
-        raise ConfigError(env_name("amqp_url"), f"must start with amqp:// or amqps://, got {_redact(s.amqp_url)!r}")
-    if s.s3_endpoint_url and not re.match(r"^https?://[^/]+", s.s3_endpoint_url):
-        raise ConfigError(env_name("s3_endpoint_url"), f"must be an http(s) URL, got {s.s3_endpoint_url!r}")
+    for url in (s.amqp_url or "").split(","):  # a cluster: its nodes' URLs, comma-separated
+        if s.amqp_url and not re.match(r"^amqps?://", url.strip()):
+            raise ConfigError(env_name("amqp_url"), f"must start with amqp:// or amqps:// (a list: "
+                              f"comma-separated), got {_redact(url.strip())!r}")
+    for key in ("s3_endpoint_url", "kms_endpoint_url"):
+        if getattr(s, key) and not re.match(r"^https?://[^/]+", getattr(s, key)):
+            raise ConfigError(env_name(key), f"must be an http(s) URL, got {getattr(s, key)!r}")
     if s.s3_bucket and not _BUCKET_RE.match(s.s3_bucket):
         raise ConfigError(env_name("s3_bucket"), f"is not a valid S3 bucket name: {s.s3_bucket!r}")
     if not _ID_RE.match(s.namespace):
@@ -80,6 +104,8 @@ def _validate(s: Settings) -> Settings:
     for hospital in s.hospitals:
         if not _ID_RE.match(hospital):
             raise ConfigError(env_name("hospitals"), f"invalid hospital id {hospital!r}")
+    if s.message_max_age < 1:
+        raise ConfigError(env_name("message_max_age"), f"must be at least 1 second, got {s.message_max_age}")
     if s.codec_profile not in ("seed", "compact"):
         raise ConfigError(env_name("codec_profile"), f"must be 'seed' or 'compact', got {s.codec_profile!r}")
     if s.log_format not in ("json", "console"):
@@ -133,9 +159,26 @@ def load_settings(flags: Mapping[str, object] | None = None, env: Mapping[str, s
     for name, value in (flags or {}).items():
         if value not in (None, ()):
             values[name] = value
-    if "hospitals" in values:
-        values["hospitals"] = _split_list(values["hospitals"])
+    for key in LIST_KEYS:
+        if key in values:
+            values[key] = _split_list(values[key])
+    typed = {f.name: type(f.default) for f in fields(Settings) if type(f.default) in (bool, int)}
     for key, value in values.items():
-        if key != "hospitals" and value is not None and not isinstance(value, str):
+        if key in typed:
+            values[key] = _typed(key, value, typed[key])
+        elif key not in LIST_KEYS and value is not None and not isinstance(value, str):
             raise ConfigError(env_name(key), f"must be a string, got {type(value).__name__}")
     return _validate(replace(Settings(), **values))
+
+
+def _typed(key: str, value, kind: type):
+    """A bool or int setting from TOML (typed already) or the environment (a string)."""
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    text = str(value).strip().lower()
+    if kind is bool and text in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return text in ("true", "1", "yes", "on")
+    if kind is int and re.fullmatch(r"\d+", text):
+        return int(text)
+    expected = "true or false" if kind is bool else "a whole number >= 0"
+    raise ConfigError(env_name(key), f"must be {expected}, got {value!r}")

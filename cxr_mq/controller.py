@@ -15,8 +15,8 @@ import numpy as np
 from . import messages, rounds, training
 from .log import get_logger
 from .rounds import ABORTED, COMPLETE, RoundState
-from .storage.base import ObjectStore
-from .transport.base import Broker
+from .storage.base import ObjectStore, PreconditionFailed, sha256_bytes
+from .transport.base import Broker, TransportError
 
 
 class RoundTimeout(Exception):
@@ -30,6 +30,7 @@ class RoundRequest:
     deadline_seconds: float
     training: training.TrainingParams
     hospitals: tuple[str, ...] = ()
+    synthetic_params: int = 0  # >0: a benchmark round on a synthetic model of this size
 
 
 def latest_complete(store: ObjectStore) -> RoundState | None:
@@ -40,42 +41,71 @@ def latest_complete(store: ObjectStore) -> RoundState | None:
     return None
 
 
-def _initial_model(store: ObjectStore, round_no: int, params: training.TrainingParams):
-    weights = training.flat_weights(training.build_model(params)).astype(np.float32)
+def _initial_model(request: RoundRequest) -> bytes:
+    """The round-1 base model as ``.npy`` bytes: the model's seeded initial weights, or, for a
+    synthetic benchmark round, ``synthetic_params`` seeded float32 values."""
+    if request.synthetic_params:
+        rng = np.random.default_rng(request.training.seed)
+        weights = (rng.standard_normal(request.synthetic_params) * 0.05).astype(np.float32)
+    else:
+        weights = training.flat_weights(training.build_model(request.training)).astype(np.float32)
     buf = io.BytesIO()
     np.save(buf, weights, allow_pickle=False)
-    info = store.put_bytes(rounds.base_key(round_no), buf.getvalue())
-    return info, int(weights.size)
+    return buf.getvalue()
+
+
+OPEN_ATTEMPTS = 20
 
 
 def open_round(broker: Broker, store: ObjectStore, codec, request: RoundRequest,
                clock=time.time) -> dict:
-    """Write the round record and publish ``round_start``; returns the message."""
+    """Claim the next round number, write the round record and publish ``round_start``.
+
+    The number is claimed by creating ``rounds/<r>/round`` with ``If-None-Match: *``: of two
+    controllers that listed the same rounds, exactly one creates the record; the other finds
+    it taken and tries the next number. Only the winner writes the round's base model and
+    publishes, so no round is opened twice and no record points at another's base model."""
     if request.min_clients > request.quorum:
         raise ValueError(f"--min-clients ({request.min_clients}) cannot exceed --quorum ({request.quorum})")
+    log = get_logger(role="controller")
     existing = rounds.list_rounds(store)
     round_no = (existing[-1] + 1) if existing else 1
     base = latest_complete(store)
+    initial = _initial_model(request) if base is None else None
+    for _ in range(OPEN_ATTEMPTS):
+        message = _round_start(round_no, base, initial, codec, request, clock())
+        try:
+            rounds.write_json(store, rounds.round_key(round_no), message, if_none_match=True)
+            break
+        except PreconditionFailed:
+            log.info("round_number_taken", round=round_no)
+            round_no += 1
+    else:
+        raise RoundTimeout(f"could not claim a round number in {OPEN_ATTEMPTS} attempts")
+    if initial is not None:
+        store.put_bytes(rounds.base_key(round_no), initial)
+    broker.publish("round_start", messages.encode(message), message_id=f"round_start:{round_no}")
+    log.info("round_started", round=round_no, base_model_key=message["base_model_key"])
+    return message
+
+
+def _round_start(round_no: int, base: RoundState | None, initial: bytes | None, codec,
+                 request: RoundRequest, now: float) -> dict:
     if base is None:
-        info, n_params = _initial_model(store, round_no, request.training)
-        base_fields = {"base_model_key": info.key, "base_model_sha256": info.sha256,
+        n_params = int(np.load(io.BytesIO(initial), allow_pickle=False).size)
+        base_fields = {"base_model_key": rounds.base_key(round_no),
+                       "base_model_sha256": sha256_bytes(initial),
                        "base_model_encrypted": False, "base_total_samples": 0}
     else:
         n_params = base.n_params
         base_fields = {"base_model_key": base.model_key, "base_model_sha256": base.model_sha256,
                        "base_model_encrypted": True, "base_total_samples": base.total_samples}
-    now = clock()
-    message = messages.make(
+    return messages.make(
         "round_start", round=round_no, **base_fields, quorum=request.quorum,
         min_clients=request.min_clients, deadline=now + request.deadline_seconds,
         training=request.training.to_dict(), key_fingerprint=codec.fingerprint,
         codec_profile=codec.profile, n_params=n_params, hospitals=list(request.hospitals),
         issued_at=now)
-    rounds.write_json(store, rounds.round_key(round_no), message)
-    broker.publish("round_start", messages.encode(message), message_id=f"round_start:{round_no}")
-    get_logger(role="controller").info("round_started", round=round_no,
-                                       base_model_key=base_fields["base_model_key"])
-    return message
 
 
 STORE_POLL_SECONDS = 5.0
@@ -94,22 +124,33 @@ def wait_for_round(broker: Broker, queue: str, round_no: int, timeout: float,
 
     With ``store``, the aggregator's durable record is also polled: the temporary queue is
     exclusive to this connection, so an outcome published while the broker was restarting
-    (and the queue with it) would otherwise never be seen."""
+    (and the queue with it) would otherwise never be seen. The queue is client-named, so
+    the transport re-declares it on every reconnect."""
+    log = get_logger(role="controller")
     deadline = time.monotonic() + timeout
     next_poll = time.monotonic() + STORE_POLL_SECONDS
     while time.monotonic() < deadline:
-        delivery = broker.get(queue, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        try:
+            delivery = broker.get(queue, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        except TransportError as exc:
+            # e.g. the reply queue's node is gone in a cluster and its name is still held:
+            # the round record in the store still tells the outcome
+            log.warning("reply_queue_unavailable", error=str(exc))
+            delivery, next_poll = None, time.monotonic()
+            time.sleep(1.0)
         if delivery is not None:
             try:
                 message = messages.decode(delivery.body)
             except messages.MessageError:
                 message = {}
             if message.get("round") == round_no:
+                log.info("round_outcome_received", round=round_no, via="queue")
                 return message
         if store is not None and time.monotonic() >= next_poll:
             next_poll = time.monotonic() + STORE_POLL_SECONDS
             found = outcome_from_state(RoundState.load(store, round_no))
             if found is not None:
+                log.info("round_outcome_received", round=round_no, via="store")
                 return found
     raise RoundTimeout(f"round {round_no}: no model_ready or round_aborted within {timeout:.0f}s")
 

@@ -168,13 +168,17 @@ class PrefixedStore(ObjectStore):
         self.inner, self.prefix = inner, prefix.rstrip("/") + "/"
 
     def _info(self, key: str, info: ObjectInfo) -> ObjectInfo:
-        return ObjectInfo(key, info.sha256, info.size)
+        return ObjectInfo(key, info.sha256, info.size, info.etag)
 
     def put_file(self, key, path):
         return self._info(key, self.inner.put_file(self.prefix + key, path))
 
-    def put_bytes(self, key, data):
-        return self._info(key, self.inner.put_bytes(self.prefix + key, data))
+    def put_bytes(self, key, data, *, if_none_match=False, if_match=None):
+        return self._info(key, self.inner.put_bytes(self.prefix + key, data,
+                                                    if_none_match=if_none_match, if_match=if_match))
+
+    def get_versioned(self, key):
+        return self.inner.get_versioned(self.prefix + key)
 
     def download(self, key, path, sha256=None):
         return self._info(key, self.inner.download(self.prefix + key, path, sha256=sha256))
@@ -187,6 +191,9 @@ class PrefixedStore(ObjectStore):
 
     def list(self, prefix=""):
         return [k[len(self.prefix):] for k in self.inner.list(self.prefix + prefix)]
+
+    def delete(self, key):
+        self.inner.delete(self.prefix + key)
 
     def describe(self, key):
         return self.inner.describe(self.prefix + key)

@@ -15,7 +15,7 @@ import jsonschema
 import msgpack
 
 MAX_MESSAGE_BYTES = 256 * 1024
-KINDS = ("round_start", "update_ready", "model_ready", "round_aborted")
+KINDS = ("round_start", "update_ready", "model_ready", "round_aborted", "ceremony_start", "ceremony_finalize")
 VERSION = 1
 
 

@@ -40,7 +40,8 @@ class PlaintextCodec:
     def public_bytes(self) -> bytes:
         return MAGIC + bytes.fromhex(self.fingerprint)
 
-    def encrypt_update(self, weights: np.ndarray, n_samples: int, out: BinaryIO) -> int:
+    def encrypt_update(self, weights: np.ndarray, n_samples: int, out: BinaryIO, *,
+                       max_contributors: int | None = None) -> int:
         values = np.asarray(weights, dtype=np.float64).ravel() * float(n_samples)
         header = MAGIC + _HEADER.pack(bytes.fromhex(self.fingerprint), values.size)
         out.write(header)
@@ -62,10 +63,13 @@ class PlaintextCodec:
             raise CodecError(f"plaintext stream holds {len(data)} bytes, expected {n_params * 8}")
         return np.frombuffer(data, dtype=np.float64)
 
-    def new_sum(self, n_params: int) -> "PlainSum":
+    def new_sum(self, n_params: int, *, max_updates: int | None = None,
+                distinct_updates: bool = True) -> "PlainSum":
         return PlainSum(self, n_params)
 
-    def decrypt_aggregate(self, src: BinaryIO, total_samples: int) -> np.ndarray:
+    def decrypt_aggregate(self, src: BinaryIO, total_samples: int, *, n_updates: int | None = None,
+                          min_updates: int = 1) -> np.ndarray:
+        """The stream has no update count: the demo's baseline checks nothing of it."""
         header = self.read_header(src)
         return self._values(src, header.n_params) / float(total_samples)
 
@@ -77,7 +81,7 @@ class PlainSum:
         self.codec, self.n_params, self.count = codec, n_params, 0
         self.total = np.zeros(n_params, dtype=np.float64)
 
-    def add(self, src: BinaryIO) -> None:
+    def add(self, src: BinaryIO, n_updates: int = 1) -> None:
         header = self.codec.read_header(src)
         if header.n_params != self.n_params:
             raise CodecMismatch(f"update has {header.n_params} parameters, sum has {self.n_params}")

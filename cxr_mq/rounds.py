@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from . import messages
-from .storage.base import ObjectNotFound, ObjectStore
+from .storage.base import ObjectNotFound, ObjectStore, PreconditionFailed
 
 OPEN, COMPLETE, ABORTED = "open", "complete", "aborted"
 _ROUND_KEY = re.compile(r"^rounds/(\d+)/round$")
@@ -42,7 +42,11 @@ def base_key(round_no: int) -> str:
 
 
 def update_key(round_no: int, hospital: str) -> str:
-    return f"{round_prefix(round_no)}/updates/{hospital}"
+    return updates_prefix(round_no) + hospital
+
+
+def updates_prefix(round_no: int) -> str:
+    return f"{round_prefix(round_no)}/updates/"
 
 
 def update_message_key(round_no: int, hospital: str) -> str:
@@ -77,8 +81,13 @@ def read_json(store: ObjectStore, key: str) -> dict | None:
         return None
 
 
-def write_json(store: ObjectStore, key: str, value: dict):
-    return store.put_bytes(key, json.dumps(value, sort_keys=True, indent=1).encode())
+def write_json(store: ObjectStore, key: str, value: dict, **condition):
+    """``condition``: ``if_none_match=True`` or ``if_match=<etag>`` (see ``put_bytes``)."""
+    return store.put_bytes(key, json.dumps(value, sort_keys=True, indent=1).encode(), **condition)
+
+
+class StateConflict(PreconditionFailed):
+    """Another aggregator wrote this round's record since this one read it."""
 
 
 @dataclass
@@ -102,7 +111,10 @@ class RoundState:
     model_sha256: str | None = None
     total_samples: int = 0
     announced: bool = False
+    updates_deleted: bool = False  # retention done: the individual updates are gone
     timings: dict = field(default_factory=dict)
+    # the stored version this state was read as or written to (not persisted)
+    etag: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_round_start(cls, msg: dict, now: float) -> "RoundState":
@@ -116,7 +128,9 @@ class RoundState:
         return cls(**data)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("etag")
+        return data
 
     def accepted_from(self, hospital: str) -> dict | None:
         return next((a for a in self.accepted if a["hospital"] == hospital), None)
@@ -140,9 +154,22 @@ class RoundState:
         raise ValueError(f"round {self.round} is {self.status}: no outcome yet")
 
     def save(self, store: ObjectStore) -> None:
-        write_json(store, state_key(self.round), self.to_dict())
+        """Write the record only over the version this process read or wrote last (a new one
+        only if none exists): two aggregators can never both move one round on from the
+        same state. The loser gets :class:`StateConflict` and must re-read."""
+        condition = {"if_match": self.etag} if self.etag else {"if_none_match": True}
+        try:
+            info = write_json(store, state_key(self.round), self.to_dict(), **condition)
+        except PreconditionFailed as exc:
+            raise StateConflict(f"round {self.round}: {exc}") from None
+        self.etag = info.etag
 
     @classmethod
     def load(cls, store: ObjectStore, round_no: int) -> "RoundState | None":
-        data = read_json(store, state_key(round_no))
-        return None if data is None else cls.from_dict(data)
+        try:
+            body, etag = store.get_versioned(state_key(round_no))
+        except ObjectNotFound:
+            return None
+        state = cls.from_dict(json.loads(body))
+        state.etag = etag
+        return state

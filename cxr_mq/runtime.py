@@ -18,10 +18,12 @@ def make_store(settings: Settings) -> ObjectStore:
 
 
 def make_broker(settings: Settings) -> Broker:
-    from .transport.rabbitmq import RabbitMQBroker
+    from .transport.rabbitmq import RabbitMQBroker, TlsOptions
 
     settings.require("amqp_url")
-    return RabbitMQBroker(settings.amqp_url, Topology(settings.namespace))
+    tls = TlsOptions(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file,
+                     settings.amqp_tls_required)
+    return RabbitMQBroker(settings.amqp_url, Topology(settings.namespace), tls=tls)
 
 
 def load_public_codec(store: ObjectStore, settings: Settings, path: str | None = None):
@@ -40,9 +42,26 @@ def load_public_codec(store: ObjectStore, settings: Settings, path: str | None =
     return codec
 
 
+def make_kms(settings: Settings):
+    """A KMS client (for wrapped secret key files); ``kms_endpoint_url``, else the S3
+    endpoint (a local stack such as moto serves both), else AWS's own."""
+    import boto3
+
+    return boto3.client("kms", endpoint_url=settings.kms_endpoint_url or settings.s3_endpoint_url,
+                        region_name=settings.aws_region)
+
+
 def load_secret_codec(settings: Settings, path: str | Path | None = None):
+    """A hospital's secret context from its file, plain or KMS-wrapped (unwrapped here, in
+    memory only)."""
+    from .crypto import keyfile
+
     target = Path(path) if path else settings.secret_context_path()
-    codec = crypto.load_context_file(target)
+    data = keyfile.read_secret_file(target, lambda: make_kms(settings), settings.secret_kms_key_id)
+    try:
+        codec = crypto.load_context(data)
+    except crypto.CodecError as exc:
+        raise type(exc)(f"{target}: {exc}") from exc
     if not codec.has_secret_key:
         raise ConfigError(env_name("secret_context"), f"{target} holds no secret key")
     return codec

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepare a machine for cxr-mq: a virtual environment with the package and its test extras.
+# Prepare a machine for cxr-mq: a virtual environment with the package, its test extras and
+# the deployment tooling (Ansible, ansible-lint) that the deploy tests run.
 # Idempotent and quick when nothing changed (a stamp holds the hash of pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,6 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python" -c "import cxr_mq" 2>/dev/null; then
   echo "setup: installing cxr-mq and its dependencies into $VENV (first time: a few minutes)" >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -e ".[test,deploy]"
   echo "$want" > "$stamp"
 fi

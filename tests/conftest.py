@@ -115,3 +115,11 @@ def namespace():
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Print the shuffle seed last, where a failing run's reader looks (also under -q)."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(
+            f"test order: shuffled by pytest-randomly, repeat it with --randomly-seed={seed}")

@@ -12,6 +12,13 @@ round's state. A refused update is dead-lettered with its reason and recorded in
 state; refusals that belong to no known round (and malformed messages) are recorded in
 ``aggregator/refusals`` so that ``cxr-mq status`` shows them too. A permanent S3 fault on an
 update refuses that update; a transient one (after the store's retries) requeues it.
+
+Retention: once a round's outcome is durable (state complete or aborted, aggregate written)
+and announced, nothing can need its individual updates any more (a restarted aggregator
+rebuilds only rounds that are open; a hospital asked again about a finished round ignores
+it), so they are deleted, with their ``.msg`` manifests, unless ``retain_updates`` is set:
+a later compromise of the key finds no old uploads. The state records ``updates_deleted``;
+a deletion cut short (crash, store error) is finished at the next start.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from cxr_mq import messages, rounds
 from cxr_mq.crypto import CodecError
 from cxr_mq.faults import CrashPoints
 from cxr_mq.policy import RoundPolicy
-from cxr_mq.rounds import ABORTED, COMPLETE, OPEN, RoundState
+from cxr_mq.rounds import ABORTED, COMPLETE, OPEN, RoundState, StateConflict
 from cxr_mq.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StoreError
 from cxr_mq.transport.base import Broker, Delivery, Refuse
 
@@ -35,7 +42,7 @@ UNROUTED_REFUSALS_KEPT = 500
 class AggregatorWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, policy: RoundPolicy | None = None,
                  hospitals=(), work_dir: str | None = None, stop=None, clock=time.time,
-                 metrics=None):
+                 metrics=None, lease=None, retain_updates: bool = False):
         super().__init__(broker, stop, metrics=metrics, role="aggregator")
         self.metrics.watch(self.role, store=store)
         self.crash = CrashPoints()
@@ -44,20 +51,54 @@ class AggregatorWorker(Worker):
         self.policy = policy or RoundPolicy()
         self.hospitals = tuple(hospitals)
         self.work_dir = work_dir
+        self.retain_updates = retain_updates
         self.clock = clock
         self.queue = broker.topology.aggregator_queue
-        self.handlers = {"round_start": self.on_round_start, "update_ready": self.on_update_ready}
+        self.handlers = {"round_start": self._guarded(self.on_round_start),
+                         "update_ready": self._guarded(self.on_update_ready)}
         self.states: dict[int, RoundState] = {}
         self.sums: dict[int, object] = {}
         self.events: list[tuple[str, int]] = []  # (event, round) for observers such as the demo
+        self._rescan = False
+        self.lease = lease  # a cxr_mq.lease.Lease: active only while holding it (standby)
+        self.lease_lost: str | None = None
 
     # -- start-up ---------------------------------------------------------------------------
+    def run(self) -> None:
+        """With a lease, stand by until it is ours, then consume (and tick deadlines) only
+        while holding it. Losing it (paused past its TTL, a standby took over) stops this
+        worker; what it was doing is redelivered to the new holder."""
+        if self.lease is None:
+            super().run()
+            return
+        if not self.lease.wait_acquire(self.stop):
+            self.log.info("worker_stopped", standby=True)
+            return
+        self.log.info("aggregator_active", holder=self.lease.holder)
+        self.lease.keep(self._on_lease_lost)
+        try:
+            super().run()
+        finally:
+            self.lease.release()
+
+    def _on_lease_lost(self, reason: str) -> None:
+        self.lease_lost = reason
+        self.stop.set()
+
     def setup(self) -> None:
         self.broker.declare_topology(self.hospitals)
+        self._restore_unfinished()
+
+    def _restore_unfinished(self) -> None:
+        self._rescan = False
         for round_no in rounds.list_rounds(self.store):
+            if round_no in self.states:
+                continue
             state = RoundState.load(self.store, round_no)
             if state is not None and (state.status == OPEN or not state.announced):
                 self._restore(state)
+            elif state is not None and not state.updates_deleted:
+                self._delete_updates(state)
 
     def _restore(self, state: RoundState) -> None:
         """Rebuild an open round's running sum from the updates it already accepted."""
@@ -80,8 +121,7 @@ class AggregatorWorker(Worker):
             record = rounds.read_json(self.store, rounds.round_key(round_no))
             if record is None:
                 return None
-            state = RoundState.from_round_start(record, self.clock())
-            state.save(self.store)
+            state = self._create(RoundState.from_round_start(record, self.clock()))
         self.states[round_no] = state
         if state.status == OPEN and round_no not in self.sums:
             self._restore(state)
@@ -90,13 +130,38 @@ class AggregatorWorker(Worker):
     def on_round_start(self, message: dict, delivery: Delivery) -> None:
         state = self._state(message["round"])
         if state is None:  # the controller writes the record first; be robust anyway
-            state = RoundState.from_round_start(message, self.clock())
-            state.save(self.store)
+            state = self._create(RoundState.from_round_start(message, self.clock()))
             self.states[state.round] = state
         if state.status == OPEN and state.round not in self.sums:
             self.sums[state.round] = self.codec.new_sum(state.n_params)
         self.log.info("round_opened", round=state.round, quorum=state.quorum,
                       min_clients=state.min_clients, deadline=state.deadline)
+
+    def _create(self, state: RoundState) -> RoundState:
+        """Write a new round's first record, or take the one another aggregator just wrote."""
+        try:
+            state.save(self.store)
+            return state
+        except StateConflict:
+            return RoundState.load(self.store, state.round)
+
+    def _guarded(self, handler):
+        """Run ``handler``; if another aggregator moved the round on meanwhile (a conditional
+        write lost), forget this process's copy and let the message come back: it is then
+        handled against the stored record, whose updates are summed afresh."""
+        def run(message: dict, delivery: Delivery) -> None:
+            try:
+                handler(message, delivery)
+            except StateConflict as exc:
+                self._forget(message["round"], exc)
+                raise
+        return run
+
+    def _forget(self, round_no: int, exc: Exception) -> None:
+        self.log.warning("round_state_conflict_reloading", round=round_no, error=str(exc))
+        self.states.pop(round_no, None)
+        self.sums.pop(round_no, None)
+        self._rescan = True  # deadlines of forgotten rounds are picked up again on the next tick
 
     def on_update_ready(self, message: dict, delivery: Delivery) -> None:
         log = self.log.bind(round=message["round"], hospital=message["hospital"], key=message["key"])
@@ -114,6 +179,8 @@ class AggregatorWorker(Worker):
         if reason is not None:
             self._record_refusal(state, message, reason)
             log.warning("update_refused", reason=reason)
+            if state is not None and state.announced:
+                self._delete_late_update(state, message["hospital"])
             raise Refuse(reason)
         self.metrics.updates_accepted.labels(role=self.role).inc()
         self.metrics.bytes.labels(role=self.role, direction="downloaded").inc(message["size"])
@@ -185,8 +252,13 @@ class AggregatorWorker(Worker):
 
     # -- finishing --------------------------------------------------------------------------
     def tick(self) -> None:
+        if self._rescan:
+            self._restore_unfinished()
         for state in list(self.states.values()):
-            self._finish_if_due(state)
+            try:
+                self._finish_if_due(state)
+            except StateConflict as exc:
+                self._forget(state.round, exc)
 
     def _finish_if_due(self, state: RoundState) -> None:
         outcome = self.policy.outcome(state, self.clock())
@@ -236,3 +308,34 @@ class AggregatorWorker(Worker):
         self.events.append((message["schema"], state.round))
         self.log.info(message["schema"], round=state.round, contributors=state.contributors,
                       total_samples=state.total_samples, reason=state.reason)
+        self.crash.reached("aggregator.after_announce", round=state.round)
+        self._delete_updates(state)
+
+    # -- retention --------------------------------------------------------------------------
+    def _delete_updates(self, state: RoundState) -> None:
+        """Delete a finished, announced round's individual updates and manifests. Best
+        effort: what a failure leaves is deleted at the next start."""
+        if self.retain_updates or state.updates_deleted:
+            return
+        try:
+            keys = self.store.list(rounds.updates_prefix(state.round))
+            for key in keys:
+                self.store.delete(key)
+            state.updates_deleted = True
+            state.save(self.store)
+        except StoreError as exc:
+            self.log.warning("updates_not_deleted", round=state.round, error=str(exc))
+            return
+        self.log.info("updates_deleted", round=state.round, objects=len(keys))
+
+    def _delete_late_update(self, state: RoundState, hospital: str) -> None:
+        """An update uploaded after its round was announced is refused; nothing will ever
+        read it, so retention removes it too."""
+        if self.retain_updates:
+            return
+        try:
+            self.store.delete(rounds.update_key(state.round, hospital))
+            self.store.delete(rounds.update_message_key(state.round, hospital))
+        except StoreError as exc:
+            self.log.warning("late_update_not_deleted", round=state.round, hospital=hospital,
+                             error=str(exc))

@@ -14,6 +14,11 @@ uploaded, its manifest written and ``update_ready`` published on a fresh channel
 requeued ``round_start`` then comes back and is answered from the manifest (republished,
 counted once by the aggregator, acked). Nothing is trained twice and nothing is lost.
 
+With ``synthetic=True`` (benchmarks only: ``cxr-mq bench-federation``, ``hospital
+--synthetic``) local training is replaced by a seeded synthetic update of the round's size
+and the new global model is decrypted but not evaluated; everything else (encryption,
+upload, messages, acks, decryption) is the code above. Such a hospital needs no images.
+
 A permanent S3 fault (e.g. access denied) gives up this hospital's part in the round: its
 ``round_start`` is dead-lettered with the error; the worker goes on with the next message.
 """
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +47,8 @@ from .base import Worker
 class HospitalWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, hospital_id: str, data_dir: str,
                  work_dir: str, stop=None, val_fraction: float = 0.2, skip_bad: bool = False,
-                 clock=time.time, metrics=None):
+                 clock=time.time, metrics=None, synthetic: bool = False,
+                 keep_plaintext_updates: int = 0):
         super().__init__(broker, stop, metrics=metrics, role="hospital", hospital=hospital_id)
         self.metrics.watch(self.role, store=store)
         self.crash = CrashPoints()
@@ -52,6 +59,8 @@ class HospitalWorker(Worker):
         self.work_dir = Path(work_dir) / hospital_id
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
+        self.synthetic = synthetic
+        self.keep_plaintext_updates = keep_plaintext_updates  # rounds; 0 keeps none
         self.queue = broker.topology.hospital_queue(hospital_id)
         self.handlers = {"round_start": self.on_round_start, "model_ready": self.on_model_ready,
                          "round_aborted": self.on_round_aborted}
@@ -62,6 +71,7 @@ class HospitalWorker(Worker):
         self._training_thread: threading.Thread | None = None
         self.status = "idle"  # idle, training, encrypting, uploading (read by the demo's view)
         self.timings: dict[int, dict] = {}
+        self.models_applied: list[tuple[int, float]] = []  # (round, when), for benchmarks
 
     def setup(self) -> None:
         self.broker.declare_topology([self.id])
@@ -177,25 +187,35 @@ class HospitalWorker(Worker):
             self._models[key] = training.build_model(params)
         return self._models[key]
 
+    def _train(self, message: dict, params: training.TrainingParams) -> tuple[np.ndarray, int, dict]:
+        """Train locally from the round's base model: the new weights, the sample count and
+        the training metrics."""
+        round_no = message["round"]
+        base = self._base_weights(message)
+        if self.synthetic:
+            return synthetic_update(base, self.id, round_no), synthetic_samples(self.id), {
+                "synthetic": True}
+        data = self._local_data(params)
+        model = self._model("train", params)
+        training.load_flat_weights(model, base)
+        train_metrics = training.train_local(model, data, params, round_seed=round_no)
+        weights = training.extrapolate(base, training.flat_weights(model), params.server_lr)
+        return weights, data.n_train, train_metrics
+
     def _train_and_upload(self, message: dict, params: training.TrainingParams) -> dict:
         round_no = message["round"]
         timings = self.timings.setdefault(round_no, {})
-        data = self._local_data(params)
-        model = self._model("train", params)
-        base = self._base_weights(message)
-        training.load_flat_weights(model, base)
         self.status = "training"
         started = time.perf_counter()
-        train_metrics = training.train_local(model, data, params, round_seed=round_no)
+        weights, n_train, train_metrics = self._train(message, params)
         timings["train_seconds"] = time.perf_counter() - started
         self.metrics.duration.labels(role=self.role, phase="train").observe(timings["train_seconds"])
-        weights = training.extrapolate(base, training.flat_weights(model), params.server_lr)
         self.status = "encrypting"
         started = time.perf_counter()
         fd, path = tempfile.mkstemp(prefix="update-", dir=self.work_dir)
         try:
             with os.fdopen(fd, "wb") as fh:
-                self.codec.encrypt_update(weights, data.n_train, fh)
+                self.codec.encrypt_update(weights, n_train, fh)
             timings["encrypt_seconds"] = time.perf_counter() - started
             self.status = "uploading"
             started = time.perf_counter()
@@ -210,16 +230,27 @@ class HospitalWorker(Worker):
         self.metrics.bytes.labels(role=self.role, direction="uploaded").inc(info.size)
         update = messages.make(
             "update_ready", round=round_no, hospital=self.id, key=info.key, sha256=info.sha256,
-            size=info.size, n_samples=data.n_train, n_params=int(weights.size),
+            size=info.size, n_samples=n_train, n_params=int(weights.size),
             key_fingerprint=self.codec.fingerprint,
             metrics={"train": train_metrics, "global": self.last_global_metrics,
                      "timings": dict(timings)},
             sent_at=self.clock())
-        # the plaintext stays on this machine: it lets an operator (and the tests) audit FedAvg
-        np.save(self.work_dir / f"update-{round_no:06d}.npy", weights)
+        self._keep_plaintext_update(round_no, weights)
         self.store.put_bytes(rounds.update_message_key(round_no, self.id), messages.encode(update))
         self.status = "uploaded"
         return update
+
+    def _keep_plaintext_update(self, round_no: int, weights: np.ndarray) -> None:
+        """Opt-in audit copy of this hospital's plaintext update (``update-<r>.npy``, mode
+        0600), for the last ``keep_plaintext_updates`` rounds only: by default no plaintext
+        update outlives the process that made it."""
+        if self.keep_plaintext_updates > 0:
+            path = self.work_dir / f"update-{round_no:06d}.npy"
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+                np.save(fh, weights)
+        kept = sorted(self.work_dir.glob("update-[0-9]*.npy"))
+        for old in kept[:max(0, len(kept) - self.keep_plaintext_updates)]:
+            old.unlink(missing_ok=True)
 
     def _publish(self, update: dict) -> None:
         self.broker.publish("update_ready", messages.encode(update),
@@ -255,6 +286,12 @@ class HospitalWorker(Worker):
                              dtype=np.float32)
         np.save(self.work_dir / f"base-{message['sha256']}.npy", weights)
         np.save(self.work_dir / "global.npy", weights)
+        self.models_applied.append((round_no, self.clock()))
+        if self.synthetic:
+            self.status = "idle"
+            self._applied_model = (round_no, message["sha256"])
+            log.info("global_model_applied", contributors=message["contributors"], synthetic=True)
+            return
         params = training.TrainingParams.from_dict(record["training"])
         model = self._model("evaluate", params)
         training.load_flat_weights(model, weights)
@@ -281,3 +318,16 @@ class HospitalWorker(Worker):
     def on_round_aborted(self, message: dict, delivery: Delivery) -> None:
         self.status = "idle"
         self.log.warning("round_aborted", round=message["round"], reason=message["reason"])
+
+
+def synthetic_samples(hospital_id: str) -> int:
+    """A fixed, hospital-specific sample count (50..149) for synthetic rounds."""
+    return 50 + zlib.crc32(hospital_id.encode()) % 100
+
+
+def synthetic_update(base: np.ndarray, hospital_id: str, round_no: int) -> np.ndarray:
+    """Stands in for local training in benchmarks: the base model plus seeded noise, the same
+    for the same hospital and round (so a repeated run sums the same updates)."""
+    seed = zlib.crc32(f"{hospital_id}:{round_no}".encode())
+    noise = np.random.default_rng(seed).standard_normal(base.size, dtype=np.float32)
+    return base + np.float32(0.01) * noise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HASH_CHUNK = 1 << 20
@@ -27,6 +27,11 @@ class ObjectNotFound(StoreError):
     pass
 
 
+class PreconditionFailed(StoreError):
+    """A conditional write lost: the object exists (``if_none_match``) or changed since it was
+    read (``if_match``). Another writer got there first; re-read and decide again."""
+
+
 class IntegrityError(StoreError):
     """The object's content does not hash to what its message says."""
 
@@ -36,6 +41,7 @@ class ObjectInfo:
     key: str
     sha256: str
     size: int
+    etag: str | None = field(default=None, compare=False)  # the version a conditional write can name (``if_match``)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -61,8 +67,17 @@ class ObjectStore(abc.ABC):
         """Upload a file (multipart when large). Returns its key, sha256 and size."""
 
     @abc.abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
-        ...
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False,
+                  if_match: str | None = None) -> ObjectInfo:
+        """Write ``data``. With ``if_none_match`` only if ``key`` does not exist yet; with
+        ``if_match`` only if its current etag is that one (S3's ``If-None-Match: *`` and
+        ``If-Match``). A lost race raises :class:`PreconditionFailed`; the returned info
+        carries the new etag. A retried write whose first attempt did land is not a lost
+        race: if the object now holds exactly ``data``, the write succeeded."""
+
+    @abc.abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's content and its etag (for a later ``if_match``)."""
 
     @abc.abstractmethod
     def download(self, key: str, path: str | Path, sha256: str | None = None) -> ObjectInfo:
@@ -80,6 +95,10 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Keys under ``prefix``, sorted."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object; removing one that is not there is not an error (as on S3)."""
 
     @abc.abstractmethod
     def describe(self, key: str) -> dict:

@@ -10,6 +10,8 @@ against the bytes themselves, not against the sidecar.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -17,11 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .base import (HASH_CHUNK, ObjectInfo, ObjectNotFound, ObjectStore, StoreError, check_hash,
-                   sha256_file)
+from .base import (HASH_CHUNK, ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed,
+                   StoreError, check_hash, sha256_file)
 
 META_SUFFIX = ".cxr-meta.json"
 TEMP_PREFIX = ".cxr-tmp-"
+LOCK_NAME = TEMP_PREFIX + "lock"  # listed never (temp prefix), held only across check + rename
 
 
 class LocalStore(ObjectStore):
@@ -46,12 +49,41 @@ class LocalStore(ObjectStore):
 
         return self._commit(key, target, copy, digest)
 
-    def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False,
+                  if_match: str | None = None) -> ObjectInfo:
         target = self._path(key)
-        return self._commit(key, target, lambda out: out.write(data), hashlib.sha256(data))
+        condition = None
+        if if_none_match or if_match is not None:
+            condition = (if_none_match, if_match, hashlib.sha256(data).hexdigest())
+        return self._commit(key, target, lambda out: out.write(data), hashlib.sha256(data),
+                            condition)
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, hashlib.sha256(data).hexdigest()
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with open(self.root / LOCK_NAME, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _check_condition(self, key: str, target: Path, condition) -> None:
+        """Raise PreconditionFailed unless the write may go ahead (called under the lock)."""
+        if_none_match, if_match, new_sha256 = condition
+        current = sha256_file(target) if target.is_file() else None
+        if current is not None and current == new_sha256:
+            return  # the same content again: as a retried S3 request that had landed
+        if if_none_match and current is not None:
+            raise PreconditionFailed(f"{key}: exists already (if_none_match)")
+        if if_match is not None and current != if_match:
+            raise PreconditionFailed(f"{key}: changed since read (if_match {if_match[:12]}…)")
 
     def _commit(self, key: str, target: Path, write: Callable[[BinaryIO], object],
-                digest) -> ObjectInfo:
+                digest, condition=None) -> ObjectInfo:
         """Write through ``write`` into a temp file (``digest`` fed along the way), then rename."""
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,15 +98,19 @@ class LocalStore(ObjectStore):
                 fh.flush()
                 os.fsync(fh.fileno())
             stat = tmp.stat()
-            info = ObjectInfo(key=key, sha256=digest.hexdigest(), size=stat.st_size)
+            info = ObjectInfo(key=key, sha256=digest.hexdigest(), size=stat.st_size,
+                              etag=digest.hexdigest())
             meta = {"sha256": info.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
             meta_tmp = _temp_path(target.parent)
             try:
                 meta_tmp.write_text(json.dumps(meta))
-                # Data first: a crash in between leaves a stale sidecar, which describe()
-                # detects by size/mtime, rather than a sidecar describing absent content.
-                os.replace(tmp, target)
-                os.replace(meta_tmp, _meta_path(target))
+                with self._locked():  # every rename, so no write slips between check and rename
+                    if condition:
+                        self._check_condition(key, target, condition)
+                    # Data first: a crash in between leaves a stale sidecar, which describe()
+                    # detects by size/mtime, rather than a sidecar describing absent content.
+                    os.replace(tmp, target)
+                    os.replace(meta_tmp, _meta_path(target))
             finally:
                 meta_tmp.unlink(missing_ok=True)
         except OSError as exc:
@@ -135,6 +171,14 @@ class LocalStore(ObjectStore):
                 if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        target = self._path(key)
+        try:
+            target.unlink(missing_ok=True)
+            _meta_path(target).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{key}: could not delete from {self.root}: {exc}") from exc
 
     def describe(self, key: str) -> dict:
         target = self._existing(key)

@@ -28,12 +28,15 @@ from botocore.awsrequest import AWSResponse
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from ..log import get_logger
-from .base import (ObjectInfo, ObjectNotFound, ObjectStore, StoreError, check_hash, sha256_bytes,
-                   sha256_file)
+from .base import (ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed, StoreError,
+                   check_hash, sha256_bytes, sha256_file)
 
 TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
                    "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
 NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+# 412: the condition does not hold; 409: a concurrent conditional write is in flight (AWS
+# asks the caller to retry, i.e. to re-read and decide again, which is what a loser does)
+PRECONDITION_CODES = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 FAULTS_ENV = "CXR_MQ_FAULTS"
 
@@ -186,6 +189,9 @@ class S3Store(ObjectStore):
         except (bex.BotoCoreError, bex.ClientError, S3UploadFailedError, OSError) as exc:
             if _error_code(exc) in NOT_FOUND_CODES:
                 raise ObjectNotFound(f"s3://{self.bucket}/{key}: no such object") from None
+            if _error_code(exc) in PRECONDITION_CODES:
+                raise PreconditionFailed(f"s3://{self.bucket}/{key}: conditional write lost "
+                                         f"({_error_code(exc)})") from None
             transient = is_transient(exc)
             error = StoreError(f"s3 {what} s3://{self.bucket}/{key} failed"
                                f"{' after retries' if transient else ' (not retryable)'}: {exc}")
@@ -204,11 +210,36 @@ class S3Store(ObjectStore):
             str(path), self.bucket, key, ExtraArgs=self._sse(digest), Config=self._transfer))
         return ObjectInfo(key, digest, size)
 
-    def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False,
+                  if_match: str | None = None) -> ObjectInfo:
         digest = sha256_bytes(data)
-        self._call("put", key, lambda: self.client.put_object(
-            Bucket=self.bucket, Key=key, Body=data, **self._sse(digest)))
-        return ObjectInfo(key, digest, len(data))
+        condition = {"IfNoneMatch": "*"} if if_none_match else {}
+        if if_match is not None:
+            condition["IfMatch"] = if_match
+        try:
+            response = self._call("put", key, lambda: self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, **condition, **self._sse(digest)))
+        except ObjectNotFound:  # If-Match on a key that is gone: S3 answers 404
+            raise PreconditionFailed(f"s3://{self.bucket}/{key}: conditional write lost "
+                                     "(object gone since read)") from None
+        except PreconditionFailed:
+            # a retried request whose first attempt landed (its response was lost) meets its
+            # own write: the object holds exactly this content, so the write succeeded
+            try:
+                current, etag = self.get_versioned(key)
+            except ObjectNotFound:
+                raise PreconditionFailed(f"s3://{self.bucket}/{key}: conditional write lost "
+                                         "(object changed since read)") from None
+            if sha256_bytes(current) != digest:
+                raise
+            return ObjectInfo(key, digest, len(data), etag)
+        return ObjectInfo(key, digest, len(data), response.get("ETag"))
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        def fetch():
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            return response["Body"].read(), response["ETag"]
+        return self._call("get", key, fetch)
 
     def download(self, key: str, path: str | Path, sha256: str | None = None) -> ObjectInfo:
         path = Path(path)
@@ -246,6 +277,9 @@ class S3Store(ObjectStore):
                 keys.extend(obj["Key"] for obj in page.get("Contents", []))
             return keys
         return sorted(self._call("list", prefix, collect))
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
 
     def describe(self, key: str) -> dict:
         head = self._call("head", key, lambda: self.client.head_object(Bucket=self.bucket, Key=key))

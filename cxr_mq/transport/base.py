@@ -7,7 +7,8 @@ Names below are for the default namespace ``cxr`` (see :class:`Topology`).
 - ``cxr.control``: a durable topic exchange; the routing key of a message is its schema name
   (``round_start``, ``update_ready``, ``model_ready``, ``round_aborted``).
 - ``cxr.hospital.<id>``: one durable queue per hospital, bound to ``round_start``,
-  ``model_ready`` and ``round_aborted``.
+  ``model_ready``, ``round_aborted``, and the threshold key ceremony's ``ceremony_start`` and
+  ``ceremony_finalize``.
 - ``cxr.aggregator``: the aggregator's durable queue, bound to ``round_start`` and
   ``update_ready``.
 - ``cxr.dlx`` / ``cxr.dead-letter``: where refused messages go, each with its reason in the
@@ -25,10 +26,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-HOSPITAL_BINDINGS = ("round_start", "model_ready", "round_aborted")
+HOSPITAL_BINDINGS = ("round_start", "model_ready", "round_aborted", "ceremony_start", "ceremony_finalize")
 AGGREGATOR_BINDINGS = ("round_start", "update_ready")
 REASON_HEADER = "x-cxr-reason"
 ORIGIN_HEADER = "x-cxr-queue"
+# Deliveries of one message before the broker dead-letters it (a handler that fails on every
+# delivery must not loop for ever). Past the limit a message reaches the dead-letter queue
+# with RabbitMQ's ``x-death`` header (reason ``delivery_limit``) instead of ``x-cxr-reason``.
+DELIVERY_LIMIT = 100
 
 
 @dataclass(frozen=True)

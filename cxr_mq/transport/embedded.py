@@ -12,6 +12,9 @@ carries over from RabbitMQ, because the workers' correctness depends on it:
   handler returns, and every unacked message goes back to the head of its queue, marked
   redelivered, when the handler requeues it or the connection closes or aborts;
 - refused messages go to the dead-letter queue with their reason and origin queue headers;
+- a message given back more than ``delivery_limit`` times (a handler failing on every
+  delivery) is dead-lettered with an ``x-death`` header, reason ``delivery_limit``, as a
+  quorum queue with ``x-delivery-limit`` does;
 - temporary queues are exclusive to their connection and deleted with it.
 
 Everything is guarded by the server's one condition variable; handlers run on the thread
@@ -28,8 +31,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 from ..log import get_logger
-from .base import (AGGREGATOR_BINDINGS, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER, Broker,
-                   Delivery, Handler, Refuse, Requeue, Topology, TransportError)
+from .base import (AGGREGATOR_BINDINGS, DELIVERY_LIMIT, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER,
+                   Broker, Delivery, Handler, Refuse, Requeue, Topology, TransportError)
 
 IDLE_POLL = 0.05  # how often an idle run() loop looks at ``stop``
 ROUTING_KEY_HEADER = "x-cxr-routing-key"  # as RabbitMQBroker adds on dead-lettering
@@ -42,6 +45,7 @@ class _Message:
     headers: dict = field(default_factory=dict)
     message_id: str | None = None
     redelivered: bool = False
+    returns: int = 0  # times given back unacked (a quorum queue's delivery-count)
 
 
 @dataclass
@@ -148,8 +152,10 @@ class EmbeddedBroker(Broker):
     """One worker's connection to an :class:`EmbeddedServer`."""
 
     def __init__(self, server: EmbeddedServer, topology: Topology = Topology(),
-                 retry_delay: float = 0.2, max_retry_delay: float = 5.0):
+                 retry_delay: float = 0.2, max_retry_delay: float = 5.0,
+                 delivery_limit: int = DELIVERY_LIMIT):
         self.server = server
+        self.delivery_limit = delivery_limit
         self.topology = topology
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
@@ -312,18 +318,28 @@ class EmbeddedBroker(Broker):
             if requeue:
                 self._return_to_queue(queue, message)
             elif dead_letter_reason is not None:
-                headers = {**message.headers, REASON_HEADER: dead_letter_reason,
-                           ORIGIN_HEADER: queue, ROUTING_KEY_HEADER: message.routing_key}
-                # Never drop a refused message for want of a declared dead-letter queue.
-                self._declare_dead_letter()
-                self.server.route(self.topology.dead_letter_exchange,
-                                  replace(message, headers=headers, redelivered=False))
+                self._dead_letter(message, {REASON_HEADER: dead_letter_reason, ORIGIN_HEADER: queue,
+                                            ROUTING_KEY_HEADER: message.routing_key})
+
+    def _dead_letter(self, message: _Message, headers: dict) -> None:
+        # Never drop a dead-lettered message for want of a declared dead-letter queue.
+        self._declare_dead_letter()
+        self.server.route(self.topology.dead_letter_exchange,
+                          replace(message, headers={**message.headers, **headers}, redelivered=False,
+                                  returns=0))
 
     def _return_to_queue(self, queue: str, message: _Message) -> None:
         target = self.server.find_queue(queue)
         if target is None:
             self._log.warning("requeue_to_deleted_queue_dropped", queue=queue,
                               message_id=message.message_id)
+            return
+        message.returns += 1
+        if message.returns > self.delivery_limit:
+            self._log.warning("delivery_limit_dead_lettered", queue=queue,
+                              message_id=message.message_id, deliveries=message.returns)
+            self._dead_letter(message, {"x-death": [{"reason": "delivery_limit", "queue": queue,
+                                                     "count": 1}]})
             return
         message.redelivered = True
         target.messages.appendleft(message)

@@ -15,8 +15,11 @@ are idempotent, so the redelivery is harmless.
 """
 from __future__ import annotations
 
+import ssl
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import pika
@@ -25,20 +28,20 @@ from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_aft
                       stop_when_event_set, wait_exponential_jitter)
 
 from ..log import get_logger
-from .base import (AGGREGATOR_BINDINGS, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER, Broker,
-                   Delivery, Handler, Refuse, Requeue, Topology, TransportError)
+from .base import (AGGREGATOR_BINDINGS, DELIVERY_LIMIT, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER,
+                   Broker, Delivery, Handler, Refuse, Requeue, Topology, TransportError)
 
 CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.ConnectionClosed, pex.StreamLostError,
                      pex.ChannelClosed, pex.ChannelWrongStateError, ConnectionError, OSError)
 PERMANENT_CHANNEL_CODES = (403, 404, 405, 406)  # access refused, not found, locked, precondition
-DELIVERY_LIMIT = 100
 HANDLER_ERROR_BACKOFF = 2.0
 NACK_ATTEMPTS = 5  # a publisher nack means "not stored, try again", e.g. a queue electing a leader
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Connection trouble is retried; a broker's refusal (404, 406, bad credentials) is not."""
-    if isinstance(exc, (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError,
+    """Connection trouble is retried; a broker's refusal (404, 406, bad credentials) is not,
+    nor a broker certificate that fails verification (wrong CA, wrong host name)."""
+    if isinstance(exc, (ssl.SSLCertVerificationError, pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError,
                         pex.AuthenticationError)):
         return False
     if isinstance(exc, pex.ChannelClosedByBroker) and exc.reply_code in PERMANENT_CHANNEL_CODES:
@@ -46,14 +49,62 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, CONNECTION_ERRORS)
 
 
+@dataclass(frozen=True)
+class TlsOptions:
+    """AMQPS settings: the CA that signs the broker's certificate, an optional client
+    certificate, and whether a plain ``amqp://`` URL is refused."""
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    required: bool = False
+
+
+def connection_parameters(url: str, tls: TlsOptions | None = None) -> pika.URLParameters:
+    """pika parameters for ``url``; for ``amqps://`` a context that verifies the broker's
+    certificate against the CA and its name against the URL's host (CERT_REQUIRED and
+    check_hostname, TLS 1.2 or later). Refuses a plain URL when TLS is set up or required,
+    before anything is sent."""
+    tls = tls or TlsOptions()
+    params = pika.URLParameters(url)
+    if params.ssl_options is None:
+        if tls.required or tls.ca_file or tls.cert_file:
+            why = "TLS is required (amqp_tls_required)" if tls.required else "a TLS CA/certificate is set"
+            raise TransportError(f"{why} but the broker URL is plain amqp:// "
+                                 f"({params.host}:{params.port}); use amqps://")
+        return params
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)  # CERT_REQUIRED, check_hostname
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls.cert_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TransportError(f"cannot load the AMQP TLS files (CA {tls.ca_file}, "
+                             f"certificate {tls.cert_file}): {exc}") from exc
+    params.ssl_options = pika.SSLOptions(context, server_hostname=params.host)
+    return params
+
+
+def split_urls(url: str) -> list[str]:
+    """``amqp://a,amqp://b``: the nodes of one cluster, tried in this order."""
+    urls = [u.strip() for u in url.split(",") if u.strip()]
+    if not urls:
+        raise TransportError("no AMQP URL given")
+    return urls
+
+
 class RabbitMQBroker(Broker):
     def __init__(self, url: str, topology: Topology | None = None, heartbeat: int = 30,
-                 reconnect_for: float = 600.0, max_backoff: float = 15.0):
+                 reconnect_for: float = 600.0, max_backoff: float = 15.0,
+                 tls: TlsOptions | None = None, delivery_limit: int = DELIVERY_LIMIT):
         self.topology = topology or Topology()
-        self._params = pika.URLParameters(url)
-        self._params.heartbeat = heartbeat
-        self._params.blocked_connection_timeout = 60
-        self._params.connection_attempts = 1
+        self.delivery_limit = delivery_limit
+        # a comma-separated list is a cluster's nodes: each connect tries them in turn
+        self._nodes = [connection_parameters(u, tls) for u in split_urls(url)]
+        for params in self._nodes:
+            params.heartbeat = heartbeat
+            params.blocked_connection_timeout = 60
+            params.connection_attempts = 1
+        self._params = self._nodes[0]
         self._reconnect_for = reconnect_for
         self._max_backoff = max_backoff
         self._hospitals: set[str] = set()
@@ -64,6 +115,7 @@ class RabbitMQBroker(Broker):
         self._ch = None
         self._stop: threading.Event | None = None  # set by run(): stop waiting for the broker
         self.reconnects = 0
+        self.node: str | None = None  # host:port of the node connected to
         self._connected_once = False
         self._log = get_logger(component="rabbitmq", namespace=self.topology.namespace)
 
@@ -83,7 +135,9 @@ class RabbitMQBroker(Broker):
 
     def _open(self) -> None:
         self._drop()
-        conn = pika.BlockingConnection(self._params)
+        conn = pika.BlockingConnection(self._nodes)
+        node = getattr(getattr(conn, "_impl", None), "params", None)
+        self.node = f"{node.host}:{node.port}" if node is not None else None
         ch = conn.channel()
         ch.confirm_delivery()
         self._conn, self._ch = conn, ch
@@ -106,7 +160,7 @@ class RabbitMQBroker(Broker):
                     self._open()
             if self._connected_once:
                 self.reconnects += 1
-                self._log.info("broker_reconnected", reconnects=self.reconnects)
+                self._log.info("broker_reconnected", reconnects=self.reconnects, node=self.node)
             self._connected_once = True
         return self._ch
 
@@ -134,6 +188,9 @@ class RabbitMQBroker(Broker):
         except (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError,
                 pex.AuthenticationError) as exc:
             raise TransportError(f"broker refused the credentials: {exc!r}") from exc
+        except ssl.SSLCertVerificationError as exc:
+            raise TransportError(f"broker certificate refused ({self._params.host}:"
+                                 f"{self._params.port}): {exc.verify_message}") from exc
 
     def _reopen_channel(self) -> None:
         """A refused operation closes only the channel: open a new one on the same connection,
@@ -150,7 +207,7 @@ class RabbitMQBroker(Broker):
 
     # -- topology -------------------------------------------------------------------------
     def _queue_args(self) -> dict:
-        return {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT,
+        return {"x-queue-type": "quorum", "x-delivery-limit": self.delivery_limit,
                 "x-dead-letter-exchange": self.topology.dead_letter_exchange}
 
     def _declare(self, ch) -> None:
@@ -313,12 +370,15 @@ class RabbitMQBroker(Broker):
     def temporary_queue(self, routing_keys: Iterable[str]) -> str:
         keys = tuple(routing_keys)
 
+        # client-named: a reconnect re-declares it under this name (a server-named
+        # ``amq.gen-`` name is reserved and would be refused with 403)
+        name = f"{self.topology.namespace}.reply.{uuid.uuid4().hex}"
+
         def declare(ch):
-            name = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            ch.queue_declare(name, exclusive=True, auto_delete=True)
             for key in keys:
                 ch.queue_bind(name, self.topology.control_exchange, routing_key=key)
-            return name
-        name = self._with_retry(declare)
+        self._with_retry(declare)
         self._temporary[name] = keys
         return name
 

@@ -31,20 +31,20 @@ def broker_factory(request, namespace):
 
         server = EmbeddedServer()
 
-        def connect():
-            return EmbeddedBroker(server, topology=topology)
+        def connect(**options):
+            return EmbeddedBroker(server, topology=topology, **options)
     else:
         from cxr_mq.transport.rabbitmq import RabbitMQBroker
 
         url = request.getfixturevalue("amqp_url")
 
-        def connect():
-            return RabbitMQBroker(url, topology=topology)
+        def connect(**options):
+            return RabbitMQBroker(url, topology=topology, **options)
 
     made = []
 
-    def make(declare: bool = True):
-        broker = connect()
+    def make(declare: bool = True, **options):
+        broker = connect(**options)
         made.append(broker)
         if declare:
             broker.declare_topology(HOSPITALS)
@@ -288,6 +288,43 @@ def test_requeued_or_failed_message_is_redelivered_not_lost(broker_factory, fail
     assert len(recorder.deliveries) == 2, "handled message was delivered again"
     assert publisher.queue_depth(queue) == 0
     assert publisher.queue_depth(broker_factory.topology.dead_letter_queue) == 0
+
+
+def test_a_message_failing_on_every_delivery_is_dead_lettered_after_the_delivery_limit(
+        broker_factory, monkeypatch):
+    """A poison message: the handler fails on every delivery. The queue's delivery limit
+    (x-delivery-limit on RabbitMQ's quorum queues) must end its loop in the dead-letter queue;
+    without it RabbitMQ (3.10 here has no default) redelivers it for ever."""
+    from cxr_mq.transport import rabbitmq
+
+    monkeypatch.setattr(rabbitmq, "HANDLER_ERROR_BACKOFF", 0.05)
+    limit = 2
+    broker = broker_factory(delivery_limit=limit)
+    broker.retry_delay = broker.max_retry_delay = 0.05  # embedded: its back-off
+    payload = body()
+    broker.publish("update_ready", payload, message_id="poison")
+
+    def always_fail(delivery, n):
+        raise RuntimeError(f"handler fails on delivery {n}")
+    recorder = Recorder(always_fail)
+    broker.consume(broker_factory.topology.aggregator_queue, recorder)
+    runner = Runner(broker).start()
+    try:
+        recorder.wait_for(limit + 1, timeout=RETRY_WAIT)
+        observer = broker_factory(declare=False)
+        dead = observer.get(broker_factory.topology.dead_letter_queue, timeout=RETRY_WAIT)
+    finally:
+        runner.finish()
+    assert dead is not None, (
+        f"a message failing on every delivery was delivered {len(recorder.deliveries)} times and "
+        f"never dead-lettered: the queue has no delivery limit (x-delivery-limit)")
+    assert dead.body == payload and dead.message_id == "poison"
+    deaths = dead.headers.get("x-death") or []
+    reasons = [d.get("reason") for d in deaths]
+    assert reasons and reasons[0] in ("delivery_limit", b"delivery_limit"), dead.headers
+    assert len(recorder.deliveries) == limit + 1, \
+        f"{len(recorder.deliveries)} deliveries for a delivery limit of {limit}"
+    assert broker.queue_depth(broker_factory.topology.aggregator_queue) == 0
 
 
 def test_unacked_message_is_redelivered_when_its_consumer_goes_away(broker_factory):

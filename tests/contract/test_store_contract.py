@@ -129,6 +129,18 @@ def test_list_by_prefix_is_sorted_string_prefix(store):
     assert store.list("nothing/") == []
 
 
+def test_delete_removes_one_object_and_is_idempotent(store):
+    for key in ("rounds/r1/updates/h1", "rounds/r1/updates/h1.msg", "rounds/r1/aggregate"):
+        store.put_bytes(key, key.encode())
+    store.delete("rounds/r1/updates/h1")
+    store.delete("rounds/r1/updates/h1")  # gone already: not an error, as on S3
+    store.delete("rounds/r1/updates/never-there")
+    assert store.list("rounds/r1/") == ["rounds/r1/aggregate", "rounds/r1/updates/h1.msg"]
+    assert not store.exists("rounds/r1/updates/h1")
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("rounds/r1/updates/h1")
+
+
 def test_describe_reports_size_sha256_and_encryption(store):
     data = random_bytes(2048)
     info = store.put_bytes("rounds/r1/aggregate", data)
@@ -138,14 +150,39 @@ def test_describe_reports_size_sha256_and_encryption(store):
     assert meta["sse"] == ("aws:kms" if store.kind == "s3" else "none")
 
 
+def assert_encrypted_at_rest(store, key: str, write_path: str) -> None:
+    """On S3 every write path must ask for SSE-KMS with the configured key."""
+    meta = store.describe(key)
+    if store.kind == "local":
+        assert meta["sse"] == "none"
+        return
+    assert meta["sse"] == "aws:kms", f"{write_path} wrote {key} without SSE-KMS (sse={meta['sse']!r})"
+    assert meta["kms_key_id"] and meta["kms_key_id"].endswith(store._kms_key_id), \
+        f"{write_path} wrote {key} under KMS key {meta['kms_key_id']!r}, not the configured one"
+
+
+@pytest.mark.parametrize("write_path", ["put_bytes", "put_file"])
+def test_every_write_path_encrypts_with_the_kms_key(store, workdir, write_path):
+    data = random_bytes(10_000, seed=5)
+    if write_path == "put_bytes":
+        store.put_bytes("rounds/r1/updates/h3", data)
+    else:
+        source = workdir / "small.bin"
+        source.write_bytes(data)
+        store.put_file("rounds/r1/updates/h3", source)
+    assert_encrypted_at_rest(store, "rounds/r1/updates/h3", write_path)
+
+
 def test_large_file_round_trips(store, workdir):
-    """Above the multipart threshold on S3: the whole-object sha256 must still hold."""
+    """Above the multipart threshold on S3: the whole-object sha256 must still hold, and the
+    multipart upload must be SSE-KMS encrypted like a single put."""
     source = workdir / "big.bin"
     source.write_bytes(random_bytes(BIG, seed=11))
     expected = sha256_file(source)
     info = store.put_file("rounds/r1/updates/big", source)
     assert (info.sha256, info.size) == (expected, BIG)
     assert store.describe("rounds/r1/updates/big")["sha256"] == expected
+    assert_encrypted_at_rest(store, "rounds/r1/updates/big", "put_file (multipart upload)")
 
     dest = workdir / "big.out"
     got = store.download("rounds/r1/updates/big", dest, sha256=expected)
@@ -205,3 +242,49 @@ def test_local_store_describe_notices_a_stale_sidecar(local):
     (local.root / "k").write_bytes(b"new content")
     assert local.describe("k")["sha256"] == sha256_bytes(b"new content")
     assert local.get_bytes("k", sha256=sha256_bytes(b"new content")) == b"new content"
+
+
+# -- conditional writes (S3's If-None-Match: * and If-Match) ------------------------------------
+def test_if_none_match_creates_once_and_refuses_a_second_writer(store):
+    from cxr_mq.storage.base import PreconditionFailed
+
+    first = store.put_bytes("rounds/000001/round", b"controller A", if_none_match=True)
+    assert first.etag
+    with pytest.raises(PreconditionFailed, match="rounds/000001/round"):
+        store.put_bytes("rounds/000001/round", b"controller B", if_none_match=True)
+    assert store.get_bytes("rounds/000001/round") == b"controller A"
+    # the same content again is a retried write that had landed, not a lost race
+    assert store.put_bytes("rounds/000001/round", b"controller A", if_none_match=True).sha256 == first.sha256
+
+
+def test_if_match_replaces_only_the_version_that_was_read(store):
+    from cxr_mq.storage.base import PreconditionFailed
+
+    store.put_bytes("rounds/000001/state", b"v1")
+    data, etag = store.get_versioned("rounds/000001/state")
+    assert data == b"v1"
+    second = store.put_bytes("rounds/000001/state", b"v2", if_match=etag)
+    assert store.get_versioned("rounds/000001/state") == (b"v2", second.etag)
+    with pytest.raises(PreconditionFailed):  # a writer still holding v1's etag lost
+        store.put_bytes("rounds/000001/state", b"v2 from a stale writer", if_match=etag)
+    assert store.get_bytes("rounds/000001/state") == b"v2"
+    with pytest.raises(PreconditionFailed):
+        store.put_bytes("rounds/000001/missing", b"x", if_match=etag)
+    assert not store.exists("rounds/000001/missing")
+
+
+def test_concurrent_if_none_match_writers_exactly_one_wins(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cxr_mq.storage.base import PreconditionFailed
+
+    def attempt(writer: int) -> bool:
+        try:
+            store.put_bytes("rounds/000007/round", f"writer {writer}".encode(), if_none_match=True)
+            return True
+        except PreconditionFailed:
+            return False
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(attempt, range(8)))
+    assert won.count(True) == 1
+    assert store.get_bytes("rounds/000007/round") == f"writer {won.index(True)}".encode()

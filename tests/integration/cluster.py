@@ -25,8 +25,12 @@ class Cluster:
     """One federation: a bucket, a broker namespace, keys, and worker processes."""
 
     def __init__(self, tmp_path: Path, amqp_url: str, s3: dict, namespace: str,
-                 hospitals=("h1", "h2", "h3"), metrics: bool = False):
+                 hospitals=("h1", "h2", "h3"), metrics: bool = False, synthetic: bool = False,
+                 retain: bool = True):
+        """``retain`` (the default here, not in production) keeps every update object and
+        each hospital's plaintext updates, from which the tests compute reference sums."""
         self.metrics = metrics
+        self.synthetic = synthetic  # hospitals run with --synthetic: no TensorFlow, no images
         self.metrics_ports: dict[str, int] = {}
         self.tmp = tmp_path
         self.amqp_url = amqp_url
@@ -42,6 +46,8 @@ class Cluster:
             "CXR_MQ_NAMESPACE": namespace,
             "CXR_MQ_HOSPITALS": ",".join(self.hospitals),
             "CXR_MQ_WORK_DIR": str(tmp_path / "work"),
+            **({"CXR_MQ_RETAIN_UPDATES": "true", "CXR_MQ_KEEP_PLAINTEXT_UPDATES": "1000"}
+               if retain else {}),
             "CXR_MQ_LOG_FORMAT": "json",
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "TF_NUM_INTEROP_THREADS": "1",
@@ -104,12 +110,13 @@ class Cluster:
         self.spawn_env[name] = dict(env or {})
         return proc
 
-    def start_aggregator(self, *extra, env: dict | None = None) -> subprocess.Popen:
-        return self._spawn("aggregator", ["aggregator", *extra], env)
+    def start_aggregator(self, *extra, env: dict | None = None,
+                         name: str = "aggregator") -> subprocess.Popen:
+        return self._spawn(name, ["aggregator", *extra], env)
 
     def start_hospital(self, hospital: str, *extra, env: dict | None = None) -> subprocess.Popen:
-        return self._spawn(hospital, ["hospital", "--id", hospital, "--data",
-                                      str(self.data_dirs[hospital]),
+        data = ["--synthetic"] if self.synthetic else ["--data", str(self.data_dirs[hospital])]
+        return self._spawn(hospital, ["hospital", "--id", hospital, *data,
                                       "--secret-context", str(self.keys_dir / "secret.ctx"),
                                       *extra], env)
 
@@ -269,7 +276,8 @@ class Cluster:
 
     # -- broker -----------------------------------------------------------------------------
     def _amqp(self):
-        return pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        # a cluster's URLs are comma-separated: the first node that answers
+        return pika.BlockingConnection([pika.URLParameters(u) for u in self.amqp_url.split(",")])
 
     def publish_raw(self, routing_key: str, body: bytes, headers: dict | None = None) -> None:
         """Publish bytes on the control exchange as any (possibly broken) client would."""

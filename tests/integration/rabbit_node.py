@@ -48,7 +48,7 @@ class RabbitNode:
     """One single-node RabbitMQ broker in ``base_dir``; ``url`` is its AMQP URL."""
 
     def __init__(self, base_dir: Path, consumer_timeout_ms: int | None = None,
-                 channel_tick_ms: int | None = None):
+                 channel_tick_ms: int | None = None, tls=None, cookie: str | None = None):
         self.base = Path(base_dir)
         self.name = f"cxrtest-{secrets.token_hex(4)}@localhost"
         self.port = _free_port()
@@ -59,8 +59,9 @@ class RabbitNode:
         self.timings: list[tuple[str, float]] = []  # (action, seconds), for reports
         home = self.base / "home"
         home.mkdir(parents=True, exist_ok=True)
+        self.cookie = cookie or secrets.token_hex(16).upper()  # shared by a cluster's nodes
         cookie = home / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(16).upper())
+        cookie.write_text(self.cookie)
         cookie.chmod(0o400)
         (self.base / "enabled_plugins").write_text("[].\n")
         (self.base / "env.conf").write_text("")  # keep the system's rabbitmq-env.conf out
@@ -68,7 +69,7 @@ class RabbitNode:
             f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
             "loopback_users = none\n"
             "log.console = false\n"
-            "log.file.level = info\n")
+            "log.file.level = info\n" + (self._tls_config(tls) if tls is not None else ""))
         advanced = []
         if consumer_timeout_ms is not None:
             advanced.append(f"{{consumer_timeout, {int(consumer_timeout_ms)}}}")
@@ -91,6 +92,18 @@ class RabbitNode:
             "ERL_EPMD_ADDRESS": "127.0.0.1",
         }
 
+    def _tls_config(self, pki) -> str:
+        """An AMQPS listener on ``tls_port`` (127.0.0.1, and 127.0.0.2 for host-name tests)
+        with ``pki``'s server certificate, requiring a client certificate from the same CA."""
+        self.tls_port = _free_port()
+        return (f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}\n"
+                f"listeners.ssl.2 = 127.0.0.2:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {pki.ca}\n"
+                f"ssl_options.certfile = {pki.server_cert}\n"
+                f"ssl_options.keyfile = {pki.server_key}\n"
+                "ssl_options.verify = verify_peer\n"
+                "ssl_options.fail_if_no_peer_cert = true\n")
+
     # -- control ----------------------------------------------------------------------------
     def ctl(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "-n", self.name, *args],
@@ -101,6 +114,11 @@ class RabbitNode:
         return result
 
     def start(self, timeout: float = 90) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start ``rabbitmq-server`` without waiting for it (nodes of a cluster boot together)."""
         assert self.proc is None or self.proc.poll() is not None, "node is running"
         log = open(self.base / f"server-{self.starts}.log", "ab")
         self.proc = subprocess.Popen([str(RABBIT_BIN / "rabbitmq-server")], env=self.env,
@@ -108,6 +126,8 @@ class RabbitNode:
                                      start_new_session=True)
         log.close()
         self.starts += 1
+
+    def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -186,3 +206,51 @@ def rabbit_node_factory(tmp_path_factory):
             node.stop(timeout=30)
         finally:
             node.kill()
+
+
+class RabbitCluster:
+    """Three (``size``) RabbitMQ nodes of the test's own, clustered on loopback: shared Erlang
+    cookie, own node names and ports; nodes 2.. join node 1. ``urls`` lists every node's AMQP
+    URL, comma-separated, as workers take it."""
+
+    def __init__(self, base_dir: Path, size: int = 3):
+        cookie = secrets.token_hex(16).upper()
+        self.nodes = [RabbitNode(Path(base_dir) / f"node{i + 1}", cookie=cookie) for i in range(size)]
+
+    @property
+    def urls(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout: float = 180) -> None:
+        for node in self.nodes:
+            node.launch()
+        for node in self.nodes:
+            node.wait_ready(timeout)
+        seed = self.nodes[0].name
+        for node in self.nodes[1:]:
+            node.ctl("stop_app")
+            node.ctl("join_cluster", seed)
+            node.ctl("start_app")
+            node.wait_ready(timeout)
+        members = self.nodes[0].ctl("cluster_status", "--formatter", "json").stdout
+        for node in self.nodes:
+            assert node.name in members, f"{node.name} did not join: {members}"
+
+    def node_named(self, name: str) -> RabbitNode:
+        return next(node for node in self.nodes if node.name == name)
+
+    def leader(self, queue: str) -> RabbitNode:
+        """The node leading quorum queue ``queue`` (asked of any running node)."""
+        import json
+        running = next(node for node in self.nodes if node.running)
+        rows = json.loads(running.ctl("list_queues", "name", "leader", "--formatter", "json",
+                                      "--quiet").stdout)
+        leader = next(row["leader"] for row in rows if row["name"] == queue)
+        return self.node_named(leader)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            try:
+                node.stop(timeout=30)
+            finally:
+                node.kill()

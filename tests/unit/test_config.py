@@ -78,3 +78,45 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "CXR_MQ_S3_BUCKET" in lines[0], result.stderr
+
+
+def test_typed_settings_from_environment_and_toml(tmp_path):
+    env = {"CXR_MQ_AMQP_TLS_REQUIRED": "true", "CXR_MQ_RETAIN_UPDATES": "0",
+           "CXR_MQ_KEEP_PLAINTEXT_UPDATES": "3", "CXR_MQ_AMQP_CA_FILE": "/etc/ca.pem"}
+    settings = load_settings(env=env)
+    assert settings.amqp_tls_required is True and settings.retain_updates is False
+    assert settings.keep_plaintext_updates == 3 and settings.amqp_ca_file == "/etc/ca.pem"
+    config = tmp_path / "c.toml"
+    config.write_text("amqp_tls_required = true\nretain_updates = true\nkeep_plaintext_updates = 2\n")
+    settings = load_settings(env={}, config_path=config)
+    assert (settings.amqp_tls_required, settings.retain_updates, settings.keep_plaintext_updates) == (True, True, 2)
+    defaults = load_settings(env={})
+    assert (defaults.amqp_tls_required, defaults.retain_updates, defaults.keep_plaintext_updates) == (False, False, 0)
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"CXR_MQ_AMQP_TLS_REQUIRED": "maybe"}, "CXR_MQ_AMQP_TLS_REQUIRED"),
+    ({"CXR_MQ_KEEP_PLAINTEXT_UPDATES": "-1"}, "CXR_MQ_KEEP_PLAINTEXT_UPDATES"),
+])
+def test_invalid_typed_values_name_the_key(env, key):
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env)
+    assert info.value.key == key
+
+
+def test_amqp_url_takes_a_clusters_nodes_and_names_a_bad_one():
+    from cxr_mq.transport.rabbitmq import split_urls
+    urls = "amqp://u:p@n1:5672/%2F, amqp://u:p@n2:5673/%2F,amqp://u:p@n3:5674/%2F"
+    settings = load_settings(env={"CXR_MQ_AMQP_URL": urls})
+    assert split_urls(settings.amqp_url) == ["amqp://u:p@n1:5672/%2F", "amqp://u:p@n2:5673/%2F",
+                                             "amqp://u:p@n3:5674/%2F"]
+    with pytest.raises(ConfigError, match=r"CXR_MQ_AMQP_URL.*http://u:\*\*\*@n2") as err:
+        load_settings(env={"CXR_MQ_AMQP_URL": "amqp://u:p@n1/%2F,http://u:secret@n2/"})
+    assert "secret" not in str(err.value)
+
+
+def test_aggregator_lease_is_a_whole_number_of_seconds():
+    assert load_settings(env={"CXR_MQ_AGGREGATOR_LEASE": "10"}).aggregator_lease == 10
+    assert load_settings(env={}).aggregator_lease == 0
+    with pytest.raises(ConfigError, match="CXR_MQ_AGGREGATOR_LEASE"):
+        load_settings(env={"CXR_MQ_AGGREGATOR_LEASE": "soon"})

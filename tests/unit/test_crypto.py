@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from cxr_mq import crypto
-from cxr_mq.crypto import CodecError, CodecMismatch, SecretKeyPresent
+from cxr_mq.crypto import CodecError, CodecMismatch, SecretKeyPresent, compact, sampling, sealio, wire
 
-PROFILES = sorted(crypto.PROFILES)
+PROFILES = sorted(crypto.SINGLE_KEY_PROFILES)  # the threshold profile: test_threshold_*.py
 
 
 @pytest.fixture(scope="module", params=PROFILES)
@@ -24,9 +24,9 @@ def codecs(keys):
     return crypto.load_context(pair.secret), crypto.load_context(pair.public)
 
 
-def _encrypt(codec, weights, n):
+def _encrypt(codec, weights, n, **kwargs):
     buf = io.BytesIO()
-    written = codec.encrypt_update(weights, n, buf)
+    written = codec.encrypt_update(weights, n, buf, **kwargs)
     assert written == len(buf.getvalue())
     return buf.getvalue()
 
@@ -106,7 +106,7 @@ def test_sum_of_sums_equals_sum(codecs):
     pbuf = io.BytesIO()
     partial.write(pbuf)
     total = public.new_sum(3000)
-    total.add(io.BytesIO(pbuf.getvalue()))
+    total.add(io.BytesIO(pbuf.getvalue()), n_updates=2)
     total.add(io.BytesIO(blobs[2]))
     assert total.count == 3
     out = io.BytesIO()
@@ -222,31 +222,35 @@ def test_load_context_file(tmp_path, keys, codecs):
 
 @pytest.mark.parametrize("count", [1, 100_000])
 def test_fedavg_precision_at_the_extremes(codecs, count):
-    """All 10 hospitals at one sample (smallest total) or 100,000 (largest sum), |w| = 10."""
+    """All 10 hospitals at one sample (smallest total) or 100,000 (largest sum), |w| = 10:
+    within 1e-6, or the stated quantization bound where one sample per hospital makes it
+    larger (10 * precision(10) / 10 = 1.9e-6 for compact)."""
     secret, public = codecs
     rng = np.random.default_rng(count)
     n_params = 12_000
     weights = [rng.choice([-10.0, 10.0], n_params) for _ in range(10)]
     for w in weights:
         w[:500] = 10.0  # the sum reaches 10 * 10 * count
-    total = public.new_sum(n_params)
+    total = public.new_sum(n_params, max_updates=10)
     for w in weights:
-        total.add(io.BytesIO(_encrypt(secret, w, count)))
+        total.add(io.BytesIO(_encrypt(secret, w, count, max_contributors=10)))
     buf = io.BytesIO()
     total.write(buf)
     buf.seek(0)
-    got = secret.decrypt_aggregate(buf, 10 * count)
+    got = secret.decrypt_aggregate(buf, 10 * count, n_updates=10)
     expected = sum(weights) / 10
-    assert np.max(np.abs(got - expected)) < 1e-6
+    stated = 10 * secret.precision(10) / (10 * count)
+    assert np.max(np.abs(got - expected)) <= max(1e-6, stated * (1 + 1e-9))
 
 
 def test_compact_noise_bound():
-    """Coefficient encoding: one update's error is SEAL's noise bound (21) plus rounding over the scale."""
+    """Coefficient encoding: one update's error is its quantization to the grid, nothing more
+    (the noise is rounded away)."""
     codec = crypto.load_context(crypto.generate_keys("compact").secret)
     w = np.random.default_rng(7).uniform(-10, 10, 3 * codec.POLY_MODULUS_DEGREE)
-    out = codec.decrypt_update(io.BytesIO(_encrypt(codec, w, 1)), 1)
-    bound = (codec.NOISE_BOUND + 1) / codec.scale
-    assert np.max(np.abs(out - w)) <= bound
+    out = codec.decrypt_update(io.BytesIO(_encrypt(codec, w, 1, max_contributors=1)), 1)
+    assert np.max(np.abs(out - w)) <= codec.precision(1)
+    assert codec.precision(1) == 2.0**-21  # grid 2^-20: 256 units of 2^-28, twice (21 + 64) rounded up
 
 
 @pytest.fixture(scope="module")
@@ -267,33 +271,33 @@ def test_compact_seed_expansion_is_deterministic_uniform_and_rejects_out_of_rang
     words >= q are skipped (forced here with a small modulus), not reduced."""
     n, q, width = compact_codec.POLY_MODULUS_DEGREE, compact_codec.q, compact_codec.PACKED_BYTES
     key = bytes(range(32))
-    u = crypto._expand_seed(key, n, q, width)
+    u = sampling.expand_seed(key, n, q, width)
     assert u.dtype == np.uint64 and u.shape == (n,)
-    assert np.array_equal(u, crypto._expand_seed(key, n, q, width))
-    assert not np.array_equal(u, crypto._expand_seed(bytes(32), n, q, width))
+    assert np.array_equal(u, sampling.expand_seed(key, n, q, width))
+    assert not np.array_equal(u, sampling.expand_seed(bytes(32), n, q, width))
     assert int(u.max()) < q
     # uniform: each of 16 equal bins of [0, q) holds n/16 +- 5 sigma
     counts = np.bincount((u // np.uint64(q // 16 + 1)).astype(np.int64), minlength=16)
     assert np.all(np.abs(counts - n / 16) < 5 * np.sqrt(n / 16)), counts
     # the stream's first words, read by hand: 7-byte little-endian words of AES-256-CTR
-    stream = crypto._aes_ctr(key).update(bytes(7 * 4))
+    stream = sampling.aes_ctr(key).update(bytes(7 * 4))
     assert [int.from_bytes(stream[7 * i : 7 * i + 7], "little") for i in range(4)] == u[:4].tolist()
     # a modulus of 2^55: about half the words are rejected; the kept ones are the words < q
     small = 1 << 55
-    v = crypto._expand_seed(key, n, small, width)
-    all_words = crypto._unpack_words(crypto._aes_ctr(key).update(bytes(7 * 3 * n)), 7)
+    v = sampling.expand_seed(key, n, small, width)
+    all_words = wire.unpack_words(sampling.aes_ctr(key).update(bytes(7 * 3 * n)), 7)
     assert np.array_equal(v, all_words[all_words < np.uint64(small)][:n])
 
 
 def test_compact_noise_is_seals_centered_binomial_and_fresh():
-    stream = crypto._aes_ctr(bytes(32))
-    e = crypto._cbd_noise(stream, 1 << 16, 21)
+    stream = sampling.aes_ctr(bytes(32))
+    e = sampling.cbd_noise(stream, 1 << 16, 21)
     assert e.dtype == np.int64 and int(np.abs(e).max()) <= 21
     assert abs(e.mean()) < 0.06 and abs(e.var() - 10.5) < 0.4  # sigma 3.24, as SEAL's 3.2
     # the stream moves on: the next draw is different
-    assert not np.array_equal(e[:1000], crypto._cbd_noise(stream, 1000, 21))
+    assert not np.array_equal(e[:1000], sampling.cbd_noise(stream, 1000, 21))
     # by hand: the first sample is popcount of the low 21 bits minus popcount of the next 21
-    word = int.from_bytes(crypto._aes_ctr(bytes(32)).update(bytes(8)), "little")
+    word = int.from_bytes(sampling.aes_ctr(bytes(32)).update(bytes(8)), "little")
     mask = (1 << 21) - 1
     assert e[0] == bin(word & mask).count("1") - bin((word >> 21) & mask).count("1")
 
@@ -307,7 +311,7 @@ def test_compact_encryption_is_randomised_and_needs_the_key(compact_codec):
     first, second = codec.encrypt_chunks(w, 1), codec.encrypt_chunks(w, 1)
     assert first[0][0] == second[0][0] == codec.PRNG_TAG
     assert first[0][:width] != second[0][:width] and first[0][width:] != second[0][width:]
-    c0 = crypto._unpack_words(first[0][width:], 7)
+    c0 = wire.unpack_words(first[0][width:], 7)
     assert c0.shape == (n,)
     counts = np.bincount((c0 // np.uint64(codec.q // 16 + 1)).astype(np.int64), minlength=16)
     assert np.all(np.abs(counts - n / 16) < 5 * np.sqrt(n / 16)), counts
@@ -316,7 +320,7 @@ def test_compact_encryption_is_randomised_and_needs_the_key(compact_codec):
     assert np.max(np.abs(codec.decrypt_update(io.BytesIO(blob), 1) - 0.5)) < 1e-6
     with pytest.raises(CodecMismatch):  # another key: refused by fingerprint, and would not decrypt either
         other.decrypt_update(io.BytesIO(blob), 1)
-    c0_sum = crypto._unpack_words(blob[-7 * n :], 7)
+    c0_sum = wire.unpack_words(blob[-7 * n :], 7)
     seed = blob[-7 * n - width : -7 * n]
     right = codec._decrypt_chunk(c0_sum, seed, 1)
     assert np.max(np.abs(right - 0.5)) < 1e-6
@@ -335,9 +339,9 @@ def test_compact_sum_refuses_an_unknown_prng_tag(compact_codec):
 
 def test_pack_and_unpack_words_are_inverse():
     values = np.array([0, 1, (1 << 56) - 1, 0x0123456789ABCD], dtype=np.uint64)
-    packed = crypto._pack_words(values, 7)
+    packed = wire.pack_words(values, 7)
     assert len(packed) == 4 * 7 and packed[7:14] == b"\x01" + bytes(6)
-    assert np.array_equal(crypto._unpack_words(packed, 7), values)
+    assert np.array_equal(wire.unpack_words(packed, 7), values)
 
 
 def test_compact_residues_round_and_wrap(compact_codec):
@@ -365,7 +369,7 @@ def test_compact_zero_chunks_round_trip(compact_codec, pattern):
             w[i * n : (i + 1) * n] = 0.0
     n_samples = 1000
     out = codec.decrypt_update(io.BytesIO(_encrypt(codec, w, n_samples)), n_samples)
-    assert np.max(np.abs(out - w)) <= (codec.NOISE_BOUND + 1) / codec.scale / n_samples
+    assert np.max(np.abs(out - w)) <= codec.precision(crypto.DEFAULT_MAX_CONTRIBUTORS) / n_samples
 
 
 def test_compact_plain_loader_refuses_foreign_rows(compact_codec):
@@ -381,7 +385,7 @@ def test_compact_plain_loader_refuses_foreign_rows(compact_codec):
 def test_compact_context_refuses_an_encryption_path_that_does_not_decrypt(monkeypatch):
     """Loading a secret context encrypts, sums and decrypts a probe; a broken path is refused."""
     secret = crypto.generate_keys("compact").secret
-    real = crypto._expand_seed
+    real = sampling.expand_seed
     calls = []
 
     def drifting(key, n, q, width):  # the decryptor would expand a different polynomial
@@ -389,16 +393,16 @@ def test_compact_context_refuses_an_encryption_path_that_does_not_decrypt(monkey
         u = real(key, n, q, width)
         return u if len(calls) <= 2 else (u + np.uint64(1)) % np.uint64(q)
 
-    monkeypatch.setattr(crypto, "_expand_seed", drifting)
+    monkeypatch.setattr(compact, "expand_seed", drifting)
     with pytest.raises(CodecError, match="does not decrypt"):
         crypto.load_context(secret)
-    monkeypatch.setattr(crypto, "_expand_seed", real)
+    monkeypatch.setattr(compact, "expand_seed", real)
     assert crypto.load_context(secret).has_secret_key
 
 
 def test_compact_refuses_values_beyond_headroom():
     codec = crypto.load_context(crypto.generate_keys("compact").secret)
-    with pytest.raises(CodecError, match="at most"):
+    with pytest.raises(crypto.UpdateOutOfRange, match="at most"):
         codec.encrypt_update(np.full(10, 10.0), int(codec.VALUE_LIMIT), io.BytesIO())
 
 
@@ -423,8 +427,8 @@ def test_tampered_parameters_are_rejected():
 
 def test_security_check_refuses_oversized_modulus():
     with pytest.raises(CodecError, match="128-bit"):
-        crypto._check_security(1024, [60])
-    crypto._check_security(8192, [56])
+        sealio.check_security(1024, [60])
+    sealio.check_security(8192, [56])
 
 
 def test_absurd_header_claims_are_codec_errors(codecs):
@@ -500,7 +504,7 @@ def test_compact_sum_allocation_does_not_grow_with_updates():
     def peak_for(k):
         tracemalloc.start()
         try:
-            total = public.new_sum(n_params)
+            total = public.new_sum(n_params, distinct_updates=False)  # the same upload k times
             for _ in range(k):
                 total.add(io.BytesIO(blob))
             total.write(io.BytesIO())
@@ -554,3 +558,191 @@ def test_codec_bench_runs_and_reports_every_figure():
     assert set(compact["aggregator_peak_rss_mb"]) == {"2", "3"}
     assert compact["encrypt_mparams_per_s_per_core"] > 0 and compact["aggregate_mparams_per_s_per_core"] > 0
     assert "encrypt_mparams_per_s_per_core" in bench.results_table(result)
+
+
+# --------------------------------------------------------------------------- limits (issue 10: 3, 5, 6)
+
+
+def _sum_bytes(total) -> bytes:
+    out = io.BytesIO()
+    total.write(out)
+    return out.getvalue()
+
+
+def _forged_stream(codec, **fields) -> bytes:
+    """A stream whose header says what the attacker likes, followed by a few bytes."""
+    import msgpack
+
+    header = {"v": 1, "profile": codec.profile, "fingerprint": codec.fingerprint,
+              "n_params": 100, "n_chunks": codec.n_chunks(100), "n_updates": 1, **fields}
+    body = msgpack.packb(header)
+    return crypto.UPDATE_MAGIC + len(body).to_bytes(4, "big") + body + b"\0" * 16
+
+
+def test_an_upload_holding_two_updates_is_refused_and_the_sum_is_untouched(codecs):
+    secret, public = codecs
+    rng = np.random.default_rng(20)
+    blobs = [_encrypt(secret, rng.uniform(-1, 1, 100), 1) for _ in range(3)]
+    pair = public.new_sum(100)
+    pair.add(io.BytesIO(blobs[0]))
+    pair.add(io.BytesIO(blobs[1]))
+    total = public.new_sum(100, max_updates=3)
+    total.add(io.BytesIO(blobs[2]))
+    before = _sum_bytes(total)
+    with pytest.raises(CodecError, match="holds 2 updates, expected exactly 1"):
+        total.add(io.BytesIO(_sum_bytes(pair)))
+    assert total.count == 1 and _sum_bytes(total) == before
+
+
+def test_a_sum_refuses_more_updates_than_the_round_takes(codecs):
+    secret, public = codecs
+    rng = np.random.default_rng(21)
+    total = public.new_sum(100, max_updates=2)
+    for _ in range(2):
+        total.add(io.BytesIO(_encrypt(secret, rng.uniform(-1, 1, 100), 1)))
+    with pytest.raises(CodecError, match="at most 2 updates"):
+        total.add(io.BytesIO(_encrypt(secret, rng.uniform(-1, 1, 100), 1)))
+    assert total.count == 2
+
+
+def test_a_153_byte_upload_claiming_2_20_updates_is_refused_before_allocating(codecs):
+    """Before: the header's count sized the read buffers and seed arrays (529 MB)."""
+    import tracemalloc
+
+    _, public = codecs
+    forged = _forged_stream(public, n_updates=1 << 20)
+    assert len(forged) < 200
+    total = public.new_sum(100)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match=f"holds {1 << 20} updates, expected exactly 1"):
+            total.add(io.BytesIO(forged))
+        with pytest.raises(CodecError, match="expected 3"):  # a decryptor told the contributors
+            codecs[0].decrypt_aggregate(io.BytesIO(forged), 10, n_updates=3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    with pytest.raises(CodecError, match="out of range"):  # beyond any round, whatever the caller says
+        public.read_header(io.BytesIO(_forged_stream(public, n_updates=(1 << 20) + 1)))
+
+
+def test_huge_frame_lengths_are_refused_without_reading_them(codecs):
+    secret, public = codecs
+    blob = bytearray(_encrypt(secret, np.ones(100), 1))
+    header_len = len(blob) - (len(blob) - len(_forged_stream(public)) + 16)  # magic + header frame
+    assert blob[header_len:header_len + 4] == len(blob[header_len + 4:]).to_bytes(4, "big")
+    blob[header_len:header_len + 4] = b"\xff\xff\xff\xff"
+    with pytest.raises(CodecError, match="4294967295 bytes"):
+        public.new_sum(100).add(io.BytesIO(bytes(blob)))
+    forged = crypto.UPDATE_MAGIC + b"\xff\xff\xff\xff" + b"\0" * 64  # the header frame itself
+    with pytest.raises(CodecError, match="more than the limit"):
+        public.read_header(io.BytesIO(forged))
+
+
+def test_compact_refuses_repeated_seed_records(compact_codec):
+    codec = compact_codec
+    n = codec.POLY_MODULUS_DEGREE
+    blob = bytearray(_encrypt(codec, np.random.default_rng(22).uniform(-1, 1, 2 * n), 1))
+    frame = codec.frame_bytes()
+    first = len(blob) - 2 * frame
+    seed = blob[first + 4 : first + 4 + codec.SEED_BYTES]
+    twice = bytearray(blob)
+    twice[first + frame + 4 : first + frame + 4 + codec.SEED_BYTES] = seed  # chunk 1 reuses chunk 0's seed
+    total = codec.new_sum(2 * n)
+    with pytest.raises(CodecError, match="appears twice"):
+        total.add(io.BytesIO(bytes(twice)))
+    assert total.count == 0
+    total.add(io.BytesIO(bytes(blob)))
+    with pytest.raises(CodecError, match="in the sum already"):  # the same encryption again
+        total.add(io.BytesIO(bytes(blob)))
+    assert total.count == 1
+
+
+def test_an_aggregate_is_checked_against_its_contributors_before_decrypting(compact_codec):
+    """One hospital's update summed three times would decrypt to 3x that update: refused."""
+    codec = compact_codec
+    n = codec.POLY_MODULUS_DEGREE
+    w = np.random.default_rng(23).uniform(-1, 1, 2 * n)
+    blob = _encrypt(codec, w, 1)
+    copies = codec.new_sum(2 * n, distinct_updates=False)
+    for _ in range(3):
+        copies.add(io.BytesIO(blob))
+    aggregate = _sum_bytes(copies)
+    calls = []
+    real = codec.decrypt_chunks
+    codec.decrypt_chunks = lambda *a: calls.append(a) or real(*a)
+    try:
+        with pytest.raises(CodecError, match="appears twice"):
+            codec.decrypt_aggregate(io.BytesIO(aggregate), 3, n_updates=3)
+        assert calls == []  # refused before any chunk was decrypted
+    finally:
+        del codec.decrypt_chunks
+    with pytest.raises(CodecError, match="sums 3 updates, expected 2"):
+        codec.decrypt_aggregate(io.BytesIO(aggregate), 3, n_updates=2)
+    with pytest.raises(CodecError, match="fewer than the minimum of 3"):
+        codec.decrypt_aggregate(io.BytesIO(blob), 1, min_updates=3)
+
+
+@pytest.mark.parametrize("k", [1, 9, 200])
+def test_updates_at_the_limit_of_k_contributors_sum_without_wrapping(codecs, k):
+    """k updates at exactly update_limit(k), all one sign, decrypt to their sum; a hair more is
+    refused before encrypting. Before, 9 updates near the old per-update limit wrapped."""
+    secret, public = codecs
+    n_params = 64
+    limit = secret.update_limit(k)
+    assert limit > 0
+    w = np.full(n_params, limit)
+    w[1::2] = -limit
+    blob = _encrypt(secret, w, 1, max_contributors=k)
+    total = public.new_sum(n_params, max_updates=k, distinct_updates=False)  # k copies: same bound
+    for _ in range(k):
+        total.add(io.BytesIO(blob))
+    got = secret.decrypt_aggregate(io.BytesIO(_sum_bytes(total)), 1) if secret.profile == "seed" else None
+    if got is None:
+        # compact refuses copies when decrypting (distinct seeds): encrypt k fresh ones
+        total = public.new_sum(n_params, max_updates=k)
+        for _ in range(k):
+            total.add(io.BytesIO(_encrypt(secret, w, 1, max_contributors=k)))
+        got = secret.decrypt_aggregate(io.BytesIO(_sum_bytes(total)), 1, n_updates=k)
+    assert np.max(np.abs(got - k * w)) <= k * secret.precision(k)
+    with pytest.raises(crypto.UpdateOutOfRange, match=f"at most {k} contributors"):
+        secret.encrypt_update(w * (1 + 1e-6), 1, io.BytesIO(), max_contributors=k)
+
+
+def test_the_issues_wrapping_sum_is_refused_before_encrypting(compact_codec):
+    """200 hospitals x 100,000 samples x |w| = 10 decrypted to garbage; now refused (the seed
+    profile's modulus holds 2^90: it takes such a sum)."""
+    secret = compact_codec
+    out = io.BytesIO()
+    with pytest.raises(crypto.UpdateOutOfRange, match="at most 200 contributors"):
+        secret.encrypt_update(np.full(10, 10.0), 100_000, out, max_contributors=200)
+    assert out.getvalue() == b""  # nothing was written
+    secret.encrypt_update(np.full(10, 10.0), 100_000, io.BytesIO(), max_contributors=10)
+
+
+def test_decrypted_values_carry_no_noise(codecs):
+    """Two encryptions of the same updates decrypt to identical values (the noise differs,
+    so it is gone), within the stated precision, and on the grid."""
+    secret, public = codecs
+    rng = np.random.default_rng(24)
+    n_params, counts = 9000, [3, 50, 7]
+    ws = [rng.uniform(-5, 5, n_params) for _ in counts]
+    results, blobs = [], []
+    for _ in range(2):
+        total = public.new_sum(n_params, max_updates=3)
+        for w, n in zip(ws, counts):
+            blobs.append(_encrypt(secret, w, n, max_contributors=3))
+            total.add(io.BytesIO(blobs[-1]))
+        results.append(secret.decrypt_aggregate(io.BytesIO(_sum_bytes(total)), sum(counts), n_updates=3))
+    assert blobs[0] != blobs[3]  # fresh randomness each time
+    assert np.array_equal(results[0], results[1])
+    expected = sum(n * w for w, n in zip(ws, counts)) / sum(counts)
+    assert np.max(np.abs(results[0] - expected)) <= 3 * secret.precision(3) / sum(counts)
+    total = public.new_sum(n_params, max_updates=3)
+    for blob in blobs[:3]:
+        total.add(io.BytesIO(blob))
+    steps = secret.decrypt_aggregate(io.BytesIO(_sum_bytes(total)), 1) / secret.grid(3)
+    assert np.array_equal(steps, np.rint(steps))  # whole steps of the grid: no noise below it
+    single = [secret.decrypt_update(io.BytesIO(blobs[i]), counts[0]) for i in (0, 3)]
+    assert np.array_equal(single[0], single[1])

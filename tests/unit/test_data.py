@@ -284,12 +284,25 @@ def test_pipeline_shapes_range_and_determinism():
 
 
 def test_pipeline_augmentation_changes_images_but_not_labels():
-    x = np.zeros((4, 16, 16, 1), dtype=np.uint8)
-    x[:, 4:12, 2:6] = 255
-    y = np.array([0, 1, 0, 1])
-    aug = next(iter(make_dataset(x, y, batch_size=4, training=True, seed=1)))[0].numpy()
-    assert not np.allclose(aug, x / 255.0)
-    assert aug.shape == x.shape
+    """Each label must stay with its own image through shuffling and augmentation. The
+    label is written into the image as its brightness (dark 0, bright 1), which no
+    augmentation (flip, rotation, shift, zoom, brightness x0.9-1.1) can turn into the other."""
+    y = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1, 1])
+    x = np.where(y[:, None, None, None] == 1, 255, 0).astype(np.uint8) * np.ones((1, 16, 16, 1), np.uint8)
+    x[:, 4:12, 2:6] = 128  # an off-centre bar, so a flip or a shift shows
+    for seed in (1, 2):
+        batches = list(make_dataset(x, y, batch_size=5, training=True, seed=seed))
+        images = np.concatenate([b[0].numpy() for b in batches])
+        labels = np.concatenate([b[1].numpy() for b in batches])
+        assert images.shape == x.shape
+        assert sorted(labels.tolist()) == sorted(y.tolist()), "labels were lost or duplicated"
+        brightness = images.mean(axis=(1, 2, 3))
+        assert np.array_equal(brightness > 0.3, labels == 1), (
+            f"labels got separated from their images: brightness {np.round(brightness, 2)}, "
+            f"labels {labels}")
+        plain = np.where(labels == 1, 255, 0)[:, None, None, None] * np.ones_like(x, np.float32)
+        plain[:, 4:12, 2:6] = 128
+        assert not np.allclose(images, plain / 255.0, atol=0.02), "augmentation left every image as it was"
 
 
 def test_class_balancing():

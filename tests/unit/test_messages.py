@@ -29,6 +29,8 @@ def test_round_trip_every_kind():
         "model_ready": dict(round=1, key="k", sha256=SHA, contributors=["h1"], total_samples=5,
                             n_params=10, key_fingerprint=SHA, metrics={}, finished_at=2.0),
         "round_aborted": dict(round=1, reason="deadline", contributors=[], finished_at=2.0),
+        "ceremony_start": dict(ceremony_id="c-1", issued_at=1.0),
+        "ceremony_finalize": dict(ceremony_id="c-1", public_sha256=SHA, issued_at=2.0),
     }
     assert set(samples) == set(messages.KINDS)
     for kind, fields in samples.items():

@@ -1,0 +1,335 @@
+"""The threshold ceremony and committee through the object store: the steps the workers run.
+
+The broker carries notifications; what the parties exchange lives in the bucket, every
+object beside a ``.sig`` record signed by its writer's identity (``cxr_mq.identity``) that
+names the object's key and sha256. A reader checks the record (registry, role, signature)
+and the hash before using an object. Secrets only ever appear sealed to their recipient's
+X25519 identity key. Layout::
+
+    keys/ceremony/<id>/params                          the key authority (role controller)
+    keys/ceremony/<id>/shares/<dealer>/<recipient>     sealed share (dealer)
+    keys/ceremony/<id>/contributions/<party>           public contribution (party); written
+                                                       last, so its presence means "dealt"
+    keys/ceremony/<id>/public                          the threshold public context
+    keys/ceremony/<id>/received/<party>                the party holds its committee share
+    rounds/<r>/keys/<hospital>                         key ciphertext (hospital, round_key record)
+    rounds/<r>/committee/ready/<hospital>              a live member offers to decrypt
+    rounds/<r>/committee/active                        the active set: written once (If-None-Match)
+    rounds/<r>/committee/partials/<member>             the member's partial, sealed to every hospital
+
+Ceremony: :func:`open_ceremony` (key authority), :func:`deal` (each hospital),
+:func:`finalize_ceremony` (key authority, once every party dealt), :func:`receive` (each
+hospital). Round: :func:`upload_round_key` (each contributor), :func:`volunteer` (each live
+member after ``model_ready``), :func:`choose_active` (any member; the first write wins),
+:func:`answer` (each active member), :func:`collect` (every hospital).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+
+import msgpack
+
+from .crypto import ceremony, committee
+from .crypto.ceremony import CeremonyParams, CommitteeShare
+from .crypto.committee import DecryptionRequest, KeyUpload, Ledger
+from .crypto.keylayer import KeyCiphertext
+from .crypto.threshold import ThresholdCodec
+from .storage.base import ObjectNotFound, ObjectStore, PreconditionFailed
+
+CEREMONY_PREFIX = "keys/ceremony/"
+
+
+class FlowError(Exception):
+    """A missing, unsigned, altered or inconsistent object; ``str(error)`` says which."""
+
+
+def ceremony_key(ceremony_id: str, *parts: str) -> str:
+    return CEREMONY_PREFIX + "/".join((ceremony_id, *parts))
+
+
+def committee_key(round_no: int, *parts: str) -> str:
+    return "/".join((f"rounds/{int(round_no)}/committee", *parts))
+
+
+def round_key_object(round_no: int, hospital: str) -> str:
+    return f"rounds/{int(round_no)}/keys/{hospital}"
+
+
+# --------------------------------------------------------------------------- signed objects
+
+
+def put_signed(store: ObjectStore, key: str, data: bytes, me, *, if_none_match: bool = False, **fields) -> None:
+    """Write ``data`` at ``key`` and its signed record at ``key.sig`` (record first: an object
+    without a valid record is never used)."""
+    from .identity import sign
+
+    record = sign({"schema": "threshold_object", "version": 1, "key": key,
+                   "sha256": hashlib.sha256(data).hexdigest(), "signed_at": time.time(), **fields}, me)
+    store.put_bytes(key + ".sig", json.dumps(record, sort_keys=True).encode())
+    store.put_bytes(key, data, if_none_match=if_none_match)
+
+
+def get_signed(store: ObjectStore, key: str, registry, *, role: str, signer: str | None = None) -> tuple[bytes, dict]:
+    """The object at ``key`` after checking its record: signed by ``signer`` (if given) of
+    ``role``, naming this key and this content's sha256."""
+    from .identity import IdentityError, Verifier
+
+    try:
+        record = json.loads(store.get_bytes(key + ".sig"))
+        data = store.get_bytes(key)
+    except ObjectNotFound:
+        raise
+    except ValueError as exc:
+        raise FlowError(f"{key}: unreadable signature record ({exc})") from None
+    try:
+        Verifier(registry, check_broker_user=False, max_age=float("inf")).verify(
+            record, role=role, time_field="signed_at")
+    except IdentityError as exc:
+        raise FlowError(f"{key}: {exc}") from None
+    if signer is not None and record.get("signer") != signer:
+        raise FlowError(f"{key}: signed by {record.get('signer')!r}, expected {signer!r}")
+    if record.get("key") != key or record.get("sha256") != hashlib.sha256(data).hexdigest():
+        raise FlowError(f"{key}: the object is not the one its signed record names")
+    return data, record
+
+
+# --------------------------------------------------------------------------- ceremony
+
+
+def open_ceremony(store: ObjectStore, params: CeremonyParams, authority) -> None:
+    put_signed(store, ceremony_key(params.ceremony_id, "params"),
+               json.dumps(params.to_dict(), sort_keys=True).encode(), authority, if_none_match=True)
+
+
+def read_ceremony(store: ObjectStore, ceremony_id: str, registry) -> CeremonyParams:
+    data, _ = get_signed(store, ceremony_key(ceremony_id, "params"), registry, role="controller")
+    params = CeremonyParams.from_dict(json.loads(data))
+    if params.ceremony_id != ceremony_id:
+        raise FlowError(f"ceremony {ceremony_id}: its parameters name ceremony {params.ceremony_id!r}")
+    return params
+
+
+def deal(store: ObjectStore, ceremony_id: str, me, registry) -> bool:
+    """Step 1 for hospital ``me``: shares sealed to every party, then the contribution. Does
+    nothing (returns False) if this party's contribution is already there: a redelivered
+    request must not deal a second, different secret."""
+    params = read_ceremony(store, ceremony_id, registry)
+    contribution_key = ceremony_key(ceremony_id, "contributions", me.id)
+    if store.exists(contribution_key):
+        return False
+    contribution, shares = ceremony.generate_share(params, me.id)
+    for recipient, share in shares.items():
+        sealed = ceremony.seal(registry.get(recipient).x25519, share.to_bytes(), share.aad())
+        put_signed(store, ceremony_key(ceremony_id, "shares", me.id, recipient), sealed, me)
+    put_signed(store, contribution_key, contribution.to_bytes(), me)
+    return True
+
+
+def dealt(store: ObjectStore, ceremony_id: str, params: CeremonyParams) -> list[str]:
+    return [p for p in params.parties if store.exists(ceremony_key(ceremony_id, "contributions", p))]
+
+
+def finalize_ceremony(store: ObjectStore, ceremony_id: str, registry, authority) -> ThresholdCodec:
+    """The key authority's step once every party dealt: the public context, stored."""
+    params = read_ceremony(store, ceremony_id, registry)
+    contributions = []
+    for party in params.parties:
+        data, _ = get_signed(store, ceremony_key(ceremony_id, "contributions", party), registry,
+                             role="hospital", signer=party)
+        contributions.append(ceremony.PublicContribution.from_bytes(data))
+    public_key = ceremony.finalize(params, contributions)
+    codec = ThresholdCodec(public_key, federation=params.federation, parties=params.parties,
+                           threshold=params.threshold)
+    put_signed(store, ceremony_key(ceremony_id, "public"), codec.public_bytes(), authority)
+    return codec
+
+
+def receive(store: ObjectStore, ceremony_id: str, me, registry) -> CommitteeShare:
+    """Step 2 for hospital ``me``: its committee share, from every dealer's sealed share."""
+    from .crypto import load_context
+
+    params = read_ceremony(store, ceremony_id, registry)
+    public, _ = get_signed(store, ceremony_key(ceremony_id, "public"), registry, role="controller")
+    codec = load_context(public)
+    received = []
+    for dealer in params.parties:
+        sealed, _ = get_signed(store, ceremony_key(ceremony_id, "shares", dealer, me.id), registry,
+                               role="hospital", signer=dealer)
+        share = ceremony.DealtShare.from_bytes(ceremony.unseal(
+            me.agreement_key, sealed, ceremony.share_aad(ceremony_id, dealer, me.id)))
+        received.append(share)
+    return ceremony.aggregate_shares(params, me.id, received, codec.committee_key)
+
+
+def run_ceremony(store: ObjectStore, broker, params: CeremonyParams, authority, registry, *,
+                 timeout: float = 300.0, poll: float = 0.5, log=lambda *_: None) -> ThresholdCodec:
+    """The key authority's whole ceremony through the running hospital workers: store the
+    signed parameters, publish ``ceremony_start``, wait until every hospital dealt, store the
+    public context, publish ``ceremony_finalize``, wait until every hospital holds its share."""
+    from . import messages
+    from .identity import sign
+
+    def announce(kind: str, **fields) -> None:
+        message = sign(messages.make(kind, ceremony_id=params.ceremony_id, issued_at=time.time(), **fields), authority)
+        broker.publish(kind, messages.encode(message), message_id=f"{kind}:{params.ceremony_id}")
+
+    def wait(what: str, done) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            have = done()
+            if len(have) == len(params.parties):
+                return
+            if time.monotonic() > deadline:
+                missing = sorted(set(params.parties) - set(have))
+                raise FlowError(f"ceremony {params.ceremony_id}: no {what} from {', '.join(missing)} "
+                                f"within {timeout:.0f}s (are their hospital workers running?)")
+            time.sleep(poll)
+
+    open_ceremony(store, params, authority)
+    announce("ceremony_start")
+    log(f"ceremony {params.ceremony_id}: waiting for {len(params.parties)} hospitals to deal")
+    wait("shares", lambda: dealt(store, params.ceremony_id, params))
+    codec = finalize_ceremony(store, params.ceremony_id, registry, authority)
+    announce("ceremony_finalize", public_sha256=hashlib.sha256(codec.public_bytes()).hexdigest())
+    log(f"ceremony {params.ceremony_id}: public key {codec.fingerprint[:16]}, waiting for the shares to be kept")
+    wait("receipt", lambda: received(store, params.ceremony_id, params))
+    return codec
+
+
+def acknowledge(store: ObjectStore, ceremony_id: str, me) -> None:
+    put_signed(store, ceremony_key(ceremony_id, "received", me.id), b"received", me)
+
+
+def received(store: ObjectStore, ceremony_id: str, params: CeremonyParams) -> list[str]:
+    return [p for p in params.parties if store.exists(ceremony_key(ceremony_id, "received", p))]
+
+
+def share_path(work_dir, ceremony_id: str):
+    from pathlib import Path
+
+    return Path(work_dir) / f"committee-{ceremony_id}.share"
+
+
+def save_share(share: CommitteeShare, path) -> None:
+    """The committee share, mode 0600, replaced atomically."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(share.to_bytes())
+    os.replace(tmp, path)
+
+
+def on_ceremony_start(store: ObjectStore, message: dict, me, registry) -> str:
+    """A hospital worker's handler body: deal (once). Returns what it did, for the log."""
+    params = read_ceremony(store, message["ceremony_id"], registry)
+    if me.id not in params.parties:
+        return "not a party"
+    return "dealt" if deal(store, params.ceremony_id, me, registry) else "already dealt"
+
+
+def on_ceremony_finalize(store: ObjectStore, message: dict, me, registry, work_dir) -> str:
+    """A hospital worker's handler body: collect the committee share, keep it, acknowledge."""
+    ceremony_id = message["ceremony_id"]
+    params = read_ceremony(store, ceremony_id, registry)
+    if me.id not in params.parties:
+        return "not a party"
+    public, _ = get_signed(store, ceremony_key(ceremony_id, "public"), registry, role="controller")
+    if hashlib.sha256(public).hexdigest() != message["public_sha256"]:
+        raise FlowError(f"ceremony {ceremony_id}: the stored public key is not the one announced")
+    save_share(receive(store, ceremony_id, me, registry), share_path(work_dir, ceremony_id))
+    acknowledge(store, ceremony_id, me)
+    return "share kept"
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def upload_round_key(store: ObjectStore, federation: str, round_no: int, me, key_ct: KeyCiphertext) -> None:
+    from .identity import sign
+
+    blob = key_ct.to_bytes()
+    key = round_key_object(round_no, me.id)
+    message = sign(committee.round_key_message(federation, round_no, me.id, blob, time.time()), me)
+    store.put_bytes(key + ".sig", json.dumps(message, sort_keys=True).encode())
+    store.put_bytes(key, blob)
+
+
+def volunteer(store: ObjectStore, round_no: int, me) -> None:
+    put_signed(store, committee_key(round_no, "ready", me.id), b"ready", me)
+
+
+def choose_active(store: ObjectStore, round_no: int, share: CommitteeShare, registry, me) -> tuple[str, ...] | None:
+    """The round's active set: the first t members (sorted) with a valid ready record, written
+    once; whoever writes first decides and everyone reads the same. None while fewer than t
+    members are ready."""
+    key = committee_key(round_no, "active")
+    try:
+        data, _ = get_signed(store, key, registry, role="hospital")
+        return tuple(json.loads(data))
+    except ObjectNotFound:
+        pass
+    ready = []
+    for member in share.params.parties:
+        try:
+            get_signed(store, committee_key(round_no, "ready", member), registry, role="hospital", signer=member)
+            ready.append(member)
+        except (ObjectNotFound, FlowError):
+            continue
+    if len(ready) < share.params.threshold:
+        return None
+    active = tuple(sorted(ready)[: share.params.threshold])
+    try:
+        put_signed(store, key, json.dumps(list(active)).encode(), me, if_none_match=True)
+    except PreconditionFailed:
+        pass  # another member decided first: read its choice
+    data, _ = get_signed(store, key, registry, role="hospital")
+    return tuple(json.loads(data))
+
+
+def build_request(store: ObjectStore, codec: ThresholdCodec, round_no: int, contributors, aggregate: bytes,
+                  active) -> DecryptionRequest:
+    """A decryption request from the store: the aggregate's key sum and each contributor's
+    key upload with its signed message (checked by the committee, not here)."""
+    uploads = []
+    for hospital in sorted(contributors):
+        key = round_key_object(round_no, hospital)
+        uploads.append(KeyUpload(hospital, store.get_bytes(key), json.loads(store.get_bytes(key + ".sig"))))
+    return DecryptionRequest(codec.federation, int(round_no), tuple(sorted(contributors)),
+                             codec.key_sum_of(io.BytesIO(aggregate)), tuple(uploads), tuple(active))
+
+
+def answer(store: ObjectStore, request: DecryptionRequest, share: CommitteeShare, me, registry, ledger: Ledger,
+           min_clients: int) -> None:
+    """An active member's part: the checked partial decryption, sealed to every party."""
+    partial = committee.partial_decrypt(share, request, min_clients=min_clients,
+                                        verify=committee.signed_upload_verifier(registry, max_age=float("inf")),
+                                        ledger=ledger)
+    recipients = {p: registry.get(p).x25519 for p in share.params.parties}
+    sealed = committee.seal_partial(partial, recipients)
+    put_signed(store, committee_key(request.round, "partials", me.id), msgpack.packb(sealed, use_bin_type=True), me)
+
+
+def collect(store: ObjectStore, request: DecryptionRequest, me, registry):
+    """The round key sum for hospital ``me`` once every active member answered, else None."""
+    partials = []
+    for member in request.active:
+        try:
+            data, _ = get_signed(store, committee_key(request.round, "partials", member), registry,
+                                 role="hospital", signer=member)
+        except ObjectNotFound:
+            return None
+        sealed = msgpack.unpackb(data, raw=False)
+        if me.id not in sealed:
+            raise FlowError(f"round {request.round}: {member}'s partial is not sealed to {me.id}")
+        partials.append(committee.open_partial(sealed[me.id], me.id, me.agreement_key, party=member, request=request))
+    return committee.combine(request, partials)
+
+

@@ -1,0 +1,127 @@
+"""The hospital worker in one process: embedded broker, local store, fake clock, real CKKS and
+real (tiny) TensorFlow training.
+
+The round-2 check is exact: the weights the hospital starts training from must be the
+decrypted aggregate of round 1, bit for bit (as float32), or federated learning silently
+stops accumulating.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from cxr_mq import controller, crypto, messages, rounds, synth, training
+from cxr_mq.rounds import COMPLETE, RoundState
+from workerkit import Federation
+
+PARAMS = training.TrainingParams(image_size=8, epochs=1, batch_size=8, augment=False, width=0.5)
+
+
+@pytest.fixture(scope="module")
+def codecs():
+    pair = crypto.generate_keys("compact")
+    return crypto.load_context(pair.secret), crypto.load_context(pair.public)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hospital-data")
+    synth.write_synthetic(out, n=24, seed=3, size=16)
+    return out
+
+
+@pytest.fixture
+def fed(tmp_path, codecs):
+    return Federation(tmp_path, *codecs)
+
+
+@pytest.fixture
+def training_starts(monkeypatch):
+    """The flat weights of every model the hospital starts training (real training follows)."""
+    starts = []
+    real = training.train_local
+
+    def spy(model, data, params, **kwargs):
+        starts.append(training.flat_weights(model).copy())
+        return real(model, data, params, **kwargs)
+    monkeypatch.setattr(training, "train_local", spy)
+    return starts
+
+
+def _updates_published(fed) -> list[dict]:
+    queue = fed.server.queue(fed.topology.aggregator_queue)
+    return [m for m in (messages.decode(x.body) for x in queue.messages) if m["schema"] == "update_ready"]
+
+
+def _complete_round_one(fed, weights: np.ndarray, total_samples: int) -> None:
+    """Round 1 finished as the aggregator leaves it: an encrypted aggregate and its record."""
+    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=PARAMS)
+    start = controller.open_round(fed.control, fed.store, fed.public, request, clock=fed.clock)
+    for h in fed.hospitals:  # round 1's round_start is not what these tests are about
+        fed.server.queue(fed.topology.hospital_queue(h)).messages.clear()
+    buf = io.BytesIO()
+    fed.secret.encrypt_update(weights, total_samples, buf)  # a one-update sum has the same format
+    info = fed.store.put_bytes(rounds.aggregate_key(1), buf.getvalue())
+    state = RoundState.from_round_start(start, fed.now)
+    state.status, state.model_key, state.model_sha256 = COMPLETE, info.key, info.sha256
+    state.total_samples, state.announced = total_samples, True
+    state.save(fed.store)
+
+
+def test_round_two_trains_from_exactly_round_ones_decrypted_model(fed, data_dir, training_starts):
+    initial = training.flat_weights(training.build_model(PARAMS))
+    round_one = initial + np.random.default_rng(5).normal(0, 0.05, initial.size).astype(np.float32)
+    _complete_round_one(fed, round_one, total_samples=40)
+    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=PARAMS)
+    start = controller.open_round(fed.control, fed.store, fed.public, request, clock=fed.clock)
+    assert start["round"] == 2 and start["base_model_encrypted"] is True
+    hospital = fed.hospital("h1", data_dir)
+    fed.drain(hospital)
+    assert len(training_starts) == 1, f"the hospital trained {len(training_starts)} times in round 2"
+    raw = fed.store.get_bytes(rounds.aggregate_key(1))
+    expected = np.asarray(fed.secret.decrypt_aggregate(io.BytesIO(raw), 40), dtype=np.float32)
+    started = training_starts[0]
+    assert started.shape == expected.shape
+    assert np.array_equal(started, expected), (
+        f"round 2's hospital started training from weights that are not round 1's decrypted "
+        f"model (max difference {np.max(np.abs(started - expected)):.3g}; from the fresh "
+        f"initialisation: {np.max(np.abs(started - initial)):.3g}): the base model was not loaded")
+    published = _updates_published(fed)
+    assert [(u["round"], u["hospital"]) for u in published] == [(2, "h1")]
+
+
+def test_a_round_start_under_another_key_is_dead_lettered(fed, data_dir, training_starts):
+    hospital = fed.hospital("h1", data_dir)
+    message = fed.open_round(quorum=1)
+    message = {**message, "key_fingerprint": "f" * 64}
+    fed.server.queue(fed.topology.hospital_queue("h1")).messages.clear()
+    fed.publish(messages.validate(message))
+    fed.drain(hospital)
+    dead = [d for d in fed.dead_letters() if d["queue"] == fed.topology.hospital_queue("h1")]
+    assert len(dead) == 1 and "uses key ffffffffffffffff" in dead[0]["reason"], dead
+    assert training_starts == [] and _updates_published(fed) == []
+
+
+def test_a_round_for_other_hospitals_or_already_finished_is_acked_without_training(fed, data_dir, training_starts):
+    hospital = fed.hospital("h1", data_dir)
+    fed.open_round(round_no=1, quorum=1, hospitals=["h2"])  # not for h1
+    start = fed.open_round(round_no=2, quorum=1)
+    state = RoundState.from_round_start(start, fed.now)
+    state.status = COMPLETE
+    state.save(fed.store)  # finished before h1 got to it
+    fed.drain(hospital)
+    assert training_starts == [], "the hospital trained for a round it is not part of, or one already over"
+    assert _updates_published(fed) == [] and fed.dead_letters() == []
+
+
+def test_a_restarted_hospital_republishes_its_update_without_training_again(fed, data_dir, training_starts):
+    start = fed.open_round(quorum=1, n_params=100)
+    before = fed.upload_update(1, "h1", np.zeros(100), 17)
+    fed.store.put_bytes(rounds.update_message_key(1, "h1"), messages.encode(before))
+    hospital = fed.hospital("h1", data_dir)  # the process that uploaded died before the ack
+    fed.drain(hospital)
+    assert training_starts == [], "a hospital restarted after uploading trained a second update"
+    assert _updates_published(fed) == [before], "the update already uploaded was not republished as it was"
+    assert start["round"] == 1
