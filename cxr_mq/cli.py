@@ -667,7 +667,7 @@ def predict(obj: Context, images, round_no, secret_context, as_json):
 @click.option("--epochs", type=int, default=None, help="Local epochs per round.")
 @click.option("--lr", type=float, default=None, help="Round 1's learning rate.")
 @click.option("--lr-final", type=float, default=None,
-              help="The last round's learning rate (cosine from --lr across the rounds).")
+              help="The last round's learning rate (default: --lr / 10; cosine in between).")
 @click.option("--server-lr", type=float, default=None, help="FedAvg server learning rate.")
 @click.option("--augment/--no-augment", default=None, help="COVID-Net's training augmentation.")
 @click.option("--alpha", type=float, default=None,
@@ -703,8 +703,6 @@ def demo(obj: Context, hospitals, n_rounds, data, n_images, model, width, image_
                           warm_up=compare)
     if alpha is not None:
         options.alpha = alpha or None
-    if lr is not None and lr_final is None:  # one rate given: keep it for every round
-        options.lr_final = lr
     options.validate()  # ConfigError: one line naming the flag, exit 2
     modes = ["encrypted", "plaintext"] if compare else ["plaintext" if plaintext else "encrypted"]
     results = {}

@@ -60,20 +60,20 @@ def _describe(exc: BaseException) -> str:
 @dataclass
 class DemoOptions:
     hospitals: int = 3
-    rounds: int = 5
+    rounds: int = 8
     data: str | None = None          # a COVIDx label file; default: synthetic
-    n: int = 480                     # synthetic images when no --data
-    model: str = "small-cnn"
-    width: float = 1.0               # channel multiplier of the model
-    image_size: int = 48
+    n: int = 720                     # synthetic images when no --data
+    model: str = "covidnet-s"
+    width: float = 0.5               # channel multiplier of the model
+    image_size: int = 32
     classes: str = "binary"
-    epochs: int = 3                  # local epochs per round
+    epochs: int = 2                  # local epochs per round
     lr: float = 2e-3                 # round 1's learning rate
-    lr_final: float = 2e-3           # the last round's: cosine between them across the rounds
+    lr_final: float | None = None    # the last round's (None: lr / 10); cosine in between
     server_lr: float = 1.0           # FedAvg's server learning rate (1: plain FedAvg)
-    augment: bool = True             # COVID-Net's training augmentation
+    augment: bool = False            # COVID-Net's training augmentation
     batch_size: int = 16
-    alpha: float | None = 0.5        # Dirichlet non-IID; None = IID
+    alpha: float | None = 2.0        # Dirichlet non-IID; None = IID
     seed: int = 0
     plaintext: bool = False
     broker: str | None = None        # amqp://... ; default embedded
@@ -93,8 +93,9 @@ class DemoOptions:
     def round_lr(self, round_no: int) -> float:
         """Cosine from ``lr`` in round 1 to ``lr_final`` in the last round: large steps while
         the model is far off, small ones once the hospitals' models mostly need to agree."""
+        final = self.lr / 10 if self.lr_final is None else self.lr_final
         progress = (round_no - 1) / max(self.rounds - 1, 1)
-        return float(self.lr_final + 0.5 * (self.lr - self.lr_final) * (1 + math.cos(math.pi * progress)))
+        return float(final + 0.5 * (self.lr - final) * (1 + math.cos(math.pi * progress)))
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for anything wrong before any work is done."""
@@ -112,7 +113,7 @@ class DemoOptions:
             raise ConfigError("--broker", f"must be an amqp:// URL, got {redact_url(self.broker)!r}")
         if self.store and self.store.startswith("s3://") and not self.store[5:].strip("/"):
             raise ConfigError("--store", "s3:// needs a bucket name: s3://BUCKET")
-        if not self.lr_final > 0:
+        if self.lr_final is not None and not self.lr_final > 0:
             raise ConfigError("--lr-final", f"must be positive, got {self.lr_final}")
         try:
             self.training_params(1)
