@@ -115,8 +115,46 @@ def run_codec_bench(
         result["compact_vs_seed"] = _compare(result["profiles"]["seed"], result["profiles"]["compact"])
     if "threshold" in result["profiles"] and "compact" in result["profiles"]:
         result["threshold_vs_compact"] = _compare(result["profiles"]["compact"], result["profiles"]["threshold"])
+    result["signing"] = signing_costs(list(hospitals), params, result["profiles"])
     result["load_average_at_end"] = list(os.getloadavg())
     result["targets"] = _check_targets(result)
+    return result
+
+
+def signing_costs(hospitals: list[int], params: int, profiles: dict | None = None,
+                  repeats: int = 300) -> dict:
+    """What identities cost: signing and verifying one ``update_ready`` (Ed25519 over its
+    canonical encoding, registry entry cached), and the CPU time a whole round spends on
+    them. Per round with N hospitals: N + 2 signatures (round_start, N update_ready,
+    model_ready) and 4N + 2 verifications (the aggregator: round_start and N updates; each
+    hospital: round_start, model_ready and the round record; the controller: model_ready).
+    Compared with the time the aggregator spends adding one update of ``params``."""
+    from . import identity, messages
+
+    ident = identity.Identity.generate("h1")
+    registry = identity.Registry(entries=[identity.PublicIdentity(
+        "h1", ident.public.ed25519, ident.public.x25519, "hospital")])
+    verifier = identity.Verifier(registry)
+    message = messages.make(
+        "update_ready", round=1, hospital="h1", key="rounds/000001/updates/h1", sha256="a" * 64,
+        size=1 << 20, n_samples=100, n_params=params, key_fingerprint="b" * 64,
+        metrics={"train": {"loss": 0.5, "accuracy": 0.75, "val_auc": 0.8}, "global": {}},
+        sent_at=time.time())
+    started = time.perf_counter()
+    for _ in range(repeats):
+        signed = identity.sign(message, ident)
+    sign_s = (time.perf_counter() - started) / repeats
+    started = time.perf_counter()
+    for _ in range(repeats):
+        verifier.verify(signed, broker_user="h1")
+    verify_s = (time.perf_counter() - started) / repeats
+    result = {"sign_us": sign_s * 1e6, "verify_us": verify_s * 1e6,
+              "per_round_ms": {str(n): ((n + 2) * sign_s + (4 * n + 2) * verify_s) * 1e3
+                               for n in hospitals}}
+    compact = (profiles or {}).get("compact") or {}
+    if compact.get("aggregate_mparams_per_s"):
+        add_one_s = params / (compact["aggregate_mparams_per_s"] * 1e6)
+        result["verify_vs_adding_one_update"] = verify_s / add_one_s
     return result
 
 

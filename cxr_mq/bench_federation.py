@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import controller, crypto, messages, rounds, training
+from . import controller, crypto, identity, messages, rounds, training
 from .rounds import RoundState
 
 SYNTHETIC_NOTE = ("local training replaced by a seeded synthetic update of P parameters "
@@ -136,6 +136,13 @@ class _Federation:
         self.secret = keys.secret
         self.public = crypto.load_context(keys.public)
         self.store.put_bytes("keys/public-context", keys.public)
+        # the bench plays the key authority: one registered identity per party; every party
+        # uses the bench's one broker login, allowed to publish for any of them
+        self.identities = {name: identity.provision(self.store, name, role, work / "identities")
+                           for name, role in [("controller", "controller"), ("aggregator", "aggregator")]
+                           + [(h, "hospital") for h in self.ids]}
+        import pika
+        self.broker_user = pika.URLParameters(options.amqp_url).credentials.username
         self._make_broker = lambda: RabbitMQBroker(options.amqp_url, self.topology, reconnect_for=60)
         self.observer = self._make_broker()
         self.observer.declare_topology(self.ids)
@@ -152,8 +159,11 @@ class _Federation:
         for hospital in self.ids:
             codec = crypto.load_context(self.secret)
             codec.workers = 1  # N hospitals share this machine's cores
+            verifier = identity.Verifier(identity.Registry(self.store),
+                                         shared_broker_users=frozenset({self.broker_user}))
             worker = HospitalWorker(self._make_broker(), self.store, codec, hospital, None,
-                                    str(self.work / "hospitals"), stop=self.stop, synthetic=True)
+                                    str(self.work / "hospitals"), stop=self.stop, synthetic=True,
+                                    identity=self.identities[hospital], verifier=verifier)
             thread = threading.Thread(target=worker.run, name=f"hospital-{hospital}", daemon=True)
             self.workers.append(worker)
             self.threads.append(thread)
@@ -165,7 +175,9 @@ class _Federation:
                "CXR_MQ_S3_BUCKET": self.s3["bucket"], "CXR_MQ_S3_ENDPOINT_URL": self.s3["endpoint_url"],
                "CXR_MQ_KMS_KEY_ID": self.s3["kms_key_id"], "CXR_MQ_NAMESPACE": self.topology.namespace,
                "CXR_MQ_HOSPITALS": ",".join(self.ids), "CXR_MQ_WORK_DIR": str(self.work / "aggregator"),
-               "CXR_MQ_LOG_FORMAT": "json", "CXR_MQ_LOG_LEVEL": "info"}
+               "CXR_MQ_LOG_FORMAT": "json", "CXR_MQ_LOG_LEVEL": "info",
+               "CXR_MQ_IDENTITY": str(self.work / "identities" / "aggregator.key"),
+               "CXR_MQ_SHARED_BROKER_USERS": self.broker_user or ""}
         log = open(self.work / "aggregator.log", "wb")
         self.aggregator = subprocess.Popen([sys.executable, "-m", "cxr_mq.cli", "aggregator"],
                                            env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -212,7 +224,8 @@ class _Federation:
             hospitals=tuple(self.ids), synthetic_params=self.options.params if index == 1 else 0)
         depths.start()
         try:
-            start = controller.open_round(self.observer, self.store, self.public, request)
+            start = controller.open_round(self.observer, self.store, self.public, request,
+                                          self.identities["controller"])
             seen = self._watch(start["round"])
             applied = self._wait_applied(start["round"])
         finally:
@@ -266,6 +279,7 @@ class _Federation:
             "round_start_to_last_model_s": max(applied.values()) - start["issued_at"],
             "round_start_to_first_model_s": min(applied.values()) - start["issued_at"],
             "aggregator_sum_seconds": summing,
+            "aggregator_download_seconds": state.timings.get("download_seconds"),
             "aggregator_finalize_seconds": state.timings.get("finalize_seconds"),
             "aggregator_mb_per_s": update_bytes / summing / 1e6,
             "aggregator_mparams_per_s": n * state.n_params / summing / 1e6,

@@ -334,23 +334,31 @@ def _serve_metrics(port):
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
 @click.option("--synthetic", is_flag=True,
               help="Benchmarks only: replace local training by a seeded synthetic update.")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
-def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port, synthetic):
+def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port, synthetic,
+             identity_path):
     """Run a hospital worker (long-running)."""
     from workers.hospital import HospitalWorker
 
-    from .runtime import load_secret_codec, make_broker, make_store
+    from .runtime import load_hospital_codec, load_identity, make_broker, make_store, make_verifier
 
     validate_hospital_id(hospital_id)
     if data_dir is None and not synthetic:
         _fail("--data: a hospital needs its image directory (or --synthetic for benchmarks)")
-    settings = obj.settings(secret_context=secret_context)
-    codec = load_secret_codec(settings)
-    store, broker = make_store(settings), make_broker(settings.require("amqp_url"))
+    settings = obj.settings(secret_context=secret_context, identity=identity_path)
+    store = make_store(settings)
+    codec = load_hospital_codec(settings, store)
+    ident = load_identity(settings, store, "hospital", hospital_id)
+    broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     worker = HospitalWorker(broker, store, codec, hospital_id, data_dir, settings.work_dir,
                             skip_bad=skip_bad, synthetic=synthetic,
-                            keep_plaintext_updates=settings.keep_plaintext_updates)
+                            keep_plaintext_updates=settings.keep_plaintext_updates,
+                            committee_timeout=float(settings.committee_timeout),
+                            min_clients_floor=settings.min_clients_floor,
+                            identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -367,16 +375,20 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
                    "store; one is active, the others take over when it lapses.")
 @click.option("--id", "aggregator_id", default=None,
               help="This aggregator's name in the lease (default: host:pid).")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
 @click.pass_obj
-def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id):
+def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id, identity_path):
     """Run the aggregator worker (long-running; public context only)."""
     from workers.aggregator import AggregatorWorker
 
-    from .runtime import load_public_codec, make_broker, make_store
+    from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
 
-    settings = obj.settings(aggregator_lease=lease_seconds, aggregator_id=aggregator_id)
+    settings = obj.settings(aggregator_lease=lease_seconds, aggregator_id=aggregator_id,
+                            identity=identity_path)
     store = make_store(settings)
     codec = load_public_codec(store, settings, public_context)
+    ident = load_identity(settings, store, "aggregator")
     broker = make_broker(settings.require("amqp_url"))
     _serve_metrics(metrics_port)
     lease = None
@@ -387,7 +399,8 @@ def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggreg
         lease = Lease(store, settings.aggregator_id or f"{socket.gethostname()}:{os.getpid()}",
                       ttl=settings.aggregator_lease)
     worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease,
-                              retain_updates=settings.retain_updates)
+                              retain_updates=settings.retain_updates,
+                              identity=ident, verifier=make_verifier(settings, store))
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -426,7 +439,8 @@ def _training_options(f):
 @click.option("--quorum", type=int, default=None,
               help="Updates that complete the round (default: number of configured hospitals, or 1).")
 @click.option("--min-clients", type=int, default=None,
-              help="Fewest updates accepted at the deadline (default: the quorum).")
+              help="Fewest updates accepted at the deadline (default: the quorum); at least "
+                   "min_clients_floor (3 unless lowered in the configuration).")
 @click.option("--deadline", type=float, default=3600.0, show_default=True,
               help="Seconds the aggregator waits for the quorum.")
 @click.option("--hospital", "hospitals", multiple=True,
@@ -439,15 +453,24 @@ def _training_options(f):
 @click.option("--synthetic-params", type=click.IntRange(min=1), default=None,
               help="Benchmarks only: a first round on a synthetic model of this many parameters "
                    "(for hospitals run with --synthetic).")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="This party's identity key file (or CXR_MQ_IDENTITY).")
+@click.option("--max-samples", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Threshold profile: the sample count that weighs 1 in FedAvg (a hospital with more "
+                   "is refused); declare it close to the largest hospital for precision.")
+@click.option("--weight-bound", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
+              help="Threshold profile: the largest |weight| an update may carry.")
+@click.option("--committee-timeout", type=float, default=180.0, show_default=True,
+              help="Threshold profile, with --wait: seconds to wait for the committee after model_ready.")
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
                 epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json,
-                synthetic_params):
+                synthetic_params, identity_path, max_samples, weight_bound, committee_timeout):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
-    from .runtime import load_public_codec, make_broker, make_store
+    from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
 
-    settings = obj.settings(hospitals=tuple(hospitals) or None)
+    settings = obj.settings(hospitals=tuple(hospitals) or None, identity=identity_path)
     try:
         params = training.TrainingParams(model=model, image_size=image_size, classes=classes,
                                          epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -458,15 +481,22 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
     request = controller.RoundRequest(quorum=quorum, min_clients=min_clients or quorum,
                                       deadline_seconds=deadline, training=params,
                                       hospitals=settings.hospitals,
-                                      synthetic_params=synthetic_params or 0)
-    if request.min_clients > request.quorum or request.quorum < 1 or deadline <= 0:
-        _fail("--min-clients must be between 1 and --quorum, and --deadline positive")
+                                      synthetic_params=synthetic_params or 0,
+                                      max_samples=max_samples, weight_bound=weight_bound,
+                                      min_clients_floor=settings.min_clients_floor)
+    if request.quorum < 1 or deadline <= 0:
+        _fail("--quorum and --deadline must be positive")
+    try:
+        request.check()
+    except ValueError as exc:
+        _fail(str(exc))
     store = make_store(settings)
     codec = load_public_codec(store, settings)
+    ident = load_identity(settings, store, "controller")
     with make_broker(settings.require("amqp_url")) as broker:
         broker.declare_topology(settings.hospitals)
         queue = broker.temporary_queue(["model_ready", "round_aborted"]) if wait else None
-        start = controller.open_round(broker, store, codec, request)
+        start = controller.open_round(broker, store, codec, request, ident)
         if not wait:
             result = {"round": start["round"], "status": "started",
                       "base_model_key": start["base_model_key"]}
@@ -474,10 +504,16 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
             return
         try:
             outcome = controller.wait_for_round(broker, queue, start["round"],
-                                                timeout or deadline + 60, store=store)
+                                                timeout or deadline + 60, store=store,
+                                                verifier=make_verifier(settings, store))
         except controller.RoundTimeout as exc:
             _fail(str(exc), 1)
     result = controller.round_result(start, outcome)
+    if codec.profile == "threshold" and result["status"] == "complete":
+        committee = controller.wait_for_committee(store, start["round"], committee_timeout)
+        result["committee"] = committee
+        if not committee["decrypted"]:
+            result["status"], result["reason"] = controller.UNDECRYPTABLE, committee["reason"]
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -525,6 +561,8 @@ def status(obj: Context, as_json, watch_live, round_no, interval):
                                                    for k, v in sorted(timings.items())))
         for refusal in row["refused"]:
             click.echo(f"      refused {refusal['hospital']}: {refusal['reason']}")
+        for refusal in row.get("refused_by_hospitals", []):
+            click.echo(f"      {refusal['hospital']} refused {refusal['message']}: {refusal['reason']}")
 
 
 @main.command()
@@ -781,6 +819,9 @@ def bench_federation(obj: Context, hospitals, params, rounds, round_timeout, as_
     from . import bench_federation as bench
     from .log import configure_logging
 
+    import signal
+    # SIGTERM unwinds like Ctrl-C: the aggregator, moto and the bench's queues are cleaned up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = obj.settings()
     configure_logging(obj.log_level or "warning", settings.log_format)  # N workers' logs
     options = bench.BenchOptions(

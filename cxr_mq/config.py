@@ -46,6 +46,10 @@ class Settings:
     hospitals: tuple[str, ...] = ()
     shared_broker_users: tuple[str, ...] = ()  # broker logins that may publish for any party (dev)
     message_max_age: int = 86400  # seconds a signed message stays usable
+    # the fewest updates an aggregate may sum: start-round refuses a smaller --min-clients and
+    # hospitals refuse to take part in, or decrypt, anything smaller (an aggregate of one or
+    # two updates reveals them to the other hospitals); lowering it is an operator's decision
+    min_clients_floor: int = 3
     aggregator_lease: int = 0  # seconds; >0: aggregators share a lease, one active, others standby
     aggregator_id: str | None = None  # this aggregator's name in the lease (default host:pid)
     public_context_key: str = "keys/public-context"
@@ -55,6 +59,7 @@ class Settings:
     work_dir: str = field(default_factory=lambda: str(Path.home() / ".cxr-mq"))
     retain_updates: bool = False  # keep individual encrypted updates after the aggregate
     keep_plaintext_updates: int = 0  # rounds of plaintext update .npy a hospital keeps (0: none)
+    committee_timeout: int = 120  # threshold profile: seconds a hospital waits for the committee
 
     # -- requirements, checked by the commands that need them ------------------------------
     def require(self, *names: str) -> "Settings":
@@ -104,6 +109,10 @@ def _validate(s: Settings) -> Settings:
     for hospital in s.hospitals:
         if not _ID_RE.match(hospital):
             raise ConfigError(env_name("hospitals"), f"invalid hospital id {hospital!r}")
+    if s.committee_timeout < 1:
+        raise ConfigError(env_name("committee_timeout"), f"must be at least 1 second, got {s.committee_timeout}")
+    if s.min_clients_floor < 1:
+        raise ConfigError(env_name("min_clients_floor"), f"must be at least 1, got {s.min_clients_floor}")
     if s.message_max_age < 1:
         raise ConfigError(env_name("message_max_age"), f"must be at least 1 second, got {s.message_max_age}")
     if s.codec_profile not in ("seed", "compact"):

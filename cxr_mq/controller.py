@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import messages, rounds, training
+from . import identity, messages, rounds, training
 from .log import get_logger
 from .rounds import ABORTED, COMPLETE, RoundState
 from .storage.base import ObjectStore, PreconditionFailed, sha256_bytes
@@ -31,14 +31,45 @@ class RoundRequest:
     training: training.TrainingParams
     hospitals: tuple[str, ...] = ()
     synthetic_params: int = 0  # >0: a benchmark round on a synthetic model of this size
+    max_samples: int = 100_000  # threshold profile: the sample count that weighs 1 (and the cap)
+    weight_bound: float = 8.0  # threshold profile: the largest |weight| an update may carry
+    min_clients_floor: int = 3  # settings.min_clients_floor: the smallest min_clients allowed
+    max_contributors: int | None = None  # the most updates the aggregate may sum (default: quorum)
+
+    def check(self) -> None:
+        """Refuse a round whose aggregate could reveal a hospital's update or wrap."""
+        if self.min_clients < self.min_clients_floor:
+            raise ValueError(
+                f"--min-clients {self.min_clients} is below the floor of {self.min_clients_floor} "
+                "(min_clients_floor): an aggregate of so few updates reveals them to the other hospitals")
+        if self.min_clients > self.quorum:
+            raise ValueError(f"--min-clients ({self.min_clients}) cannot exceed --quorum ({self.quorum})")
+        if self.most_contributors < self.quorum:
+            raise ValueError(f"max_contributors ({self.max_contributors}) cannot be below --quorum ({self.quorum})")
+
+    @property
+    def most_contributors(self) -> int:
+        """The round completes at its quorum, so it never sums more than that by default."""
+        return self.max_contributors or self.quorum
 
 
 def latest_complete(store: ObjectStore) -> RoundState | None:
+    """The last round whose model the hospitals hold: complete and, under the threshold
+    profile, decrypted by its committee (an undecryptable round is no base for the next)."""
     for round_no in reversed(rounds.list_rounds(store)):
         state = RoundState.load(store, round_no)
-        if state is not None and state.status == COMPLETE:
+        if state is not None and state.status == COMPLETE and _decrypted(store, round_no):
             return state
     return None
+
+
+def _decrypted(store: ObjectStore, round_no: int) -> bool:
+    record = rounds.read_json(store, rounds.round_key(round_no)) or {}
+    if record.get("codec_profile") != "threshold":
+        return True
+    from . import threshold_flow
+
+    return any(entry.get("decrypted") for entry in threshold_flow.outcomes(store, round_no).values())
 
 
 def _initial_model(request: RoundRequest) -> bytes:
@@ -58,22 +89,23 @@ OPEN_ATTEMPTS = 20
 
 
 def open_round(broker: Broker, store: ObjectStore, codec, request: RoundRequest,
-               clock=time.time) -> dict:
-    """Claim the next round number, write the round record and publish ``round_start``.
+               signer: identity.Identity, clock=time.time) -> dict:
+    """Claim the next round number, write the round record and publish ``round_start``, both
+    signed by ``signer`` (the controller's identity); returns the message.
 
     The number is claimed by creating ``rounds/<r>/round`` with ``If-None-Match: *``: of two
     controllers that listed the same rounds, exactly one creates the record; the other finds
     it taken and tries the next number. Only the winner writes the round's base model and
     publishes, so no round is opened twice and no record points at another's base model."""
-    if request.min_clients > request.quorum:
-        raise ValueError(f"--min-clients ({request.min_clients}) cannot exceed --quorum ({request.quorum})")
+    request.check()
     log = get_logger(role="controller")
     existing = rounds.list_rounds(store)
     round_no = (existing[-1] + 1) if existing else 1
     base = latest_complete(store)
     initial = _initial_model(request) if base is None else None
     for _ in range(OPEN_ATTEMPTS):
-        message = _round_start(round_no, base, initial, codec, request, clock())
+        message = identity.sign(_round_start(round_no, base, initial, codec, request, clock()),
+                                signer)
         try:
             rounds.write_json(store, rounds.round_key(round_no), message, if_none_match=True)
             break
@@ -100,9 +132,12 @@ def _round_start(round_no: int, base: RoundState | None, initial: bytes | None, 
         n_params = base.n_params
         base_fields = {"base_model_key": base.model_key, "base_model_sha256": base.model_sha256,
                        "base_model_encrypted": True, "base_total_samples": base.total_samples}
+    if codec.profile == "threshold":  # the round's encoding: no sum of quorum updates can wrap
+        base_fields["encoding"] = {"max_samples": request.max_samples, "weight_bound": request.weight_bound}
     return messages.make(
         "round_start", round=round_no, **base_fields, quorum=request.quorum,
-        min_clients=request.min_clients, deadline=now + request.deadline_seconds,
+        min_clients=request.min_clients, max_contributors=request.most_contributors,
+        deadline=now + request.deadline_seconds,
         training=request.training.to_dict(), key_fingerprint=codec.fingerprint,
         codec_profile=codec.profile, n_params=n_params, hospitals=list(request.hospitals),
         issued_at=now)
@@ -119,8 +154,13 @@ def outcome_from_state(state: RoundState) -> dict | None:
 
 
 def wait_for_round(broker: Broker, queue: str, round_no: int, timeout: float,
-                   store: ObjectStore | None = None) -> dict:
+                   store: ObjectStore | None = None,
+                   verifier: identity.Verifier | None = None) -> dict:
     """Block until the round's ``model_ready`` or ``round_aborted`` arrives on ``queue``.
+
+    With ``verifier``, an outcome that is not signed by a registered aggregator (and
+    published by its broker user) is ignored, so nobody but the aggregator can end a round
+    in the controller's eyes.
 
     With ``store``, the aggregator's durable record is also polled: the temporary queue is
     exclusive to this connection, so an outcome published while the broker was restarting
@@ -141,7 +181,10 @@ def wait_for_round(broker: Broker, queue: str, round_no: int, timeout: float,
         if delivery is not None:
             try:
                 message = messages.decode(delivery.body)
-            except messages.MessageError:
+                if verifier is not None:
+                    verifier.verify(message, broker_user=delivery.user_id)
+            except messages.MessageError as exc:  # IdentityError is one
+                get_logger(role="controller").warning("outcome_ignored", reason=str(exc))
                 message = {}
             if message.get("round") == round_no:
                 log.info("round_outcome_received", round=round_no, via="queue")
@@ -153,6 +196,46 @@ def wait_for_round(broker: Broker, queue: str, round_no: int, timeout: float,
                 log.info("round_outcome_received", round=round_no, via="store")
                 return found
     raise RoundTimeout(f"round {round_no}: no model_ready or round_aborted within {timeout:.0f}s")
+
+
+UNDECRYPTABLE = "undecryptable"
+
+
+def committee_outcome(store: ObjectStore, round_no: int) -> dict | None:
+    """A threshold round's committee result from the hospitals' signed outcome records:
+    ``{"decrypted": True, "hospitals": [...]}`` once any hospital decrypted, ``{"decrypted":
+    False, "reason": ...}`` if only failures are recorded, None while nothing is."""
+    from . import threshold_flow
+
+    found = threshold_flow.outcomes(store, round_no)
+    if not found:
+        return None
+    decrypted = sorted(h for h, o in found.items() if o.get("decrypted"))
+    if decrypted:
+        return {"decrypted": True, "hospitals": decrypted}
+    reasons = sorted({str(o.get("reason")) for o in found.values()})
+    return {"decrypted": False, "reason": "; ".join(reasons), "hospitals": sorted(found)}
+
+
+def wait_for_committee(store: ObjectStore, round_no: int, timeout: float, poll: float = 1.0,
+                       clock=time.monotonic, sleep=time.sleep) -> dict:
+    """After ``model_ready`` of a threshold round: the committee's result. Every live hospital
+    gets the same partials, so the first recorded outcome decides, with a grace of two polls
+    for a decrypted one after a failure."""
+    deadline = clock() + timeout
+    failed_at = None
+    while True:
+        result = committee_outcome(store, round_no)
+        if result is not None and result["decrypted"]:
+            return result
+        if result is not None:
+            failed_at = failed_at if failed_at is not None else clock()
+            if clock() - failed_at >= 2 * poll:
+                return result
+        if clock() > deadline:
+            return result or {"decrypted": False, "reason": f"no hospital reported the committee's result "
+                                                             f"of round {round_no} within {timeout:.0f}s"}
+        sleep(poll)
 
 
 def round_result(start: dict, outcome: dict) -> dict:
@@ -186,9 +269,15 @@ def _timings(record: dict, state: RoundState | None) -> dict:
 def status(store: ObjectStore) -> list[dict]:
     """Every round with its state, contributors, refusals (with reasons) and timings.
 
-    Refusals the aggregator could not attach to a round (an unknown round number, a message
-    that did not decode) come last: under their claimed round number with state ``unknown``,
-    or under round 0 with state ``malformed`` for messages that did not decode."""
+    ``refused``: updates the aggregator refused; ``refused_by_hospitals``: messages of the
+    round a hospital refused (a ``round_start`` it would not take part in or encrypt for, an
+    aggregate it would not decrypt).
+
+    Refusals the aggregator could not attach to a round's record (an unknown round number, a
+    message that did not decode, or one whose signature, sender or broker user did not check
+    out) are listed with the round they claim when it exists; otherwise they come last, under
+    their claimed round number with state ``unknown``, or under round 0 with state
+    ``malformed`` for messages that did not decode."""
     rows = []
     for round_no in rounds.list_rounds(store):
         record = rounds.read_json(store, rounds.round_key(round_no)) or {}
@@ -201,6 +290,7 @@ def status(store: ObjectStore) -> list[dict]:
             "contributors": state.contributors if state else [],
             "total_samples": state.total_samples if state else 0,
             "refused": state.refused if state else [],
+            "refused_by_hospitals": rounds.hospital_refusals(store, round_no),
             "reason": state.reason if state else None,
             "model_key": state.model_key if state else None,
             "timings": _timings(record, state),
@@ -208,16 +298,23 @@ def status(store: ObjectStore) -> list[dict]:
             "finished_at": state.finished_at if state else None,
             "announced": state.announced if state else False,
         })
-    known = {row["round"] for row in rows}
+        if record.get("codec_profile") == "threshold" and state is not None and state.status == COMPLETE:
+            rows[-1]["committee"] = committee_outcome(store, round_no)
+            if rows[-1]["committee"] is not None and not rows[-1]["committee"]["decrypted"]:
+                rows[-1]["state"], rows[-1]["reason"] = UNDECRYPTABLE, rows[-1]["committee"]["reason"]
+    known = {row["round"]: row for row in rows}
     unrouted: dict = {}
     for entry in (rounds.read_json(store, rounds.UNROUTED_REFUSALS_KEY) or {}).get("refused", []):
-        unrouted.setdefault(entry.get("round") or 0, []).append(entry)
+        round_no = entry.get("round")
+        unrouted.setdefault(round_no if isinstance(round_no, int) else 0, []).append(entry)
     for round_no in sorted(unrouted, key=lambda r: (r == 0, r)):
-        if round_no in known:
+        if round_no in known:  # e.g. a forged or replayed message claiming a real round
+            known[round_no]["refused"] = known[round_no]["refused"] + unrouted[round_no]
             continue
         rows.append({"round": round_no, "state": "unknown" if round_no else "malformed",
                      "quorum": None, "min_clients": None, "deadline": None, "contributors": [],
-                     "total_samples": 0, "refused": unrouted[round_no], "reason": None,
+                     "total_samples": 0, "refused": unrouted[round_no], "refused_by_hospitals": [],
+                     "reason": None,
                      "model_key": None, "timings": {}, "issued_at": None, "finished_at": None,
                      "announced": False})
     return rows

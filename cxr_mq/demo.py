@@ -29,7 +29,7 @@ import numpy as np
 from workers.aggregator import AggregatorWorker
 from workers.hospital import HospitalWorker
 
-from . import controller, crypto, metrics, training
+from . import controller, crypto, identity, metrics, training
 from .config import ConfigError, Settings
 from .config import _redact as redact_url
 from .data import load_images, map_label, read_label_file, split_patients, write_label_file
@@ -211,16 +211,20 @@ class Federation:
         self._server = None
         self._brokers: list[Broker] = []
 
-    def broker(self) -> Broker:
+    def broker(self, user: str = "controller") -> Broker:
+        """A connection for party ``user``: in-process, logged in as that party (so every
+        message carries its sender's ``user_id``); on RabbitMQ, with the URL's one login."""
         if self.options.broker:
+            from .runtime import tls_options
             from .transport.rabbitmq import RabbitMQBroker
             broker = RabbitMQBroker(self.options.broker, self.topology,
-                                    reconnect_for=BROKER_RECONNECT_SECONDS)
+                                    reconnect_for=BROKER_RECONNECT_SECONDS,
+                                    tls=tls_options(self.settings))
         else:
             from .transport.embedded import EmbeddedBroker, EmbeddedServer
             if self._server is None:
                 self._server = EmbeddedServer()
-            broker = EmbeddedBroker(self._server, self.topology)
+            broker = EmbeddedBroker(self._server, self.topology, user=user)
         self._brokers.append(broker)
         return broker
 
@@ -482,14 +486,26 @@ class DemoRun:
         ids = [d.name for d in dirs]
         control.declare_topology(ids)
         queue = control.temporary_queue(["model_ready", "round_aborted"])
-        aggregator = DemoAggregator(crew, federation.broker(), store, public, hospitals=ids,
-                                    work_dir=str(root), stop=crew.stop)
-        hospitals = [DemoHospital(crew, federation.broker(), store, secret, d.name, str(d),
-                                  str(root / "work"), stop=crew.stop) for d in dirs]
+        # the demo plays the key authority: one identity per party, registered in its store
+        parties = {name: identity.provision(store, name, role) for name, role in
+                   [("controller", "controller"), ("aggregator", "aggregator")]
+                   + [(h, "hospital") for h in ids]}
+        # on RabbitMQ every party uses the URL's one login; in-process each has its own
+        shared = frozenset({control.user}) if self.options.broker else frozenset()
+        verifier = identity.Verifier(identity.Registry(store), shared_broker_users=shared)
+        aggregator = DemoAggregator(crew, federation.broker("aggregator"), store, public,
+                                    hospitals=ids, work_dir=str(root), stop=crew.stop,
+                                    identity=parties["aggregator"], verifier=verifier)
+        hospitals = [DemoHospital(crew, federation.broker(d.name), store, secret, d.name, str(d),
+                                  str(root / "work"), stop=crew.stop, identity=parties[d.name],
+                                  verifier=verifier,
+                                  min_clients_floor=self._min_clients_floor(len(dirs)))
+                     for d in dirs]
         crew.start("aggregator", aggregator)
         for hospital in hospitals:
             crew.start(hospital.id, hospital)
-        return _Session(crew, control, queue, store, secret, public, aggregator, hospitals)
+        return _Session(crew, control, queue, store, secret, public, aggregator, hospitals,
+                        parties["controller"], verifier)
 
     def _say(self, what: str) -> None:
         if self.view is not None and hasattr(self.view, "preparing"):
@@ -530,28 +546,37 @@ class DemoRun:
         training.train_local(model, data, params)
         training.predict_proba(model, data.x_train[:k])
 
-    def _wait(self, control, queue, round_no: int, crew: Crew) -> dict:
+    def _wait(self, control, queue, round_no: int, crew: Crew, verifier=None) -> dict:
         limit = time.monotonic() + self.options.deadline + 60
         while True:
             crew.check()
             try:
-                return controller.wait_for_round(control, queue, round_no, POLL_SECONDS)
+                return controller.wait_for_round(control, queue, round_no, POLL_SECONDS,
+                                                 verifier=verifier)
             except controller.RoundTimeout:
                 if time.monotonic() > limit:
                     raise DemoError(f"round {round_no}: no model_ready or round_aborted within "
                                     f"{self.options.deadline + 60:.0f}s") from None
+
+    def _min_clients_floor(self, hospitals: int) -> int:
+        """A demo of fewer hospitals than the floor lowers it to their number: one process
+        holds every hospital's update anyway, so there is nobody to hide them from."""
+        return min(self.settings.min_clients_floor, hospitals)
 
     def _one_round(self, session: "_Session", result: DemoResult) -> RoundReport:
         options, ids = self.options, [h.id for h in session.hospitals]
         request = controller.RoundRequest(quorum=len(ids), min_clients=len(ids),
                                           deadline_seconds=options.deadline,
                                           training=options.training_params(len(result.rounds) + 1),
-                                          hospitals=tuple(ids))
+                                          hospitals=tuple(ids),
+                                          min_clients_floor=self._min_clients_floor(len(ids)))
         started = time.perf_counter()
-        round_no = controller.open_round(session.control, session.store, session.public, request)["round"]
+        round_no = controller.open_round(session.control, session.store, session.public, request,
+                                         session.controller_identity)["round"]
         if self.view:
             self.view.round_started(round_no, session.hospitals, session.aggregator)
-        outcome = self._wait(session.control, session.queue, round_no, session.crew)
+        outcome = self._wait(session.control, session.queue, round_no, session.crew,
+                             session.verifier)
         wall = time.perf_counter() - started
         if outcome["schema"] != "model_ready":
             raise DemoError(f"round {round_no} aborted: {outcome.get('reason')}")
@@ -597,6 +622,8 @@ class _Session:
     public: object
     aggregator: DemoAggregator
     hospitals: list
+    controller_identity: identity.Identity
+    verifier: identity.Verifier
     test_set: tuple = ()
 
 

@@ -8,6 +8,8 @@ Everything here is read from objects the federation writes anyway, holding no ke
   accuracy; ``global``: the previous round's global model on the hospital's validation
   split; ``timings``: train, encrypt and upload seconds), the refusals with their reasons,
   and its own aggregate and finalize seconds;
+- the hospitals' own refusals (``rounds/<r>/updates/<h>.refused``: a ``round_start`` or an
+  aggregate a hospital would not take), listed with the aggregator's, ``by`` saying whose;
 - the hospitals' evaluation records (``rounds/<r>/evaluations/<hospital>``): round r's global
   model on each hospital's validation split, written after ``model_ready``.
 
@@ -140,8 +142,10 @@ def collect(store: ObjectStore, low: int | None = None, high: int | None = None)
         out.append(RoundHistory(
             round=round_no, status=current.status if current else "started",
             contributors=current.contributors if current else [],
-            refused=[{"hospital": r.get("hospital"), "reason": r.get("reason")}
-                     for r in (current.refused if current else [])],
+            refused=[{"hospital": r.get("hospital"), "reason": r.get("reason"), "by": "aggregator"}
+                     for r in (current.refused if current else [])]
+            + [{"hospital": r.get("hospital"), "reason": r.get("reason"), "by": "hospital"}
+               for r in rounds.hospital_refusals(store, round_no)],
             total_samples=current.total_samples if current else 0,
             metrics=pooled_metrics(per_hospital), per_hospital=per_hospital, train=train,
             bytes_uploaded=int(sum(a.get("size", 0) for a in accepted)),

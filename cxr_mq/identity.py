@@ -42,6 +42,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -122,8 +123,8 @@ class PublicIdentity:
     x25519: bytes
     role: str | None = None
 
-    @property
-    def signing_key(self) -> Ed25519PublicKey:
+    @cached_property
+    def signing_key(self) -> Ed25519PublicKey:  # parsed once per registry entry
         return Ed25519PublicKey.from_public_bytes(self.ed25519)
 
     @property
@@ -370,8 +371,8 @@ class Verifier:
             raise IdentityError(f"unsigned {kind}: no signer or signature")
         sender = self.registry.get(signer)
         if sender.role != role:
-            raise IdentityError(f"wrong role: {kind} from {signer!r}, a {sender.role}; "
-                                f"only a {role} may send it")
+            raise IdentityError(f"wrong role: {kind} from {signer!r}, registered as {sender.role}; "
+                                f"only the {role} role may send it")
         try:
             sender.signing_key.verify(bytes.fromhex(signature), canonical_bytes(message))
         except (InvalidSignature, ValueError):
@@ -383,6 +384,13 @@ class Verifier:
         if time_field is not None:
             self._check_time(kind, signer, message.get(time_field))
         return sender
+
+    def verify_stored(self, message: dict, role: str | None = None) -> PublicIdentity:
+        """Check a signed message read from the store (e.g. the round record): signature,
+        sender and role; no broker user, and no age (a record outlives its round)."""
+        stored = Verifier(self.registry, check_broker_user=False, max_age=float("inf"),
+                          max_skew=float("inf"), clock=self.clock)
+        return stored.verify(message, role=role)
 
     def _check_broker_user(self, kind, signer: str, broker_user: str | None) -> None:
         if not self.check_broker_user or broker_user in self.shared_broker_users:

@@ -7,7 +7,7 @@ before encryption, so the aggregator's sum is already the weighted sum.
 """
 from __future__ import annotations
 
-from .rounds import ABORTED, COMPLETE, OPEN, RoundState
+from .rounds import ABORTED, COMPLETE, OPEN, RoundState, update_key
 
 
 class RoundPolicy:
@@ -23,6 +23,9 @@ class RoundPolicy:
             return f"round {state.round} deadline has passed"
         if state.hospitals and hospital not in state.hospitals:
             return f"unknown sender {hospital!r}: not a participant of round {state.round}"
+        if update["key"] != update_key(state.round, hospital):
+            return (f"wrong object key {update['key']!r}: hospital {hospital!r}'s update for round "
+                    f"{state.round} lives only at {update_key(state.round, hospital)!r}")
         if update["key_fingerprint"] != state.key_fingerprint:
             return (f"key fingerprint mismatch: update has {update['key_fingerprint'][:16]}…, "
                     f"round uses {state.key_fingerprint[:16]}…")
@@ -31,6 +34,9 @@ class RoundPolicy:
         previous = state.accepted_from(hospital)
         if previous is not None and previous["sha256"] != update["sha256"]:
             return f"duplicate hospital {hospital!r} with different content"
+        if len(state.accepted) >= state.most_contributors:
+            return (f"round {state.round} takes at most {state.most_contributors} contributors: "
+                    "one more could make the sum wrap")
         return None
 
     def is_duplicate(self, state: RoundState, update: dict) -> bool:

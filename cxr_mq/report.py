@@ -263,7 +263,7 @@ def build_federation_report(history: list, source: dict) -> dict:
             "complete": sum(1 for r in history if r.status == "complete"),
             "aborted": sum(1 for r in history if r.status == "aborted"),
             "updates_accepted": sum(len(r.contributors) for r in history),
-            "updates_refused": sum(len(r.refused) for r in history),
+            "refusals": sum(len(r.refused) for r in history),
             "bytes_uploaded": int(sum(r.bytes_uploaded for r in history)),
         },
         "plots": {},
@@ -416,12 +416,14 @@ def _federation_html(report: dict) -> str:
     hospitals_table = _table("hospitals", ["round", "hospital", "validation n", "accuracy", "AUC",
                                            "sensitivity+", "PPV+", "train loss", "train s",
                                            "encrypt s", "upload s"], hospital_rows, text_columns=(1,))
-    refusals = [[r["round"], x["hospital"], x["reason"]] for r in rows for x in r["refused"]]
-    refusals_table = (_table("refusals", ["round", "hospital", "reason"], refusals, text_columns=(1, 2))
-                      if refusals else '<p id="refusals">No update was refused.</p>')
+    refusals = [[r["round"], x["hospital"], x.get("by", "aggregator"), x["reason"]]
+                for r in rows for x in r["refused"]]
+    refusals_table = (_table("refusals", ["round", "hospital", "refused by", "reason"], refusals,
+                             text_columns=(1, 2, 3))
+                      if refusals else '<p id="refusals">Nothing was refused.</p>')
     body = (f"<p>{totals['rounds']} rounds ({totals['complete']} complete, {totals['aborted']} "
-            f"aborted), {totals['updates_accepted']} updates accepted, {totals['updates_refused']} "
-            f"refused, {totals['bytes_uploaded'] / 1e6:.2f} MB uploaded; {html.escape(source)}.</p>"
+            f"aborted), {totals['updates_accepted']} updates accepted, {totals['refusals']} "
+            f"refusals, {totals['bytes_uploaded'] / 1e6:.2f} MB uploaded; {html.escape(source)}.</p>"
             f"<p>Round r's global model as the hospitals measured it on their own validation "
             f"splits. Overall accuracy, sensitivity and PPV pool their confusion matrices; the "
             f"overall AUC is the {html.escape(report['auc_pooling'])}.</p>"

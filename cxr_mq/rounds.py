@@ -8,6 +8,8 @@ Layout (``<r>`` is the round number, zero-padded so keys sort by round):
 - ``rounds/<r>/updates/<hospital>``: a hospital's encrypted, sample-weighted update
 - ``rounds/<r>/updates/<hospital>.msg``: the ``update_ready`` message for it, so a hospital
   restarted after uploading republishes the same update instead of training a different one
+- ``rounds/<r>/updates/<hospital>.refused``: what that hospital refused in the round, and why
+  (a ``round_start`` it would not take part in, an aggregate it would not decrypt)
 - ``rounds/<r>/state``: the aggregator's record (accepted and refused updates, outcome)
 - ``rounds/<r>/aggregate``: the encrypted sum of the accepted updates
 - ``rounds/<r>/evaluations/<hospital>``: the round's global model's metrics on that
@@ -57,6 +59,29 @@ def evaluation_key(round_no: int, hospital: str) -> str:
     return f"{round_prefix(round_no)}/evaluations/{hospital}"
 
 
+def hospital_refusals_key(round_no: int, hospital: str) -> str:
+    return update_key(round_no, hospital) + ".refused"
+
+
+def record_hospital_refusal(store: ObjectStore, round_no: int, hospital: str, message: str,
+                            reason: str, at: float) -> None:
+    """Add a hospital's refusal to its own record of the round (only it writes there)."""
+    key = hospital_refusals_key(round_no, hospital)
+    kept = read_json(store, key) or {"refused": []}
+    kept["refused"] = kept["refused"][-49:] + [{"hospital": hospital, "message": message,
+                                                "reason": reason, "at": at, "by": "hospital"}]
+    write_json(store, key, kept)
+
+
+def hospital_refusals(store: ObjectStore, round_no: int) -> list[dict]:
+    """Every hospital's refusals in a round, oldest first."""
+    found = []
+    for key in store.list(f"{round_prefix(round_no)}/updates/"):
+        if key.endswith(".refused"):
+            found += (read_json(store, key) or {}).get("refused", [])
+    return sorted(found, key=lambda entry: entry.get("at", 0))
+
+
 def state_key(round_no: int) -> str:
     return f"{round_prefix(round_no)}/state"
 
@@ -101,6 +126,7 @@ class RoundState:
     n_params: int
     key_fingerprint: str
     hospitals: list[str] = field(default_factory=list)
+    max_contributors: int | None = None  # None (older records): the quorum
     status: str = OPEN
     accepted: list[dict] = field(default_factory=list)
     refused: list[dict] = field(default_factory=list)
@@ -121,7 +147,7 @@ class RoundState:
         return cls(round=msg["round"], quorum=msg["quorum"], min_clients=msg["min_clients"],
                    deadline=msg["deadline"], n_params=msg["n_params"],
                    key_fingerprint=msg["key_fingerprint"], hospitals=list(msg.get("hospitals", [])),
-                   opened_at=now)
+                   max_contributors=msg.get("max_contributors"), opened_at=now)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RoundState":
@@ -131,6 +157,11 @@ class RoundState:
         data = asdict(self)
         data.pop("etag")
         return data
+
+    @property
+    def most_contributors(self) -> int:
+        """The most updates this round's sum may take (it closes at its quorum anyway)."""
+        return self.max_contributors or self.quorum
 
     def accepted_from(self, hospital: str) -> dict | None:
         return next((a for a in self.accepted if a["hospital"] == hospital), None)

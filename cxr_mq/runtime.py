@@ -17,13 +17,18 @@ def make_store(settings: Settings) -> ObjectStore:
                    endpoint_url=settings.s3_endpoint_url, region=settings.aws_region)
 
 
+def tls_options(settings: Settings):
+    from .transport.rabbitmq import TlsOptions
+
+    return TlsOptions(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file,
+                      settings.amqp_tls_required)
+
+
 def make_broker(settings: Settings) -> Broker:
-    from .transport.rabbitmq import RabbitMQBroker, TlsOptions
+    from .transport.rabbitmq import RabbitMQBroker
 
     settings.require("amqp_url")
-    tls = TlsOptions(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file,
-                     settings.amqp_tls_required)
-    return RabbitMQBroker(settings.amqp_url, Topology(settings.namespace), tls=tls)
+    return RabbitMQBroker(settings.amqp_url, Topology(settings.namespace), tls=tls_options(settings))
 
 
 def load_public_codec(store: ObjectStore, settings: Settings, path: str | None = None):
@@ -51,6 +56,18 @@ def make_kms(settings: Settings):
                         region_name=settings.aws_region)
 
 
+def load_hospital_codec(settings: Settings, store: ObjectStore):
+    """A hospital's codec: under the threshold profile the public context in the bucket (the
+    hospital's secret is its committee share, in its work directory), else its secret file."""
+    try:
+        public = crypto.load_context(store.get_bytes(settings.public_context_key))
+    except (ObjectNotFound, crypto.CodecError):
+        public = None
+    if public is not None and public.profile == "threshold":
+        return public
+    return load_secret_codec(settings)
+
+
 def load_secret_codec(settings: Settings, path: str | Path | None = None):
     """A hospital's secret context from its file, plain or KMS-wrapped (unwrapped here, in
     memory only)."""
@@ -65,3 +82,25 @@ def load_secret_codec(settings: Settings, path: str | Path | None = None):
     if not codec.has_secret_key:
         raise ConfigError(env_name("secret_context"), f"{target} holds no secret key")
     return codec
+
+
+def load_identity(settings: Settings, store: ObjectStore, role: str, party_id: str | None = None):
+    """This party's identity (``--identity`` / ``CXR_MQ_IDENTITY``), checked against the
+    registry: registered, with the same keys, in ``role`` (and named ``party_id``)."""
+    from .identity import Identity, Registry
+
+    ident = Identity.load(settings.identity_path())
+    if party_id is not None and ident.id != party_id:
+        raise ConfigError(env_name("identity"), f"{settings.identity} is the identity of "
+                          f"{ident.id!r}, not {party_id!r}")
+    Registry(store).require(ident, role)
+    return ident
+
+
+def make_verifier(settings: Settings, store: ObjectStore):
+    """Checks every incoming message against the registry in ``store``."""
+    from .identity import Registry, Verifier
+
+    return Verifier(Registry(store), max_age=float(settings.message_max_age),
+                    shared_broker_users=frozenset(settings.shared_broker_users))
+

@@ -47,6 +47,10 @@ class FlowError(Exception):
     """A missing, unsigned, altered or inconsistent object; ``str(error)`` says which."""
 
 
+class RoundUndecryptable(FlowError):
+    """Fewer than t committee members were alive (or answered) by the committee deadline."""
+
+
 def ceremony_key(ceremony_id: str, *parts: str) -> str:
     return CEREMONY_PREFIX + "/".join((ceremony_id, *parts))
 
@@ -63,14 +67,20 @@ def round_key_object(round_no: int, hospital: str) -> str:
 
 
 def put_signed(store: ObjectStore, key: str, data: bytes, me, *, if_none_match: bool = False, **fields) -> None:
-    """Write ``data`` at ``key`` and its signed record at ``key.sig`` (record first: an object
-    without a valid record is never used)."""
+    """Write ``data`` at ``key`` and its signed record at ``key.sig``; a reader uses an object
+    only once the record names its hash. With ``if_none_match`` the object is created only if
+    absent (``PreconditionFailed`` otherwise) and the record follows it."""
     from .identity import sign
 
     record = sign({"schema": "threshold_object", "version": 1, "key": key,
                    "sha256": hashlib.sha256(data).hexdigest(), "signed_at": time.time(), **fields}, me)
-    store.put_bytes(key + ".sig", json.dumps(record, sort_keys=True).encode())
-    store.put_bytes(key, data, if_none_match=if_none_match)
+    record_bytes = json.dumps(record, sort_keys=True).encode()
+    if if_none_match:  # the object decides who won; only the winner then writes its record
+        store.put_bytes(key, data, if_none_match=True)
+        store.put_bytes(key + ".sig", record_bytes)
+        return
+    store.put_bytes(key + ".sig", record_bytes)
+    store.put_bytes(key, data)
 
 
 def get_signed(store: ObjectStore, key: str, registry, *, role: str, signer: str | None = None) -> tuple[bytes, dict]:
@@ -143,7 +153,7 @@ def finalize_ceremony(store: ObjectStore, ceremony_id: str, registry, authority)
         contributions.append(ceremony.PublicContribution.from_bytes(data))
     public_key = ceremony.finalize(params, contributions)
     codec = ThresholdCodec(public_key, federation=params.federation, parties=params.parties,
-                           threshold=params.threshold)
+                           threshold=params.threshold, ceremony_id=params.ceremony_id)
     put_signed(store, ceremony_key(ceremony_id, "public"), codec.public_bytes(), authority)
     return codec
 
@@ -227,6 +237,26 @@ def save_share(share: CommitteeShare, path) -> None:
     os.replace(tmp, path)
 
 
+def load_share(work_dir, codec: ThresholdCodec) -> CommitteeShare:
+    """This hospital's committee share for ``codec`` (the public context names its ceremony)."""
+    path = share_path(work_dir, codec.ceremony_id)
+    try:
+        share = CommitteeShare.from_bytes(path.read_bytes())
+    except OSError as exc:
+        raise FlowError(f"{path}: no committee share for ceremony {codec.ceremony_id!r} ({exc.strerror}); "
+                        "was this hospital running during 'cxr-mq keys init --threshold'?") from None
+    if share.committee != codec.committee_key.fingerprint():
+        raise FlowError(f"{path}: the committee share belongs to another collective key")
+    return share
+
+
+def encrypt_and_upload(store: ObjectStore, codec: ThresholdCodec, weights, n_samples: int, out, encoding, me) -> None:
+    """A hospital's upload under the threshold profile: the stream to ``out`` (the caller
+    stores it as today) and the round's key ciphertext with its signed message."""
+    key_ct = codec.encrypt_update(weights, n_samples, out, encoding=encoding, hospital=me.id)
+    upload_round_key(store, encoding.federation, encoding.round, me, key_ct)
+
+
 def on_ceremony_start(store: ObjectStore, message: dict, me, registry) -> str:
     """A hospital worker's handler body: deal (once). Returns what it did, for the log."""
     params = read_ceremony(store, message["ceremony_id"], registry)
@@ -275,7 +305,10 @@ def choose_active(store: ObjectStore, round_no: int, share: CommitteeShare, regi
         data, _ = get_signed(store, key, registry, role="hospital")
         return tuple(json.loads(data))
     except ObjectNotFound:
-        pass
+        if store.exists(key):
+            return None  # decided, its record on the way
+    except FlowError:
+        return None  # decided, the record not yet matching: ask again
     ready = []
     for member in share.params.parties:
         try:
@@ -290,7 +323,10 @@ def choose_active(store: ObjectStore, round_no: int, share: CommitteeShare, regi
         put_signed(store, key, json.dumps(list(active)).encode(), me, if_none_match=True)
     except PreconditionFailed:
         pass  # another member decided first: read its choice
-    data, _ = get_signed(store, key, registry, role="hospital")
+    try:
+        data, _ = get_signed(store, key, registry, role="hospital")
+    except (ObjectNotFound, FlowError):
+        return None  # the winner's record is not there yet: ask again
     return tuple(json.loads(data))
 
 
@@ -333,3 +369,79 @@ def collect(store: ObjectStore, request: DecryptionRequest, me, registry):
     return committee.combine(request, partials)
 
 
+
+
+def decrypt_round(store: ObjectStore, codec: ThresholdCodec, share: CommitteeShare, round_no: int, contributors,
+                  aggregate: bytes, me, registry, ledger: Ledger, *, min_clients: int, deadline: float,
+                  poll: float = 0.5, sleep=time.sleep, clock=time.time):
+    """What a hospital does after ``model_ready`` under the threshold profile: offer to
+    decrypt, learn the active set, answer if in it, collect the partials sealed to it and
+    decrypt the aggregate. Returns (FedAvg weights, total samples); raises
+    :class:`RoundUndecryptable` with the reason if the committee cannot finish by ``deadline``
+    (unix time), and ``CommitteeRefusal`` if this member refuses the request."""
+    volunteer(store, round_no, me)
+    active = None
+    while active is None:
+        active = choose_active(store, round_no, share, registry, me)
+        if active is None:
+            if clock() > deadline:
+                ready = [p for p in share.params.parties if store.exists(committee_key(round_no, "ready", p))]
+                raise RoundUndecryptable(
+                    f"round {round_no}: only {len(ready)} of the {share.params.threshold} committee members needed "
+                    f"were alive by the deadline ({', '.join(ready) or 'none'})")
+            sleep(poll)
+    request = build_request(store, codec, round_no, contributors, aggregate, active)
+    if me.id in active:
+        answer(store, request, share, me, registry, ledger, min_clients)
+    problem = None
+    while True:
+        try:
+            key_sum = collect(store, request, me, registry)
+        except FlowError as exc:  # e.g. a partial read between its record and its bytes: retry
+            key_sum, problem = None, exc
+        if key_sum is not None:
+            return codec.decrypt_aggregate(io.BytesIO(aggregate), key_sum, n_updates=len(request.contributors),
+                                           min_updates=min_clients)
+        if clock() > deadline:
+            missing = [m for m in active if not store.exists(committee_key(round_no, "partials", m))]
+            raise RoundUndecryptable(
+                f"round {round_no}: " + (f"active member(s) {', '.join(missing)} did not answer by the deadline"
+                                         if missing else f"the partials do not check out ({problem})")
+                + "; a member answers once per round, so the round stays undecryptable")
+        sleep(poll)
+
+
+def round_encoding(codec: ThresholdCodec, round_start: dict):
+    """The round's encoding from its (signed) ``round_start``: at most ``max_contributors``
+    (else ``quorum``) contributors."""
+    from .crypto.threshold import RoundEncoding
+
+    fields = round_start.get("encoding")
+    if not fields:
+        raise FlowError(f"round {round_start['round']}: round_start carries no threshold encoding")
+    most = round_start.get("max_contributors") or round_start["quorum"]
+    return RoundEncoding(codec.federation, int(round_start["round"]), int(most),
+                         int(fields["max_samples"]), float(fields["weight_bound"]))
+
+
+def record_outcome(store: ObjectStore, round_no: int, me, reason: str | None) -> None:
+    """What this hospital's committee part came to (``status`` and ``start-round --wait``
+    read it): decrypted, or the reason the round is undecryptable."""
+    body = json.dumps({"round": int(round_no), "hospital": me.id, "decrypted": reason is None,
+                       "reason": reason}).encode()
+    put_signed(store, committee_key(round_no, "outcome", me.id), body, me)
+
+
+def outcomes(store: ObjectStore, round_no: int) -> dict[str, dict]:
+    """Each hospital's recorded committee outcome of a round (unchecked: for display)."""
+    prefix = committee_key(round_no, "outcome") + "/"
+    found = {}
+    for key in store.list(prefix):
+        if key.endswith(".sig"):
+            continue
+        try:
+            entry = json.loads(store.get_bytes(key))
+            found[str(entry["hospital"])] = entry
+        except (ObjectNotFound, ValueError, KeyError, TypeError):
+            continue
+    return found

@@ -41,15 +41,17 @@ def round_progress(store: ObjectStore, round_no: int, now: float | None = None) 
     state = RoundState.load(store, round_no)
     prefix = rounds.update_key(round_no, "")
     objects = {key[len(prefix):] for key in store.list(prefix)}
+    by_hospitals = rounds.hospital_refusals(store, round_no)  # what a hospital itself refused
     hospitals = list(record.get("hospitals") or [])
-    seen = {name.removesuffix(".msg") for name in objects}
+    seen = {name.split(".", 1)[0] for name in objects}  # h, h.msg, h.refused: hospital h
     seen |= {a["hospital"] for a in (state.accepted if state else [])}
     seen |= {r["hospital"] for r in (state.refused if state else [])}
     hospitals += sorted(seen - set(hospitals))
     rows = []
     for hospital in hospitals:
         accepted = state.accepted_from(hospital) if state else None
-        refusals = [r for r in (state.refused if state else []) if r["hospital"] == hospital]
+        refusals = [r for r in (state.refused if state else []) + by_hospitals
+                    if r["hospital"] == hospital]
         timings = ((accepted or {}).get("metrics") or {}).get("timings") or {}
         rows.append({
             "hospital": hospital,

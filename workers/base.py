@@ -1,8 +1,10 @@
 """What every long-running worker shares: signal handling, decoding and dispatch by schema.
 
 A worker registers one handler per message kind. A message that fails to decode or validate
-is dead-lettered with the reason; a handler raises ``Refuse`` for a valid message it will not
-use. SIGTERM and SIGINT set the stop event: the current message is finished or requeued and
+is dead-lettered with the reason. Before anything else is done with a decoded message, its
+signature, its sender's registry entry and role, the broker user that published it and its
+age are checked (``cxr_mq.identity.Verifier``); a message that fails is dead-lettered with
+the reason too. A handler raises ``Refuse`` for a verified message it will not use. SIGTERM and SIGINT set the stop event: the current message is finished or requeued and
 the process exits 0. Housekeeping (``tick``) that fails, e.g. on an S3 outage, is logged and
 tried again on the next tick: it never takes the worker down.
 """
@@ -12,7 +14,8 @@ import signal
 import threading
 from typing import Callable
 
-from cxr_mq import messages
+from cxr_mq import identity, messages
+from cxr_mq.identity import Identity, IdentityError, Verifier
 from cxr_mq.log import get_logger
 from cxr_mq.observability import Metrics, process_metrics
 from cxr_mq.transport.base import Broker, Delivery, Refuse, Requeue
@@ -25,8 +28,10 @@ class Worker:
     role: str = "worker"
 
     def __init__(self, broker: Broker, stop: threading.Event | None = None,
-                 metrics: Metrics | None = None, **context):
+                 metrics: Metrics | None = None, *, identity: Identity, verifier: Verifier,
+                 **context):
         self.broker = broker
+        self.identity, self.verifier = identity, verifier
         self.stop = stop or threading.Event()
         self.log = get_logger(**context)
         self.role = context.get("role", self.role)
@@ -47,6 +52,14 @@ class Worker:
                 message = messages.decode(delivery.body)
             except messages.MessageError as exc:
                 raise Refuse(str(exc)) from None
+            try:
+                self.verifier.verify(message, broker_user=delivery.user_id)
+            except IdentityError as exc:
+                self.log.warning("unverified_message_refused", reason=str(exc),
+                                 kind=message.get("schema"), signer=message.get("signer"),
+                                 broker_user=delivery.user_id)
+                self.on_unverified(message, delivery, str(exc))
+                raise Refuse(str(exc)) from None
             handler = self.handlers.get(message["schema"])
             if handler is None:
                 raise Refuse(f"{message['schema']} is not for {self.queue}")
@@ -66,6 +79,13 @@ class Worker:
 
     def on_malformed(self, delivery: Delivery, reason: str) -> None:
         """A message that did not decode or validate is about to be dead-lettered."""
+
+    def on_unverified(self, message: dict, delivery: Delivery, reason: str) -> None:
+        """A message whose signature, sender, broker user or age did not check out is about to
+        be dead-lettered; nothing in it may be trusted."""
+
+    def sign(self, message: dict) -> dict:
+        return identity.sign(message, self.identity)
 
     def tick(self) -> None:
         """Periodic housekeeping (deadlines); called from the broker's loop."""

@@ -21,6 +21,14 @@ upload, messages, acks, decryption) is the code above. Such a hospital needs no 
 
 A permanent S3 fault (e.g. access denied) gives up this hospital's part in the round: its
 ``round_start`` is dead-lettered with the error; the worker goes on with the next message.
+
+Limits a hospital keeps whatever it is told (issue 10): it takes no part in a round whose
+minimum is below its ``min_clients_floor``; it encrypts nothing that a sum of the round's
+``max_contributors`` could wrap (the codec refuses before encrypting; ``round_start`` is
+dead-lettered, not retrained); it decrypts an aggregate only if it sums exactly
+``model_ready``'s contributors, at least the minimum, each once (the codec checks the seed
+records). Each refusal is dead-lettered with its reason and kept in
+``rounds/<r>/updates/<hospital>.refused``, where ``cxr-mq status`` shows it.
 """
 from __future__ import annotations
 
@@ -35,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_mq import messages, rounds, training
+from cxr_mq import bound, messages, rounds, training
+from cxr_mq.crypto import CodecError
 from cxr_mq.faults import CrashPoints
 from cxr_mq.rounds import OPEN, RoundState
 from cxr_mq.storage.base import ObjectNotFound, ObjectStore, StoreError
@@ -48,11 +57,14 @@ class HospitalWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, hospital_id: str, data_dir: str,
                  work_dir: str, stop=None, val_fraction: float = 0.2, skip_bad: bool = False,
                  clock=time.time, metrics=None, synthetic: bool = False,
-                 keep_plaintext_updates: int = 0):
-        super().__init__(broker, stop, metrics=metrics, role="hospital", hospital=hospital_id)
+                 keep_plaintext_updates: int = 0, min_clients_floor: int = 3, *, identity, verifier, committee_timeout: float = 120.0):
+        super().__init__(broker, stop, metrics=metrics, role="hospital", hospital=hospital_id,
+                         identity=identity, verifier=verifier)
+        if identity.id != hospital_id:
+            raise ValueError(f"hospital {hospital_id!r} given the identity of {identity.id!r}")
         self.metrics.watch(self.role, store=store)
         self.crash = CrashPoints()
-        if not codec.has_secret_key:
+        if not codec.has_secret_key and codec.profile != "threshold":
             raise ValueError("a hospital needs the secret context to decrypt the global model")
         self.store, self.codec, self.id = store, codec, hospital_id
         self.data_dir, self.val_fraction, self.skip_bad = data_dir, val_fraction, skip_bad
@@ -60,10 +72,13 @@ class HospitalWorker(Worker):
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
         self.synthetic = synthetic
+        self.min_clients_floor = min_clients_floor
         self.keep_plaintext_updates = keep_plaintext_updates  # rounds; 0 keeps none
+        self.committee_timeout = committee_timeout  # threshold profile: seconds for the committee
         self.queue = broker.topology.hospital_queue(hospital_id)
         self.handlers = {"round_start": self.on_round_start, "model_ready": self.on_model_ready,
-                         "round_aborted": self.on_round_aborted}
+                         "round_aborted": self.on_round_aborted,
+                         "ceremony_start": self.on_ceremony, "ceremony_finalize": self.on_ceremony}
         self._data: dict[tuple, training.LocalData] = {}
         self._models: dict[tuple, object] = {}
         self.last_global_metrics: dict = {}
@@ -108,13 +123,29 @@ class HospitalWorker(Worker):
         if message.get("hospitals") and self.id not in message["hospitals"]:
             log.info("round_not_for_this_hospital")
             return
+        if message["min_clients"] < self.min_clients_floor:
+            self._refuse(round_no, "round_start", (
+                f"round {round_no} accepts aggregates of {message['min_clients']} update(s), below "
+                f"hospital {self.id}'s floor of {self.min_clients_floor} (min_clients_floor)"))
         try:
             self._take_part(message, delivery, log)
+        except CodecError as exc:  # permanent: an update too large, an unusable base model
+            self._refuse(round_no, "round_start", f"round {round_no}: hospital {self.id} refused: {exc}")
         except StoreError as exc:  # IntegrityError and ObjectNotFound are never transient
             if exc.transient:
                 raise  # requeued after a pause; the store may recover
             log.error("round_given_up", error=str(exc))
             raise Refuse(f"round {round_no}: hospital {self.id} gave up: {exc}") from None
+
+    def _refuse(self, round_no: int, kind: str, reason: str) -> None:
+        """Dead-letter the message with ``reason`` and keep the reason where ``status`` finds
+        it (best effort: failing to record must not change what happens to the message)."""
+        self.log.warning("message_refused", round=round_no, message=kind, reason=reason)
+        try:
+            rounds.record_hospital_refusal(self.store, round_no, self.id, kind, reason, self.clock())
+        except Exception as exc:  # noqa: BLE001
+            self.log.warning("refusal_not_recorded", error=repr(exc), reason=reason)
+        raise Refuse(reason)
 
     def _take_part(self, message: dict, delivery: Delivery, log) -> None:
         round_no = message["round"]
@@ -215,7 +246,8 @@ class HospitalWorker(Worker):
         fd, path = tempfile.mkstemp(prefix="update-", dir=self.work_dir)
         try:
             with os.fdopen(fd, "wb") as fh:
-                self.codec.encrypt_update(weights, n_train, fh)
+                bound.write_header(fh, round_no, self.id)  # covered by the signed sha256
+                self._encrypt(message, weights, n_train, fh)
             timings["encrypt_seconds"] = time.perf_counter() - started
             self.status = "uploading"
             started = time.perf_counter()
@@ -228,13 +260,13 @@ class HospitalWorker(Worker):
         self.metrics.duration.labels(role=self.role, phase="upload").observe(
             timings["upload_seconds"])
         self.metrics.bytes.labels(role=self.role, direction="uploaded").inc(info.size)
-        update = messages.make(
+        update = self.sign(messages.make(
             "update_ready", round=round_no, hospital=self.id, key=info.key, sha256=info.sha256,
-            size=info.size, n_samples=n_train, n_params=int(weights.size),
+            size=info.size, n_samples=self._clear_samples(n_train), n_params=int(weights.size),
             key_fingerprint=self.codec.fingerprint,
             metrics={"train": train_metrics, "global": self.last_global_metrics,
                      "timings": dict(timings)},
-            sent_at=self.clock())
+            sent_at=self.clock()))
         self._keep_plaintext_update(round_no, weights)
         self.store.put_bytes(rounds.update_message_key(round_no, self.id), messages.encode(update))
         self.status = "uploaded"
@@ -263,7 +295,7 @@ class HospitalWorker(Worker):
             return np.load(cache)
         raw = self.store.get_bytes(message["base_model_key"], sha256=message["base_model_sha256"])
         if message["base_model_encrypted"]:
-            weights = self.codec.decrypt_aggregate(io.BytesIO(raw), message["base_total_samples"])
+            weights = self._decrypt(raw, message["base_total_samples"], min_clients=message["min_clients"])
         else:
             weights = np.load(io.BytesIO(raw), allow_pickle=False)
         weights = np.asarray(weights, dtype=np.float32)
@@ -278,12 +310,36 @@ class HospitalWorker(Worker):
             # a redelivery (or the aggregator announcing again after a restart): done already
             log.info("model_ready_already_applied", redelivered=delivery.redelivered)
             return
+        if self._applied_model is not None and round_no < self._applied_model[0]:
+            raise Refuse(f"stale model_ready for round {round_no}: round "
+                         f"{self._applied_model[0]}'s model is applied already")
+        if message["key"] != rounds.aggregate_key(round_no):
+            raise Refuse(f"model_ready for round {round_no} names {message['key']!r}, "
+                         f"not the round's aggregate {rounds.aggregate_key(round_no)!r}")
         record = rounds.read_json(self.store, rounds.round_key(round_no))
         if record is None:
             raise Refuse(f"model_ready for unknown round {round_no}")
+        try:
+            self.verifier.verify_stored(record, role="controller")
+        except messages.MessageError as exc:
+            raise Refuse(f"round {round_no}'s record: {exc}") from None
+        contributors = len(message["contributors"])
+        fewest = max(self.min_clients_floor, record["min_clients"])
+        most = record.get("max_contributors") or record["quorum"]
+        if not fewest <= contributors <= most:
+            self._refuse(round_no, "model_ready", (
+                f"model_ready for round {round_no} names {contributors} contributor(s); this hospital "
+                f"decrypts only aggregates of {fewest} to {most} updates"))
         raw = self.store.get_bytes(message["key"], sha256=message["sha256"])
-        weights = np.asarray(self.codec.decrypt_aggregate(io.BytesIO(raw), message["total_samples"]),
-                             dtype=np.float32)
+        try:
+            weights = np.asarray(self._decrypt(raw, message["total_samples"], contributors=message["contributors"],
+                                               min_clients=record["min_clients"], outcome=True), dtype=np.float32)
+        except UndecryptableRound as exc:
+            self.status = "idle"
+            log.warning("round_undecryptable", reason=str(exc))
+            return
+        except CodecError as exc:
+            self._refuse(round_no, "model_ready", f"round {round_no}: the aggregate was not decrypted: {exc}")
         np.save(self.work_dir / f"base-{message['sha256']}.npy", weights)
         np.save(self.work_dir / "global.npy", weights)
         self.models_applied.append((round_no, self.clock()))
@@ -315,9 +371,76 @@ class HospitalWorker(Worker):
         except StoreError as exc:
             log.warning("evaluation_not_recorded", error=str(exc))
 
+    def _clear_samples(self, n_train: int) -> int:
+        """The sample count update_ready shows: under the threshold profile the count travels
+        only inside the encrypted stream, and the message says 1."""
+        return 1 if self.codec.profile == "threshold" else n_train
+
+    def _encrypt(self, round_start: dict, weights: np.ndarray, n_samples: int, out) -> None:
+        if self.codec.profile != "threshold":
+            self.codec.encrypt_update(weights, n_samples, out,
+                                      max_contributors=round_start.get("max_contributors") or round_start["quorum"])
+            return
+        from cxr_mq import threshold_flow as flow
+
+        flow.encrypt_and_upload(self.store, self.codec, weights, n_samples, out,
+                                flow.round_encoding(self.codec, round_start), self.identity)
+
+    def _decrypt(self, raw: bytes, total_samples: int, *, contributors=None, min_clients: int,
+                 outcome: bool = False) -> np.ndarray:
+        """The FedAvg model in an aggregate. Threshold profile: through the committee
+        (``threshold_flow.decrypt_round``); with ``outcome`` the result is recorded for
+        ``status``, and a round the committee cannot decrypt raises UndecryptableRound."""
+        if self.codec.profile != "threshold":
+            # a round's aggregate: exactly its contributors, at least its minimum and the floor;
+            # a base model (no contributors given): at least the floor
+            if contributors is None:
+                return self.codec.decrypt_aggregate(io.BytesIO(raw), total_samples,
+                                                    min_updates=self.min_clients_floor)
+            return self.codec.decrypt_aggregate(io.BytesIO(raw), total_samples, n_updates=len(contributors),
+                                                min_updates=max(self.min_clients_floor, min_clients))
+        from cxr_mq import threshold_flow as flow
+        from cxr_mq.crypto.committee import CommitteeRefusal, Ledger
+
+        header, key_sum = self.codec.read_prefix(io.BytesIO(raw))
+        round_no = header.encoding.round
+        try:
+            weights, _ = flow.decrypt_round(
+                self.store, self.codec, flow.load_share(self.work_dir, self.codec), round_no,
+                contributors or key_sum.contributors, raw, self.identity, self.verifier.registry,
+                Ledger(self.work_dir / "committee-ledger"),
+                min_clients=max(self.min_clients_floor, min_clients),
+                deadline=self.clock() + self.committee_timeout, sleep=self.broker.sleep, clock=self.clock)
+        except (flow.FlowError, CommitteeRefusal) as exc:
+            if outcome:
+                flow.record_outcome(self.store, round_no, self.identity, str(exc))
+            raise UndecryptableRound(str(exc)) from None
+        if outcome:
+            flow.record_outcome(self.store, round_no, self.identity, None)
+        return weights
+
     def on_round_aborted(self, message: dict, delivery: Delivery) -> None:
         self.status = "idle"
         self.log.warning("round_aborted", round=message["round"], reason=message["reason"])
+
+    def on_ceremony(self, message: dict, delivery: Delivery) -> None:
+        """The threshold key ceremony (docs/threshold.md): deal, then keep the committee share."""
+        from cxr_mq import threshold_flow as flow
+        from cxr_mq.crypto import CodecError
+
+        try:
+            if message["schema"] == "ceremony_start":
+                outcome = flow.on_ceremony_start(self.store, message, self.identity, self.verifier.registry)
+            else:
+                outcome = flow.on_ceremony_finalize(self.store, message, self.identity, self.verifier.registry,
+                                                    self.work_dir)
+        except (flow.FlowError, CodecError, ObjectNotFound) as exc:
+            raise Refuse(f"ceremony {message['ceremony_id']}: {exc}") from None
+        self.log.info(message["schema"], ceremony=message["ceremony_id"], outcome=outcome)
+
+
+class UndecryptableRound(Exception):
+    """The committee could not (or would not) decrypt a threshold round's aggregate."""
 
 
 def synthetic_samples(hospital_id: str) -> int:

@@ -203,9 +203,10 @@ class ThresholdCodec(CkksCodec):
     has_secret_key = False
 
     def __init__(self, committee_key: CollectivePublicKey, *, federation: str, parties: tuple[str, ...],
-                 threshold: int):
+                 threshold: int, ceremony_id: str = ""):
         self.committee_key = committee_key
         self.federation, self.parties, self.threshold = federation, tuple(parties), int(threshold)
+        self.ceremony_id = str(ceremony_id)  # where each hospital finds its committee share
         self.q = chunk_prime()
         self.n = RING_DEGREE
         self.fingerprint = self._fingerprint()
@@ -219,7 +220,8 @@ class ThresholdCodec(CkksCodec):
     def _fingerprint(self) -> str:
         h = hashlib.sha256(b"cxr-mq/threshold-fingerprint/v1\0")
         h.update(json.dumps({"params": self.params(), "federation": self.federation, "parties": list(self.parties),
-                             "threshold": self.threshold}, sort_keys=True).encode() + b"\0")
+                             "threshold": self.threshold, "ceremony_id": self.ceremony_id},
+                            sort_keys=True).encode() + b"\0")
         h.update(self.committee_key.fingerprint().encode())
         return h.hexdigest()
 
@@ -231,7 +233,8 @@ class ThresholdCodec(CkksCodec):
     def public_bytes(self) -> bytes:
         return KEY_MAGIC + msgpack.packb(
             {"profile": PROFILE, "params": self.params(), "federation": self.federation, "parties": list(self.parties),
-             "threshold": self.threshold, "committee_key": self.committee_key.to_bytes()}, use_bin_type=True)
+             "threshold": self.threshold, "ceremony_id": self.ceremony_id,
+             "committee_key": self.committee_key.to_bytes()}, use_bin_type=True)
 
     def secret_bytes(self) -> bytes:
         raise CodecError("the threshold profile has no secret context: each hospital holds a committee share")
@@ -241,7 +244,7 @@ class ThresholdCodec(CkksCodec):
         try:
             key = CollectivePublicKey.from_bytes(bytes(payload["committee_key"]))
             codec = cls(key, federation=str(payload["federation"]), parties=tuple(payload["parties"]),
-                        threshold=int(payload["threshold"]))
+                        threshold=int(payload["threshold"]), ceremony_id=str(payload.get("ceremony_id", "")))
             claimed = payload["params"]
         except CodecError:
             raise
@@ -260,10 +263,14 @@ class ThresholdCodec(CkksCodec):
     # hospital side
 
     def encrypt_update(self, weights: np.ndarray, n_samples: int, out: BinaryIO, *,
-                       encoding: RoundEncoding, hospital: str) -> KeyCiphertext:
+                       encoding: RoundEncoding | None = None, hospital: str | None = None,
+                       **_single_key_options) -> KeyCiphertext:
         """Encrypt ``weights`` of ``n_samples`` samples under a fresh round key; write the
         stream (header, key ciphertext, chunks) to ``out``; return the key ciphertext (the
         hospital also uploads it alone, signed, for the committee)."""
+        if encoding is None or hospital is None:
+            raise ThresholdCodecError("the threshold profile encrypts for one round and hospital: "
+                                      "pass encoding=RoundEncoding(...) and hospital=")
         values = self._check_update(weights, n_samples, encoding, hospital)
         key = sample_ternary(self.n)
         key_ct = keylayer.encrypt_round_key(self.committee_key, key, federation=encoding.federation,

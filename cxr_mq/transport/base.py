@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 HOSPITAL_BINDINGS = ("round_start", "model_ready", "round_aborted", "ceremony_start", "ceremony_finalize")
 AGGREGATOR_BINDINGS = ("round_start", "update_ready")
 REASON_HEADER = "x-cxr-reason"
+USER_HEADER = "x-cxr-user-id"  # on a dead letter: the user_id the refused message carried
 ORIGIN_HEADER = "x-cxr-queue"
 # Deliveries of one message before the broker dead-letters it (a handler that fails on every
 # delivery must not loop for ever). Past the limit a message reaches the dead-letter queue
@@ -87,6 +88,7 @@ class Delivery:
     redelivered: bool = False
     message_id: str | None = None
     tag: object = None  # broker-specific handle
+    user_id: str | None = None  # the broker login that published it, as the broker validated it
 
 
 Handler = Callable[[Delivery], None]
@@ -100,13 +102,16 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def declare_topology(self, hospitals: Iterable[str] = ()) -> None:
         """Declare exchanges, the aggregator and dead-letter queues, and the given hospital queues.
-        Idempotent; called again after every reconnect."""
+        Idempotent; called again after every reconnect. A login that may not configure them
+        (least privilege: only the admin does) checks passively that they exist instead."""
 
     @abc.abstractmethod
     def publish(self, routing_key: str, body: bytes, headers: dict | None = None,
                 message_id: str | None = None) -> None:
         """Publish a persistent message on the control exchange and wait for the broker's confirm.
-        Raises TransportError if the broker refuses it or is unreachable after retries."""
+        The message carries the connection's user name as its AMQP ``user_id`` (the broker
+        refuses any other). Raises TransportError if the broker refuses it or is unreachable
+        after retries."""
 
     @abc.abstractmethod
     def consume(self, queue: str, handler: Handler, prefetch: int = 1) -> None:

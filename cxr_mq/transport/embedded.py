@@ -15,7 +15,13 @@ carries over from RabbitMQ, because the workers' correctness depends on it:
 - a message given back more than ``delivery_limit`` times (a handler failing on every
   delivery) is dead-lettered with an ``x-death`` header, reason ``delivery_limit``, as a
   quorum queue with ``x-delivery-limit`` does;
-- temporary queues are exclusive to their connection and deleted with it.
+- temporary queues are exclusive to their connection and deleted with it;
+- a connection has a user: every message it publishes carries it as ``user_id``, as RabbitMQ
+  validates ``user_id`` against the login; given that user's ``Permissions``
+  (``transport/permissions.py``), the connection may configure, publish (per routing key),
+  bind and read only what RabbitMQ would let it, and a login that may not configure checks
+  passively that the topology is there, as ``RabbitMQBroker`` does; temporary queues are
+  named ``amq.gen-...`` as RabbitMQ names them.
 
 Everything is guarded by the server's one condition variable; handlers run on the thread
 calling :meth:`EmbeddedBroker.run` and never while that lock is held.
@@ -31,8 +37,10 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 from ..log import get_logger
-from .base import (AGGREGATOR_BINDINGS, DELIVERY_LIMIT, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER,
-                   Broker, Delivery, Handler, Refuse, Requeue, Topology, TransportError)
+from .permissions import Permissions
+from .base import (AGGREGATOR_BINDINGS, DELIVERY_LIMIT, HOSPITAL_BINDINGS, ORIGIN_HEADER,
+                   REASON_HEADER, USER_HEADER, Broker, Delivery, Handler, Refuse, Requeue, Topology,
+                   TransportError)
 
 IDLE_POLL = 0.05  # how often an idle run() loop looks at ``stop``
 ROUTING_KEY_HEADER = "x-cxr-routing-key"  # as RabbitMQBroker adds on dead-lettering
@@ -46,6 +54,7 @@ class _Message:
     message_id: str | None = None
     redelivered: bool = False
     returns: int = 0  # times given back unacked (a quorum queue's delivery-count)
+    user_id: str | None = None
 
 
 @dataclass
@@ -153,9 +162,12 @@ class EmbeddedBroker(Broker):
 
     def __init__(self, server: EmbeddedServer, topology: Topology = Topology(),
                  retry_delay: float = 0.2, max_retry_delay: float = 5.0,
-                 delivery_limit: int = DELIVERY_LIMIT):
+                 delivery_limit: int = DELIVERY_LIMIT, user: str | None = None,
+                 permissions: Permissions | None = None):
         self.server = server
+        self.permissions = permissions  # None: everything allowed (an admin, or tests)
         self.delivery_limit = delivery_limit
+        self.user = user  # the connection's login: the user_id of everything it publishes
         self.topology = topology
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
@@ -170,9 +182,36 @@ class EmbeddedBroker(Broker):
 
     # -- topology -----------------------------------------------------------------------------
 
+    def _require(self, kind: str, name: str) -> None:
+        if self.permissions is not None and not self.permissions.allows(kind, name):
+            raise TransportError(f"broker refused: 403 ACCESS_REFUSED - {kind} access to {name!r} "
+                                 f"refused for user {self.user!r}")
+
+    def _require_topic(self, kind: str, routing_key: str) -> None:
+        exchange = self.topology.control_exchange
+        if self.permissions is not None and not self.permissions.allows_topic(kind, exchange, routing_key):
+            raise TransportError(f"broker refused: 403 ACCESS_REFUSED - access to topic {routing_key!r} "
+                                 f"in exchange {exchange!r} refused for user {self.user!r}")
+
+    def _check_topology(self, hospitals: Iterable[str]) -> None:
+        """Passive declares: what a login without configure permission does."""
+        topo = self.topology
+        for exchange in (topo.control_exchange, topo.dead_letter_exchange):
+            if not self.server.has_exchange(exchange):
+                raise TransportError(f"broker topology missing (no exchange {exchange!r}): an admin "
+                                     "must run 'cxr-mq broker declare'")
+        for queue in [topo.aggregator_queue, topo.dead_letter_queue,
+                      *(topo.hospital_queue(h) for h in hospitals)]:
+            if self.server.find_queue(queue) is None:
+                raise TransportError(f"broker topology missing (no queue {queue!r}): an admin "
+                                     "must run 'cxr-mq broker declare'")
+
     def declare_topology(self, hospitals: Iterable[str] = ()) -> None:
         self._check_open()
         topo = self.topology
+        if self.permissions is not None and not self.permissions.allows("configure", topo.control_exchange):
+            self._check_topology(hospitals)
+            return
         self.server.declare_exchange(topo.control_exchange)
         self._declare_dead_letter()
         self._declare_bound(topo.aggregator_queue, AGGREGATOR_BINDINGS)
@@ -181,6 +220,7 @@ class EmbeddedBroker(Broker):
 
     def delete_topology(self, hospitals: Iterable[str] = ()) -> None:
         topo = self.topology
+        self._require("configure", topo.control_exchange)
         for name in [topo.aggregator_queue, topo.dead_letter_queue,
                      *(topo.hospital_queue(h) for h in hospitals)]:
             self.server.delete_queue(name)
@@ -199,11 +239,18 @@ class EmbeddedBroker(Broker):
 
     def temporary_queue(self, routing_keys: Iterable[str]) -> str:
         self._check_open()
-        name = f"{self.topology.namespace}.tmp.{uuid.uuid4().hex[:12]}"
-        self.server.declare_exchange(self.topology.control_exchange)
+        name = f"amq.gen-{uuid.uuid4().hex[:22]}"  # server-named, as RabbitMQ does
+        keys = tuple(routing_keys)
+        self._require("configure", name)
+        self._require("write", name)  # binding: write on the queue, read on the exchange
+        self._require("read", self.topology.control_exchange)
+        for key in keys:
+            self._require_topic("read", key)
+        if self.permissions is None:
+            self.server.declare_exchange(self.topology.control_exchange)
         with self.server.cond:
             self._own_queues.add(name)
-            self._declare_bound(name, routing_keys, owner=self)
+            self._declare_bound(name, keys, owner=self)
         return name
 
     # -- publishing ---------------------------------------------------------------------------
@@ -211,7 +258,10 @@ class EmbeddedBroker(Broker):
     def publish(self, routing_key: str, body: bytes, headers: dict | None = None,
                 message_id: str | None = None) -> None:
         self._check_open()
-        message = _Message(bytes(body), routing_key, dict(headers or {}), message_id)
+        self._require("write", self.topology.control_exchange)
+        self._require_topic("write", routing_key)
+        message = _Message(bytes(body), routing_key, dict(headers or {}), message_id,
+                           user_id=self.user)
         if not self.server.route(self.topology.control_exchange, message):
             raise TransportError(f"broker refused {routing_key}: no queue is bound to it")
 
@@ -221,6 +271,7 @@ class EmbeddedBroker(Broker):
         self._check_open()
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
+        self._require("read", queue)
         with self.server.cond:
             self._usable_queue(queue)
             self._consumers.append(_Consumer(queue, handler, prefetch))
@@ -318,15 +369,19 @@ class EmbeddedBroker(Broker):
             if requeue:
                 self._return_to_queue(queue, message)
             elif dead_letter_reason is not None:
-                self._dead_letter(message, {REASON_HEADER: dead_letter_reason, ORIGIN_HEADER: queue,
-                                            ROUTING_KEY_HEADER: message.routing_key})
+                headers = {REASON_HEADER: dead_letter_reason, ORIGIN_HEADER: queue,
+                           ROUTING_KEY_HEADER: message.routing_key}
+                if message.user_id:
+                    headers[USER_HEADER] = message.user_id
+                # the consumer republishes it, as RabbitMQBroker does: the copy is its own
+                self._dead_letter(message, headers, user_id=self.user)
 
-    def _dead_letter(self, message: _Message, headers: dict) -> None:
+    def _dead_letter(self, message: _Message, headers: dict, user_id: str | None = None) -> None:
         # Never drop a dead-lettered message for want of a declared dead-letter queue.
         self._declare_dead_letter()
         self.server.route(self.topology.dead_letter_exchange,
                           replace(message, headers={**message.headers, **headers}, redelivered=False,
-                                  returns=0))
+                                  returns=0, user_id=user_id or message.user_id))
 
     def _return_to_queue(self, queue: str, message: _Message) -> None:
         target = self.server.find_queue(queue)
@@ -349,6 +404,7 @@ class EmbeddedBroker(Broker):
 
     def get(self, queue: str, timeout: float) -> Delivery | None:
         deadline = time.monotonic() + max(timeout, 0.0)
+        self._require("read", queue)
         with self.server.cond:
             while True:
                 self._check_open()
@@ -413,4 +469,4 @@ class EmbeddedBroker(Broker):
     def _delivery(queue: str, message: _Message, tag: int | None) -> Delivery:
         return Delivery(body=message.body, routing_key=message.routing_key, queue=queue,
                         headers=dict(message.headers), redelivered=message.redelivered,
-                        message_id=message.message_id, tag=tag)
+                        message_id=message.message_id, tag=tag, user_id=message.user_id)

@@ -28,12 +28,14 @@ from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_aft
                       stop_when_event_set, wait_exponential_jitter)
 
 from ..log import get_logger
-from .base import (AGGREGATOR_BINDINGS, DELIVERY_LIMIT, HOSPITAL_BINDINGS, ORIGIN_HEADER, REASON_HEADER,
-                   Broker, Delivery, Handler, Refuse, Requeue, Topology, TransportError)
+from .base import (AGGREGATOR_BINDINGS, DELIVERY_LIMIT, HOSPITAL_BINDINGS, ORIGIN_HEADER,
+                   REASON_HEADER, USER_HEADER, Broker, Delivery, Handler, Refuse, Requeue, Topology,
+                   TransportError)
 
 CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.ConnectionClosed, pex.StreamLostError,
                      pex.ChannelClosed, pex.ChannelWrongStateError, ConnectionError, OSError)
 PERMANENT_CHANNEL_CODES = (403, 404, 405, 406)  # access refused, not found, locked, precondition
+ACCESS_REFUSED = 403
 HANDLER_ERROR_BACKOFF = 2.0
 NACK_ATTEMPTS = 5  # a publisher nack means "not stored, try again", e.g. a queue electing a leader
 
@@ -109,6 +111,9 @@ class RabbitMQBroker(Broker):
         self._max_backoff = max_backoff
         self._hospitals: set[str] = set()
         self._topology_declared = False
+        self._passive = False  # set once the broker refuses this login to configure: check only
+        # the login's name; None with EXTERNAL (certificate) authentication
+        self.user = getattr(self._params.credentials, "username", None)
         self._consumers: dict[str, tuple[Handler, int]] = {}
         self._temporary: dict[str, tuple[str, ...]] = {}
         self._conn: pika.BlockingConnection | None = None
@@ -142,8 +147,9 @@ class RabbitMQBroker(Broker):
         ch.confirm_delivery()
         self._conn, self._ch = conn, ch
         if self._topology_declared:
-            self._declare(ch)
-            self._log.info("topology_declared", reconnect=self._connected_once,
+            self._ensure_topology()
+            ch = self._ch
+            self._log.info("topology_declared", reconnect=self._connected_once, passive=self._passive,
                            hospitals=sorted(self._hospitals))
         for queue, keys in self._temporary.items():
             # exclusive queues die with their connection: recreate under the same name
@@ -223,10 +229,44 @@ class RabbitMQBroker(Broker):
             for key in keys:
                 ch.queue_bind(queue, t.control_exchange, routing_key=key)
 
+    def _check(self, ch) -> None:
+        """What a login without configure permission can do: make sure the topology the admin
+        declared is there (passive declares need no permission)."""
+        t = self.topology
+        for exchange in (t.control_exchange, t.dead_letter_exchange):
+            ch.exchange_declare(exchange, passive=True)
+        for queue in [t.aggregator_queue, t.dead_letter_queue] + [
+                t.hospital_queue(h) for h in sorted(self._hospitals)]:
+            ch.queue_declare(queue, passive=True)
+
+    def _ensure_topology(self) -> None:
+        """Declare the topology on the current channel; if this login may not configure it
+        (least privilege), check passively that it exists. Either failure is permanent."""
+        try:
+            (self._check if self._passive else self._declare)(self._ch)
+            return
+        except pex.ChannelClosedByBroker as exc:
+            self._ch = self._conn.channel()
+            self._ch.confirm_delivery()
+            if exc.reply_code == 404:
+                raise TransportError(f"broker topology missing ({exc.reply_text}): an admin must "
+                                     "run 'cxr-mq broker declare'") from exc
+            if exc.reply_code != ACCESS_REFUSED or self._passive:
+                raise TransportError(f"broker refused: {exc.reply_code} {exc.reply_text}") from exc
+        self._passive = True
+        self._log.info("topology_not_configurable_checking_passively", user=self.user)
+        try:
+            self._check(self._ch)
+        except pex.ChannelClosedByBroker as exc:
+            self._ch = self._conn.channel()
+            self._ch.confirm_delivery()
+            raise TransportError(f"broker topology missing ({exc.reply_text}): an admin must "
+                                 "run 'cxr-mq broker declare'") from exc
+
     def declare_topology(self, hospitals: Iterable[str] = ()) -> None:
         self._hospitals.update(hospitals)
         self._topology_declared = True
-        self._with_retry(self._declare)
+        self._with_retry(lambda ch: self._ensure_topology())
 
     def delete_topology(self, hospitals: Iterable[str] = ()) -> None:
         """Remove this namespace's queues and exchanges (tests and decommissioning)."""
@@ -246,7 +286,8 @@ class RabbitMQBroker(Broker):
                 message_id: str | None = None) -> None:
         props = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
                                      content_type="application/msgpack", headers=headers or {},
-                                     message_id=message_id, timestamp=int(time.time()))
+                                     message_id=message_id, timestamp=int(time.time()),
+                                     user_id=self.user)  # RabbitMQ refuses any other user_id
 
         def send(ch):
             ch.basic_publish(self.topology.control_exchange, routing_key, body, props, mandatory=True)
@@ -264,6 +305,8 @@ class RabbitMQBroker(Broker):
         headers = dict(props.headers or {})
         headers.update({REASON_HEADER: reason[:1000], ORIGIN_HEADER: queue,
                         "x-cxr-routing-key": method.routing_key})
+        if props.user_id:  # the republished copy is ours; keep who sent the original
+            headers[USER_HEADER] = props.user_id
         dead = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
                                     content_type=props.content_type, headers=headers,
                                     message_id=props.message_id, timestamp=int(time.time()))
@@ -291,7 +334,8 @@ class RabbitMQBroker(Broker):
     def _dispatch(self, ch, method, props, body, queue: str, handler: Handler) -> None:
         delivery = Delivery(body=body, routing_key=method.routing_key, queue=queue,
                             headers=dict(props.headers or {}), redelivered=method.redelivered,
-                            message_id=props.message_id, tag=method.delivery_tag)
+                            message_id=props.message_id, tag=method.delivery_tag,
+                            user_id=props.user_id)
         try:
             handler(delivery)
         except Refuse as exc:
@@ -389,7 +433,7 @@ class RabbitMQBroker(Broker):
             if method is not None:
                 return Delivery(body=body, routing_key=method.routing_key, queue=queue,
                                 headers=dict(props.headers or {}), redelivered=method.redelivered,
-                                message_id=props.message_id)
+                                message_id=props.message_id, user_id=props.user_id)
             if time.monotonic() >= deadline:
                 return None
             self.sleep(min(0.2, max(0.0, deadline - time.monotonic())))

@@ -161,11 +161,16 @@ def assert_encrypted_at_rest(store, key: str, write_path: str) -> None:
         f"{write_path} wrote {key} under KMS key {meta['kms_key_id']!r}, not the configured one"
 
 
-@pytest.mark.parametrize("write_path", ["put_bytes", "put_file"])
+@pytest.mark.parametrize("write_path", ["put_bytes", "put_bytes if_none_match", "put_bytes if_match", "put_file"])
 def test_every_write_path_encrypts_with_the_kms_key(store, workdir, write_path):
     data = random_bytes(10_000, seed=5)
     if write_path == "put_bytes":
         store.put_bytes("rounds/r1/updates/h3", data)
+    elif write_path == "put_bytes if_none_match":
+        store.put_bytes("rounds/r1/updates/h3", data, if_none_match=True)
+    elif write_path == "put_bytes if_match":
+        etag = store.put_bytes("rounds/r1/updates/h3", b"first").etag
+        store.put_bytes("rounds/r1/updates/h3", data, if_match=etag)
     else:
         source = workdir / "small.bin"
         source.write_bytes(data)

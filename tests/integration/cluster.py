@@ -26,11 +26,13 @@ class Cluster:
 
     def __init__(self, tmp_path: Path, amqp_url: str, s3: dict, namespace: str,
                  hospitals=("h1", "h2", "h3"), metrics: bool = False, synthetic: bool = False,
-                 retain: bool = True):
+                 retain: bool = True, controller_id: str = "controller",
+                 aggregator_id: str = "aggregator"):
         """``retain`` (the default here, not in production) keeps every update object and
         each hospital's plaintext updates, from which the tests compute reference sums."""
         self.metrics = metrics
         self.synthetic = synthetic  # hospitals run with --synthetic: no TensorFlow, no images
+        self.controller_id, self.aggregator_id = controller_id, aggregator_id
         self.metrics_ports: dict[str, int] = {}
         self.tmp = tmp_path
         self.amqp_url = amqp_url
@@ -49,6 +51,10 @@ class Cluster:
             **({"CXR_MQ_RETAIN_UPDATES": "true", "CXR_MQ_KEEP_PLAINTEXT_UPDATES": "1000"}
                if retain else {}),
             "CXR_MQ_LOG_FORMAT": "json",
+            # every worker logs in as the URL's one user here; see test_identities.py for
+            # a federation with one broker user per party
+            "CXR_MQ_SHARED_BROKER_USERS": pika.URLParameters(amqp_url).credentials.username,
+            "CXR_MQ_IDENTITY": str(tmp_path / "keys" / "identities" / f"{controller_id}.key"),
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "TF_NUM_INTEROP_THREADS": "1",
             "TF_NUM_INTRAOP_THREADS": "1",
@@ -56,6 +62,7 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self.spawn_env: dict[str, dict] = {}  # extra environment each worker was started with
         self.keys_dir = tmp_path / "keys"
+        self.identities: dict = {}  # party id -> cxr_mq.identity.Identity
 
     # -- commands ---------------------------------------------------------------------------
     def cli(self, *args, timeout=300, check=True, env=None) -> subprocess.CompletedProcess:
@@ -67,7 +74,29 @@ class Cluster:
         return result
 
     def init_keys(self, *extra) -> dict:
-        return json.loads(self.cli("keys", "init", "--out", str(self.keys_dir), *extra).stdout)
+        """The CKKS keys (``keys init``) and one registered identity per party."""
+        keys = json.loads(self.cli("keys", "init", "--out", str(self.keys_dir), *extra).stdout)
+        self.init_identities()
+        return keys
+
+    def init_identities(self) -> None:
+        """Play the key authority in-process (as ``identity init`` + ``identity register``
+        would, without a subprocess per party): ``keys/identities/<id>.key`` for each party."""
+        from cxr_mq import identity
+        parties = [(self.controller_id, "controller"), (self.aggregator_id, "aggregator")]
+        parties += [(h, "hospital") for h in self.hospitals]
+        store = self.store()
+        for name, role in parties:
+            self.identities[name] = identity.provision(store, name, role,
+                                                       self.keys_dir / "identities")
+
+    def identity_path(self, name: str) -> Path:
+        return self.keys_dir / "identities" / f"{name}.key"
+
+    def store(self):
+        from cxr_mq.storage.s3 import S3Store
+        return S3Store(bucket=self.s3["bucket"], kms_key_id=self.s3["kms_key_id"],
+                       endpoint_url=self.s3["endpoint_url"], region=self.s3["region"])
 
     def make_data(self, n=36, size=32) -> dict[str, Path]:
         dirs = {}
@@ -112,12 +141,14 @@ class Cluster:
 
     def start_aggregator(self, *extra, env: dict | None = None,
                          name: str = "aggregator") -> subprocess.Popen:
-        return self._spawn(name, ["aggregator", *extra], env)
+        return self._spawn(name, ["aggregator", "--identity",
+                                  str(self.identity_path(self.aggregator_id)), *extra], env)
 
     def start_hospital(self, hospital: str, *extra, env: dict | None = None) -> subprocess.Popen:
         data = ["--synthetic"] if self.synthetic else ["--data", str(self.data_dirs[hospital])]
         return self._spawn(hospital, ["hospital", "--id", hospital, *data,
                                       "--secret-context", str(self.keys_dir / "secret.ctx"),
+                                      "--identity", str(self.identity_path(hospital)),
                                       *extra], env)
 
     def start_all(self) -> None:
@@ -259,14 +290,16 @@ class Cluster:
         order, with the public context only)."""
         import io
 
-        from cxr_mq import crypto, rounds
+        from cxr_mq import bound, crypto, rounds
         codec = crypto.load_context(self.get("keys/public-context"))
         total = None
         for hospital in sorted(hospitals):
             message = self.update_message(round_no, hospital)
             if total is None:
                 total = codec.new_sum(message["n_params"])
-            total.add(io.BytesIO(self.get(rounds.update_key(round_no, hospital))))
+            stream = io.BytesIO(self.get(rounds.update_key(round_no, hospital)))
+            bound.check_header(stream, round_no, hospital)
+            total.add(stream)
         out = io.BytesIO()
         total.write(out)
         return out.getvalue()
@@ -279,14 +312,20 @@ class Cluster:
         # a cluster's URLs are comma-separated: the first node that answers
         return pika.BlockingConnection([pika.URLParameters(u) for u in self.amqp_url.split(",")])
 
-    def publish_raw(self, routing_key: str, body: bytes, headers: dict | None = None) -> None:
-        """Publish bytes on the control exchange as any (possibly broken) client would."""
-        conn = self._amqp()
+    def publish_raw(self, routing_key: str, body: bytes, headers: dict | None = None,
+                    url: str | None = None, user_id: str | None = "login") -> None:
+        """Publish bytes on the control exchange as any (possibly broken) client would, with
+        the login of ``url`` (default the cluster's) as ``user_id`` (``None``: no user_id)."""
+        params = pika.URLParameters(url or self.amqp_url)
+        if user_id == "login":
+            user_id = params.credentials.username
+        conn = pika.BlockingConnection(params)
         try:
             ch = conn.channel()
             ch.confirm_delivery()
             ch.basic_publish(f"{self.namespace}.control", routing_key, body,
-                             pika.BasicProperties(delivery_mode=2, headers=headers or {}),
+                             pika.BasicProperties(delivery_mode=2, headers=headers or {},
+                                                  user_id=user_id),
                              mandatory=True)
         finally:
             conn.close()

@@ -7,16 +7,25 @@ so every run happens once per module in a fixture and the tests read its results
 """
 from __future__ import annotations
 
+import base64
+import grp
 import json
 import os
+import pwd
+import re
+import secrets
+import shlex
 import subprocess
 import sys
+import sysconfig
+import time
+import tomllib
 import uuid
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE = REPO / "ansible"
@@ -203,3 +212,239 @@ def test_ec2_inventory_groups_the_provisioned_instances(provisioned, moto_endpoi
     assert f"{name}-broker" in inventory["broker"]["hosts"]
     hostvars = inventory["_meta"]["hostvars"]
     assert hostvars[f"{name}-hospital-hospital-b"]["cxr_mq_hospital_id"] == "hospital-b"
+
+
+# -- the roles applied to localhost in a sandbox ----------------------------------------------
+def _base_python() -> str:
+    """The interpreter this venv was made from: what a host's /usr/bin/python3 is to the roles."""
+    cfg = dict(line.split(" = ", 1) for line in (Path(sys.prefix) / "pyvenv.cfg").read_text().splitlines()
+               if " = " in line)
+    return cfg.get("executable") or str(Path(cfg["home"]) / "python3")
+
+
+def _seed_venv(venv: Path) -> None:
+    """Let the sandbox venv see this venv's packages (a path line in a .pth file, which does not
+    activate this venv's editable cxr-mq), so the role's `pip install -c constraints.txt` finds
+    every pinned dependency installed instead of downloading TensorFlow. The role still creates
+    the venv and installs the wheel into it."""
+    site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    site.mkdir(parents=True)
+    (site / "_cxr_mq_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory, moto_endpoint, aws_env, amqp_url):
+    """site.yml applied to localhost (an aggregator and a hospital host, each under its own
+    prefix; services not managed): a --check --diff run on the empty sandbox, then two applies."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("deploy-sandbox")
+    kms = boto3.client("kms", endpoint_url=moto_endpoint, region_name=aws_env["AWS_REGION"])
+    key_id = kms.create_key(Description="cxr-mq deploy sandbox")["KeyMetadata"]["KeyId"]
+    bucket = f"cxr-deploy-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name=aws_env["AWS_REGION"]).create_bucket(Bucket=bucket)
+    _seed_venv(root / "venv")
+    secret = os.urandom(3000)
+    # Broker users on the shared RabbitMQ: unique names, removed at the end.
+    tag = uuid.uuid4().hex[:8]
+    parties = {"hospital": f"h-{tag}", "aggregator": f"agg-{tag}", "controller": f"ctl-{tag}", "admin": f"adm-{tag}"}
+    passwords = {name: secrets.token_urlsafe(24) for name in parties.values()}
+    (root / "inventory.ini").write_text(
+        "[broker]\n"
+        "sandbox-broker rabbitmq_manage_server=false\n"
+        "[aggregator]\n"
+        f"sandbox-aggregator cxr_mq_prefix={root / 'aggregator'}\n"
+        "[hospital]\n"
+        f"sandbox-hospital cxr_mq_prefix={root / 'hospital'} cxr_mq_hospital_id={parties['hospital']}\n"
+        "[all:vars]\n"
+        f"ansible_connection=local\nansible_python_interpreter={sys.executable}\n")
+    user = pwd.getpwuid(os.getuid()).pw_name
+    group = grp.getgrgid(os.getgid()).gr_name
+    given = {
+        "cxr_mq_manage_services": False, "cxr_mq_manage_system": False,
+        "cxr_mq_user": user, "cxr_mq_group": group, "cxr_mq_python": _base_python(),
+        "cxr_mq_python_version": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "cxr_mq_venv": str(root / "venv"),
+        "cxr_mq_amqp_tls": False, "cxr_mq_amqp_host": "127.0.0.1", "cxr_mq_amqp_vhost": "/",
+        # The workers log in as guest here: they still declare their topology, which their
+        # least-privilege users may not do.
+        "cxr_mq_amqp_user": "guest", "cxr_mq_amqp_password": "guest", "vault_cxr_mq_amqp_passwords": passwords,
+        "cxr_mq_aggregator_id": parties["aggregator"], "cxr_mq_controller_id": parties["controller"],
+        "cxr_mq_amqp_admin_user": parties["admin"],
+        "cxr_mq_namespace": f"t{uuid.uuid4().hex[:10]}", "cxr_mq_metrics_port": 0,
+        "cxr_mq_s3_bucket": bucket, "cxr_mq_kms_key_id": key_id, "cxr_mq_s3_endpoint_url": moto_endpoint,
+        "cxr_mq_aws_region": aws_env["AWS_REGION"],
+    }
+    # The secret reaches the hospital host only (the aggregator's guard refuses to see it).
+    (root / "host_vars").mkdir()
+    (root / "host_vars" / "sandbox-hospital.yml").write_text(
+        json.dumps({"vault_cxr_mq_secret_context_b64": base64.b64encode(secret).decode()}))
+    args = ["-i", str(root / "inventory.ini"), "site.yml", "-e", json.dumps(given)]
+    try:
+        check = _playbook([*args, "--check", "--diff"])
+        first = _playbook(args)
+        assert not _failures(first), _failures(first)
+        second = _playbook(args)
+        yield {"root": root, "given": given, "secret": secret, "check": check, "first": first, "second": second,
+               "parties": parties, "passwords": passwords}
+    finally:
+        listed = subprocess.run(["rabbitmqctl", "-q", "list_users", "--formatter", "json"],
+                                capture_output=True, text=True, timeout=120)
+        for user in json.loads(listed.stdout or "[]"):
+            if user["user"] in parties.values():
+                subprocess.run(["rabbitmqctl", "-q", "delete_user", user["user"]], capture_output=True, timeout=120)
+
+
+def test_sandbox_check_diff_runs_on_an_empty_host(sandbox):
+    report = sandbox["check"]
+    assert not _failures(report), _failures(report)
+    assert _changed_tasks(report), "check mode on an empty host predicted no change"
+
+
+def test_sandbox_second_apply_changes_nothing(sandbox):
+    assert _changed_tasks(sandbox["first"]), "the first apply changed nothing"
+    assert not _failures(sandbox["second"]), _failures(sandbox["second"])
+    assert _changed_tasks(sandbox["second"]) == []
+
+
+def _mode(path: Path) -> str:
+    return oct(path.stat().st_mode & 0o777)
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    return dict(re.findall(r'^(\w+)="(.*)"$', path.read_text(), re.M))
+
+
+def test_sandbox_files_rendered_with_content_and_modes(sandbox):
+    root, given = sandbox["root"], sandbox["given"]
+    for host in ("aggregator", "hospital"):
+        etc = root / host / "etc" / "cxr-mq"
+        assert _mode(etc) == "0o750"
+        env = _env_file(etc / "cxr-mq.env")
+        assert _mode(etc / "cxr-mq.env") == "0o640" and _mode(etc / "config.toml") == "0o640"
+        assert env["CXR_MQ_AMQP_URL"] == "amqp://guest:guest@127.0.0.1:5672/%2F"
+        assert env["CXR_MQ_S3_BUCKET"] == given["cxr_mq_s3_bucket"]
+        config = tomllib.loads((etc / "config.toml").read_text())
+        assert config["namespace"] == given["cxr_mq_namespace"] and config["hospitals"] == [sandbox["parties"]["hospital"]]
+        assert "guest" not in (etc / "config.toml").read_text(), "the password belongs in the env file only"
+        unit = root / host / "etc" / "systemd" / "system" / f"cxr-mq-{host}.service"
+        assert _mode(unit) == "0o644"
+        assert f"EnvironmentFile={etc / 'cxr-mq.env'}" in unit.read_text()
+    secret = root / "hospital" / "etc" / "cxr-mq" / "secret.ctx"
+    assert secret.read_bytes() == sandbox["secret"] and _mode(secret) == "0o400"
+    aggregator_files = [p for p in (root / "aggregator").rglob("*") if p.is_file()]
+    assert not any("secret" in p.name for p in aggregator_files), "a secret file on the aggregator"
+
+
+def test_sandbox_leaves_no_staged_copy_of_the_secret(sandbox):
+    # Issue 10 item 10: the base64 form of the secret context must not sit on the host's disk.
+    encoded = base64.b64encode(sandbox["secret"])
+    for path in (sandbox["root"] / "hospital").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert encoded[:64] not in data, f"{path} holds the secret context in base64"
+            assert path.name == "secret.ctx" or sandbox["secret"][:64] not in data, f"{path} holds the secret"
+
+
+def test_sandbox_venv_runs_the_installed_wheel(sandbox):
+    venv = Path(sandbox["given"]["cxr_mq_venv"])
+    probe = subprocess.run([str(venv / "bin" / "python"), "-I", "-c", "import cxr_mq, workers; print(cxr_mq.__file__)"],
+                           capture_output=True, text=True, timeout=120, cwd=sandbox["root"])
+    assert probe.returncode == 0, probe.stderr
+    assert Path(probe.stdout.strip()).is_relative_to(venv), f"cxr_mq imported from {probe.stdout.strip()}"
+    release = (venv / ".cxr-mq-release").read_text().split()
+    assert release[0].startswith("cxr_mq-") and release[0].endswith(".whl") and len(release) == 3
+    assert (sandbox["root"] / "aggregator" / "opt" / "cxr-mq" / "constraints.txt").read_text() == \
+        (REPO / "constraints.txt").read_text()
+
+
+def _unit_command(unit: Path) -> tuple[list[str], dict[str, str]]:
+    """ExecStart's argv and the environment systemd would give it (EnvironmentFile, Environment)."""
+    env: dict[str, str] = {}
+    argv: list[str] = []
+    for line in unit.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key == "EnvironmentFile":
+            env.update(_env_file(Path(value)))
+        elif key == "Environment":
+            name, _, val = value.partition("=")
+            env[name] = val
+        elif key == "ExecStart":
+            argv = shlex.split(value)
+    return argv, env
+
+
+def test_sandbox_aggregator_unit_starts_and_connects(sandbox, moto_endpoint, aws_env, amqp_url):
+    import pika
+
+    root, given = sandbox["root"], sandbox["given"]
+    argv, unit_env = _unit_command(root / "aggregator" / "etc" / "systemd" / "system" / "cxr-mq-aggregator.service")
+    assert Path(argv[0]) == Path(given["cxr_mq_venv"]) / "bin" / "cxr-mq"
+    # The key ceremony's public context in the bucket, where the aggregator reads it.
+    keys_env = {**os.environ, **aws_env, **{k: v for k, v in unit_env.items() if k.startswith("CXR_MQ_S3") or k.startswith("CXR_MQ_KMS")}}
+    ceremony = subprocess.run([str(BIN / "cxr-mq"), "--config", str(root / "aggregator/etc/cxr-mq/config.toml"),
+                               "keys", "init", "--out", str(root / "ceremony")],
+                              env=keys_env, capture_output=True, text=True, timeout=300)
+    assert ceremony.returncode == 0, ceremony.stderr[-3000:]
+    # What systemd would run: the unit's environment plus the instance-profile credentials.
+    run_env = {"PATH": "/usr/bin:/bin", **aws_env, **unit_env}
+    queue = f"{given['cxr_mq_namespace']}.aggregator"
+    log = open(root / "aggregator.log", "wb")
+    proc = subprocess.Popen(argv, env=run_env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        consumers, deadline = 0, time.monotonic() + 180
+        while consumers == 0 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            try:
+                consumers = connection.channel().queue_declare(queue, passive=True).method.consumer_count
+            except pika.exceptions.ChannelClosedByBroker:
+                consumers = 0
+        assert consumers >= 1, f"no consumer on {queue}; worker log:\n" + (root / "aggregator.log").read_text()[-3000:]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        channel = connection.channel()
+        for name in (queue, f"{given['cxr_mq_namespace']}.dead-letter", f"{given['cxr_mq_namespace']}.hospital.{sandbox['parties']['hospital']}"):
+            channel.queue_delete(name)
+        for name in ("control", "dlx"):
+            channel.exchange_delete(f"{given['cxr_mq_namespace']}.{name}")
+        connection.close()
+    assert proc.returncode == 0, "the aggregator did not exit cleanly on SIGTERM"
+
+
+def test_sandbox_broker_users_get_least_privilege(sandbox, amqp_url):
+    import pika
+
+    from cxr_mq.transport.permissions import permissions_for
+
+    ns, parties = sandbox["given"]["cxr_mq_namespace"], sandbox["parties"]
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_permissions", "-p", "/", "--formatter", "json"],
+                            capture_output=True, text=True, timeout=120)
+    granted = {p["user"]: (p["configure"], p["write"], p["read"]) for p in json.loads(listed.stdout)}
+    for role in ("hospital", "aggregator", "controller"):
+        want = permissions_for(role, parties[role], ns)
+        assert granted[parties[role]] == (want.configure, want.write, want.read), role
+    assert granted[parties["admin"]] == (".*", ".*", ".*")
+    # The attack: hospital h logs in with its own password and tries to read the aggregator's queue.
+    guest = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    victim = f"{ns}.aggregator-probe"
+    guest.channel().queue_declare(victim, auto_delete=False)
+    params = pika.URLParameters(amqp_url)
+    params.credentials = pika.PlainCredentials(parties["hospital"], sandbox["passwords"][parties["hospital"]])
+    try:
+        hospital = pika.BlockingConnection(params)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            hospital.channel().basic_get(victim)
+        assert refused.value.reply_code == 403
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            hospital.channel().queue_declare(f"{ns}.hospital.{parties['hospital']}", durable=True)
+        assert refused.value.reply_code == 403, "a hospital may not declare (configure) anything"
+        hospital.close()
+    finally:
+        guest.channel().queue_delete(victim)
+        guest.close()

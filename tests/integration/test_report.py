@@ -35,7 +35,7 @@ def test_report_json_holds_both_rounds_overall_and_per_hospital(two_rounds, fede
     assert report["source"]["bucket"] == cluster.s3["bucket"]
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert report["totals"] == {"rounds": 2, "complete": 2, "aborted": 0, "updates_accepted": 6,
-                                "updates_refused": 0,
+                                "refusals": 0,
                                 "bytes_uploaded": sum(r["bytes_uploaded"] for r in report["rounds"])}
     s3 = cluster.s3_client()
     for row in report["rounds"]:

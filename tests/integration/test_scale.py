@@ -19,7 +19,7 @@ import uuid
 import boto3
 import pytest
 
-from cxr_mq import controller, rounds, training
+from cxr_mq import controller, identity, rounds, training
 from cxr_mq.rounds import RoundState, StateConflict
 from cxr_mq.transport.base import Topology
 from cxr_mq.transport.embedded import EmbeddedBroker, EmbeddedServer
@@ -86,13 +86,15 @@ def test_concurrent_controllers_open_distinct_rounds(kind, tmp_path, request):
     watcher = EmbeddedBroker(server, topology)
     watcher.declare_topology()
     request_ = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60,
-                                       training=training.TrainingParams(), synthetic_params=64)
+                                       training=training.TrainingParams(), synthetic_params=64,
+                                       min_clients_floor=1)  # rounds of one: only numbers matter here
     opened, errors = [], []
 
     def open_one():
         try:
             with EmbeddedBroker(server, topology) as broker:
-                opened.append(controller.open_round(broker, racing, _Codec(), request_))
+                opened.append(controller.open_round(broker, racing, _Codec(), request_,
+                                                    identity.Identity.generate("controller")))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
     threads = [threading.Thread(target=open_one) for _ in range(controllers)]
@@ -138,6 +140,7 @@ def test_a_stale_aggregator_cannot_overwrite_the_round_record(kind, tmp_path, re
 def _synthetic_federation(tmp_path, amqp_url: str, endpoint: str, hospitals=("h1", "h2")) -> Cluster:
     cluster = Cluster(tmp_path, amqp_url, _bucket(endpoint), f"t{uuid.uuid4().hex[:10]}",
                       hospitals, synthetic=True)
+    cluster.env["CXR_MQ_MIN_CLIENTS_FLOOR"] = "1"  # two hospitals: rounds below the default floor of 3
     cluster.init_keys()
     return cluster
 

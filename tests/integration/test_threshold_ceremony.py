@@ -80,6 +80,10 @@ def test_key_ceremony_over_rabbitmq(amqp_url, namespace, s3_settings, tmp_path):
     assert sorted((h, o) for h, k, o in handled if k == "ceremony_start" and not o.startswith("refused")) == \
         [(h, "dealt") for h in PARTIES]
     codec = result["codec"]
+    assert codec.ceremony_id == "c-1" and codec.threshold == 2 and codec.parties == PARTIES
+    assert flow.load_share(tmp_path / "h2", codec).party == "h2"
+    with pytest.raises(flow.FlowError, match="no committee share"):
+        flow.load_share(tmp_path / "nowhere", codec)
     shares = {}
     for h in PARTIES:
         path = flow.share_path(tmp_path / h, "c-1")

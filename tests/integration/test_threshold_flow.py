@@ -51,8 +51,7 @@ def _round(federation, round_no, contributors, alive):
     total = public.new_sum(6000)
     for h in contributors:
         buf = io.BytesIO()
-        key_ct = public.encrypt_update(weights[h], 800, buf, encoding=enc, hospital=h)
-        flow.upload_round_key(store, "fed", round_no, ids[h], key_ct)
+        flow.encrypt_and_upload(store, public, weights[h], 800, buf, enc, ids[h])
         total.add(io.BytesIO(buf.getvalue()))
     out = io.BytesIO()
     total.write(out)
@@ -123,3 +122,40 @@ def test_forged_committee_objects_are_refused(federation):
     store.put_bytes(sealed_key, store.get_bytes(flow.ceremony_key("c-1", "shares", "h1", "h3")))
     with pytest.raises(flow.FlowError, match="not the one"):
         flow.receive(store, "c-1", ids["h2"], registry)
+
+
+def _survivors_decrypt(federation, round_no, contributors, aggregate, alive, wait=3.0):
+    """Every live hospital runs decrypt_round in its own thread, as its worker would."""
+    import threading
+    import time
+
+    store, ids, registry, codec, shares, ledgers = federation
+    results = {}
+
+    def hospital(h):
+        try:
+            results[h] = flow.decrypt_round(store, codec, shares[h], round_no, contributors, aggregate, ids[h],
+                                            registry, ledgers[h], min_clients=3, deadline=time.time() + wait, poll=0.2)
+        except flow.RoundUndecryptable as exc:
+            results[h] = exc
+
+    threads = [threading.Thread(target=hospital, args=(h,)) for h in alive]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_survivors_decrypt_in_parallel_and_below_t_the_reason_is_given(federation):
+    contributors = ("h1", "h2", "h3", "h4")
+    aggregate, expected = _round(federation, 5, contributors, alive=())
+    results = _survivors_decrypt(federation, 5, contributors, aggregate, alive=("h1", "h3", "h4"), wait=60)
+    for h in ("h1", "h3", "h4"):
+        avg, total = results[h]
+        assert total == 3200 and np.max(np.abs(avg - expected)) < 1e-6
+    aggregate, _ = _round(federation, 6, contributors, alive=())
+    results = _survivors_decrypt(federation, 6, contributors, aggregate, alive=("h1", "h3"), wait=2.0)
+    for h in ("h1", "h3"):
+        assert isinstance(results[h], flow.RoundUndecryptable)
+        assert "only 2 of the 3 committee members" in str(results[h])

@@ -6,12 +6,13 @@ finishes wrongly), a restarted aggregator that loses or double-counts what it ac
 """
 from __future__ import annotations
 
+import io
 import threading
 
 import numpy as np
 import pytest
 
-from cxr_mq import crypto, messages, rounds
+from cxr_mq import bound, crypto, messages, rounds
 from cxr_mq.rounds import ABORTED, COMPLETE, OPEN
 from cxr_mq.transport.base import Requeue
 from workerkit import Federation
@@ -110,7 +111,8 @@ def test_same_hospital_with_different_content_is_refused(fed):
     agg = fed.aggregator()
     fed.open_round(quorum=3)
     fed.publish(fed.upload_update(1, "h1", _weights(1), 30))
-    fed.publish(fed.upload_update(1, "h1", _weights(9), 30, key=rounds.update_key(1, "h1") + "-again"))
+    fed.drain(agg)
+    fed.publish(fed.upload_update(1, "h1", _weights(9), 30))  # at its key: the only place it may be
     fed.drain(agg)
     assert _accepted(fed) == ["h1"]
     assert [d["reason"] for d in fed.dead_letters()] == ["duplicate hospital 'h1' with different content"]
@@ -120,18 +122,32 @@ def _refusal_cases():
     """(name, how to make the bad update_ready from a good one, expected reason fragment)."""
     return [
         ("unknown round", lambda fed, good: {**good, "round": 7}, "unknown round 7"),
-        ("unknown sender", lambda fed, good: {**good, "hospital": "mallory"}, "unknown sender 'mallory'"),
+        ("not a participant", lambda fed, good: {**good, "hospital": "mallory"},
+         "unknown sender 'mallory': not a participant"),
         ("other key", lambda fed, good: {**good, "key_fingerprint": "f" * 64}, "key fingerprint mismatch"),
         ("wrong shape", lambda fed, good: {**good, "n_params": N_PARAMS + 1}, "wrong shape"),
         ("hash mismatch", lambda fed, good: {**good, "sha256": "0" * 64}, "sha256 mismatch"),
-        ("missing object", lambda fed, good: {**good, "key": "rounds/000001/updates/nowhere"}, "update object missing"),
+        ("missing object", lambda fed, good: {**good, "hospital": "h2", "key": rounds.update_key(1, "h2")},
+         "update object missing"),
+        ("another hospital's key", lambda fed, good: {**good, "hospital": "h2"},
+         "wrong object key 'rounds/000001/updates/h1'"),
+        ("another hospital's object", lambda fed, good: {**good, **_copied(fed, good)},
+         "unbound update: object is bound to round 1 hospital 'h1', not round 1 hospital 'h2'"),
         ("garbage ciphertext", lambda fed, good: {
             **good, **_garbage(fed)}, "bad ciphertext"),
     ]
 
 
 def _garbage(fed) -> dict:
-    info = fed.store.put_bytes("rounds/000001/updates/h2", b"not a ciphertext" * 10)
+    buf = io.BytesIO()
+    bound.write_header(buf, 1, "h2")  # bound as it should be, but no ciphertext after it
+    info = fed.store.put_bytes("rounds/000001/updates/h2", buf.getvalue() + b"not a ciphertext" * 10)
+    return {"hospital": "h2", "key": info.key, "sha256": info.sha256, "size": info.size}
+
+
+def _copied(fed, good) -> dict:
+    """h1's object, copied to h2's key by h2, which claims it as its own."""
+    info = fed.store.put_bytes(rounds.update_key(1, "h2"), fed.store.get_bytes(good["key"]))
     return {"hospital": "h2", "key": info.key, "sha256": info.sha256, "size": info.size}
 
 

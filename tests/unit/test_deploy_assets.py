@@ -14,8 +14,10 @@ import configparser
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -184,11 +186,12 @@ def test_every_notify_has_a_handler_in_its_play():
 SAMPLE_HOST = {
     "inventory_hostname": "hosp-a", "group_names": ["hospital"], "ansible_managed": "Ansible managed",
     "cxr_mq_hospital_id": "hospital-a", "cxr_mq_s3_bucket": "cxr-mq-test", "cxr_mq_kms_key_id": "alias/cxr-mq",
-    "vault_cxr_mq_amqp_user": "cxrmq", "vault_cxr_mq_amqp_password": "p@ss/word:x",
+    "vault_cxr_mq_amqp_passwords": {"hospital-a": "p@ss/word:x", "aggregator": "agg-pass", "controller": "ctl-pass"},
+    "ansible_playbook_python": sys.executable, "playbook_dir": str(ANSIBLE),
     "vault_cxr_mq_secret_context_b64": "QUJD",
     "groups": {"broker": ["mq-1"], "aggregator": ["agg-1"], "hospital": ["hosp-a", "hosp-b"]},
-    "hostvars": {"mq-1": {"ansible_host": "192.0.2.10"}, "hosp-a": {"cxr_mq_hospital_id": "hospital-a"},
-                 "hosp-b": {"cxr_mq_hospital_id": "hospital-b"}},
+    "hostvars": {"mq-1": {"ansible_host": "192.0.2.10", "private_dns_name": "ip-192-0-2-10.eu-central-1.compute.internal"}, "hosp-a": {"cxr_mq_hospital_id": "hospital-a"},
+                 "hosp-b": {"cxr_mq_hospital_id": "hospital-b"}, "agg-1": {}},
 }
 
 
@@ -280,7 +283,7 @@ def test_hospital_unit_template():
     assert _one(unit, "Service", "EnvironmentFile") == "/etc/cxr-mq/cxr-mq.env"
     assert "CXR_MQ_SECRET_CONTEXT=/etc/cxr-mq/secret.ctx" in service["Environment"]
     argv = shlex.split(_one(unit, "Service", "ExecStart"))
-    assert argv[:2] == ["/opt/cxr-mq/venv/bin/cxr-mq", "hospital"]
+    assert argv[:4] == ["/opt/cxr-mq/venv/bin/cxr-mq", "--config", "/etc/cxr-mq/config.toml", "hospital"]
     assert argv[argv.index("--id") + 1] == "hospital-a" and "--data" in argv
     assert not any("amqp" in a or "p@ss" in a or a == "--secret-context" for a in argv), "secret on the command line"
     assert _one(unit, "Install", "WantedBy") == "multi-user.target"
@@ -292,7 +295,7 @@ def test_aggregator_unit_template_has_no_secret():
     unit = _unit(text)
     assert _one(unit, "Service", "Restart") == "on-failure"
     assert _one(unit, "Service", "KillSignal") == "SIGTERM"
-    assert shlex.split(_one(unit, "Service", "ExecStart"))[1:2] == ["aggregator"]
+    assert shlex.split(_one(unit, "Service", "ExecStart"))[1:4] == ["--config", "/etc/cxr-mq/config.toml", "aggregator"]
     assert "SECRET" not in text.upper()
 
 
@@ -319,25 +322,32 @@ def test_hospital_secret_context_is_private():
     variables = _host_vars("common", "hospital")
     assert variables["hospital_secret_ctx_dest"] == "/etc/cxr-mq/secret.ctx"
     tasks = _tasks(_load(ROLES / "hospital/tasks/secret.yml"))
-    perms = [t["ansible.builtin.file"] for t in tasks if "ansible.builtin.file" in t]
+    install = [t for t in tasks if "secret_ctx_b64" in yaml.safe_dump(t)]
+    assert len(install) == 1, "the secret must reach the host in one place only"
+    command = install[0]["ansible.builtin.command"]
+    # on the decoder's standard input, never in argv, a staged file or the log
+    assert "secret_ctx_b64" in command["stdin"] and "secret_ctx_b64" not in yaml.safe_dump(command["argv"])
+    assert install[0].get("no_log") is True
+    assert not [t for t in tasks if "ansible.builtin.copy" in t or "ansible.builtin.template" in t]
+    perms = [t["ansible.builtin.file"] for t in tasks if "ansible.builtin.file" in t and "mode" in t["ansible.builtin.file"]]
     assert perms and perms[-1]["mode"] == "0400" and perms[-1]["owner"] == "{{ cxr_mq_user }}"
-    for task in tasks:
-        if "secret_ctx_b64" in yaml.safe_dump(task) or "ansible.builtin.shell" in task:
-            assert task.get("no_log") is True, f"{task['name']!r} could log the secret context"
-    staged = [t["ansible.builtin.copy"] for t in tasks if "ansible.builtin.copy" in t]
-    assert staged and staged[0]["mode"] == "0400" and staged[0]["owner"] == "root"
+    assert (ROLES / "hospital/files/install_secret.py").is_file()
 
 
 def test_rabbitmq_password_never_in_argv_and_timeout_raised():
-    for task in _tasks(_load(ROLES / "rabbitmq/tasks/main.yml")):
-        command = task.get("ansible.builtin.command")
-        if command:
-            argv = yaml.safe_dump(command.get("argv", []))
-            assert "amqp_password" not in argv, f"{task['name']!r}: password in argv"
-            if {"add_user", "change_password", "authenticate_user"} & set(command.get("argv", [])):
-                assert "cxr_mq_amqp_password" in command.get("stdin", ""), f"{task['name']!r}: password not on stdin"
-            if "stdin" in command:
-                assert task.get("no_log") is True
+    commands = 0
+    for path in (ROLES / "rabbitmq/tasks").glob("*.yml"):
+        for task in _tasks(_load(path)):
+            command = task.get("ansible.builtin.command")
+            if command:
+                argv = yaml.safe_dump(command.get("argv", []))
+                assert "passwords" not in argv and "amqp_password" not in argv, f"{task['name']!r}: password in argv"
+                if {"add_user", "change_password", "authenticate_user"} & set(command.get("argv", [])):
+                    commands += 1
+                    assert "rabbitmq_passwords[" in command.get("stdin", ""), f"{task['name']!r}: password not on stdin"
+                if "stdin" in command:
+                    assert task.get("no_log") is True
+    assert commands == 3
     variables = _host_vars("rabbitmq")
     conf = _render(ROLES / "rabbitmq/templates/rabbitmq.conf.j2", variables)
     settings = dict(line.split(" = ", 1) for line in conf.splitlines() if " = " in line and not line.startswith("#"))
@@ -349,7 +359,10 @@ def test_rendered_config_is_accepted_by_cxr_mq(tmp_path):
     toml_text = _render(ROLES / "common/templates/config.toml.j2", variables)
     env_text = _render(ROLES / "common/templates/cxr-mq.env.j2", variables)
     env = dict(re.findall(r'^(\w+)="(.*)"$', env_text, re.M))
-    assert env["CXR_MQ_AMQP_URL"] == "amqp://cxrmq:p%40ss%2Fword%3Ax@192.0.2.10:5672/cxr-mq"
+    # the party's own user, the broker by name (its certificate names it), AMQPS with the CA
+    assert env["CXR_MQ_AMQP_URL"] == \
+        "amqps://hospital-a:p%40ss%2Fword%3Ax@ip-192-0-2-10.eu-central-1.compute.internal:5671/cxr-mq"
+    assert env["CXR_MQ_AMQP_CA_FILE"] == "/etc/cxr-mq/broker-ca.pem" and env["CXR_MQ_AMQP_TLS_REQUIRED"] == "true"
     assert "p@ss" not in toml_text and "amqp_url" not in toml_text, "secrets belong in the env file"
     config = pytest.importorskip("cxr_mq.config")
     path = tmp_path / "config.toml"
@@ -358,6 +371,7 @@ def test_rendered_config_is_accepted_by_cxr_mq(tmp_path):
     assert settings.hospitals == ("hospital-a", "hospital-b")
     assert settings.s3_bucket == "cxr-mq-test" and settings.kms_key_id == "alias/cxr-mq"
     assert settings.amqp_url == env["CXR_MQ_AMQP_URL"]
+    assert settings.amqp_ca_file == "/etc/cxr-mq/broker-ca.pem" and settings.amqp_tls_required is True
 
 
 # -- inventories ------------------------------------------------------------------------------
@@ -448,13 +462,82 @@ def test_compose_workers_share_endpoints_and_image():
 
 
 def test_dockerfile():
-    lines = [line.strip() for line in (DOCKER / "Dockerfile").read_text().splitlines()]
+    text = (DOCKER / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M).group(1)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+", base), f"base image {base} is not pinned to a release"
     froms = [line.split()[1] for line in lines if line.startswith("FROM ")]
-    assert froms[-1] == "python:3.11-slim"
+    assert froms and all(f.startswith("${PYTHON_IMAGE}") for f in froms)
+    installs = [line for line in lines if line.startswith("RUN pip install")]
+    assert installs and all("--constraint /tmp/constraints.txt" in line for line in installs)
+    assert "!constraints.txt" in (DOCKER / "Dockerfile.dockerignore").read_text()
+    assert any(line.startswith("HEALTHCHECK ") for line in lines)
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     entry = [line for line in lines if line.startswith("ENTRYPOINT ")]
     assert json.loads(entry[-1].split(None, 1)[1]) == ["cxr-mq"]
+
+
+def test_compose_survives_restarts_with_room_in_shm():
+    services = _services()
+    for name, svc in services.items():
+        if svc.get("image") == "cxr-mq:local":
+            size = str(svc.get("shm_size", "64m")).lower()
+            assert size.endswith("gb") or (size.endswith("m") and int(size[:-1]) >= 512), f"{name}: shm_size {size}"
+        long_running = name in ("rabbitmq", "s3", "aws-init", "aggregator") or _command(svc)[:1] == ["hospital"]
+        if long_running:
+            assert svc.get("restart") == "unless-stopped", f"{name} does not come back after a restart"
+        if _command(svc)[:1] in (["hospital"], ["aggregator"]):
+            assert "--metrics-port" in _command(svc), f"{name}: the image's HEALTHCHECK reads the metrics port"
+    init = services["aws-init"]
+    assert "--watch" in init["entrypoint"] and "--public-context" in init["entrypoint"]
+    assert not any(m.split(":")[0] == "keys" for m in init["volumes"]), "aws-init must not see the secret context"
+
+
+def test_constraints_pin_every_runtime_dependency():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pins = dict(line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"]:
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"constraints.txt does not pin {name}: run scripts/lock.sh"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {req.specifier}"
+    assert "cxr-mq" not in pins
+
+
+def test_bootstrap_recreates_what_moto_lost(moto_endpoint, aws_env, tmp_path, monkeypatch):
+    import boto3
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bootstrap_aws", DOCKER / "local/bootstrap_aws.py")
+    bootstrap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bootstrap)
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name=aws_env["AWS_REGION"])
+    kms = boto3.client("kms", endpoint_url=moto_endpoint, region_name=aws_env["AWS_REGION"])
+    tag = uuid.uuid4().hex[:8]
+    bucket, alias = f"cxr-boot-{tag}", f"alias/cxr-boot-{tag}"
+    assert bootstrap.ensure_bucket_and_key(s3, kms, bucket, alias, aws_env["AWS_REGION"]) is True
+    assert bootstrap.ensure_bucket_and_key(s3, kms, bucket, alias, aws_env["AWS_REGION"]) is False
+    public = tmp_path / "public.ctx"
+    public.write_bytes(b"public context bytes")
+    for key, value in {"CXR_MQ_S3_BUCKET": bucket, "CXR_MQ_KMS_KEY_ID": alias,
+                       "CXR_MQ_S3_ENDPOINT_URL": moto_endpoint}.items():
+        monkeypatch.setenv(key, value)
+    assert bootstrap.ensure_public_context(public) is True
+    assert bootstrap.ensure_public_context(public) is False
+    # moto restarted: bucket and alias are gone; the next pass puts them back, context included
+    s3.delete_object(Bucket=bucket, Key="keys/public-context")
+    s3.delete_bucket(Bucket=bucket)
+    kms.delete_alias(AliasName=alias)
+    assert bootstrap.ensure_bucket_and_key(s3, kms, bucket, alias, aws_env["AWS_REGION"]) is True
+    assert bootstrap.ensure_public_context(public) is True
+    body = s3.get_object(Bucket=bucket, Key="keys/public-context")
+    assert body["Body"].read() == b"public context bytes" and body["ServerSideEncryption"] == "aws:kms"
 
 
 # -- secrets ----------------------------------------------------------------------------------
@@ -502,7 +585,9 @@ def test_vault_files_are_encrypted():
 def test_deployment_doc_covers_the_path():
     text = DOCS.read_text()
     for needle in ("cxr-mq keys init", "ansible-vault", "ansible-playbook -i inventory/aws_ec2.yml site.yml --ask-vault-pass",
-                   "aws:kms", "s3:PutObject", "journalctl -u cxr-mq-hospital", "cxr-mq status"):
+                   "aws:kms", "s3:PutObject", "journalctl -u cxr-mq-hospital", "cxr-mq status",
+                   "ansible-playbook provision.yml", "--check --diff", "## 7. Adding a hospital",
+                   "## 8. Rotating keys", "## 9. Upgrading without losing a round", "constraints.txt"):
         assert needle in text, f"docs/deployment.md does not mention {needle!r}"
 
 
@@ -515,3 +600,92 @@ def test_ansible_syntax_check():
             result = subprocess.run([str(playbook), "--syntax-check", "-i", "ansible/inventory/example.ini", play],
                                     cwd=REPO, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- controller and systemd hardening ---------------------------------------------------------
+def _rendered_units(tmp_path: Path) -> dict[str, Path]:
+    units = {
+        "cxr-mq-hospital.service": ("hospital", ROLES / "hospital/templates/cxr-mq-hospital.service.j2"),
+        "cxr-mq-aggregator.service": ("aggregator", ROLES / "aggregator/templates/cxr-mq-aggregator.service.j2"),
+        "cxr-mq-start-round.service": ("controller", ROLES / "controller/templates/cxr-mq-start-round.service.j2"),
+    }
+    out = {}
+    for name, (role, template) in units.items():
+        path = tmp_path / name
+        path.write_text(_render(template, _host_vars("common", role)))
+        out[name] = path
+    return out
+
+
+def test_controller_timer_runs_start_round_on_schedule():
+    variables = _host_vars("common", "controller", controller_schedule="Mon *-*-* 03:00:00")
+    timer = _unit(_render(ROLES / "controller/templates/cxr-mq-start-round.timer.j2", variables))
+    assert _one(timer, "Timer", "OnCalendar") == "Mon *-*-* 03:00:00"
+    assert _one(timer, "Timer", "Unit") == "cxr-mq-start-round.service"
+    assert _one(timer, "Timer", "Persistent") == "true"
+    assert _one(timer, "Install", "WantedBy") == "timers.target"
+    service = _unit(_render(ROLES / "controller/templates/cxr-mq-start-round.service.j2", variables))
+    assert _one(service, "Service", "Type") == "oneshot"
+    argv = shlex.split(_one(service, "Service", "ExecStart"))
+    assert argv[:4] == ["/opt/cxr-mq/venv/bin/cxr-mq", "--config", "/etc/cxr-mq/config.toml", "start-round"]
+    assert argv[argv.index("--quorum") + 1] == "3"
+    tasks = _tasks(_load(ROLES / "controller/tasks/main.yml"))
+    declare = [t for t in tasks if "declare" in str(t.get("ansible.builtin.command", {}).get("argv"))]
+    assert declare and declare[0]["no_log"] is True, "the admin login's URL must not be logged"
+
+
+def _exposure(unit: Path) -> float:
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                            capture_output=True, text=True, timeout=120)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout + result.stderr)
+    assert match, result.stdout[-2000:] + result.stderr[-2000:]
+    return float(match.group(1))
+
+
+def test_units_exposure_at_most_3(tmp_path):
+    assert shutil.which("systemd-analyze"), "systemd-analyze is needed to rate the units (Debian: systemd)"
+    for name, path in _rendered_units(tmp_path).items():
+        assert _exposure(path) <= 3.0, f"{name}: systemd-analyze security exposure above 3.0"
+
+
+def test_exposure_check_catches_an_unhardened_unit(tmp_path):
+    bare = tmp_path / "bare.service"
+    bare.write_text("[Service]\nExecStart=/bin/true\n")
+    assert _exposure(bare) > 3.0
+
+
+# -- monitoring -------------------------------------------------------------------------------
+def _worker_metric_names() -> set[str]:
+    """Sample names the workers export (counters get _total, histograms _bucket)."""
+    from cxr_mq.observability import Metrics
+
+    metrics = Metrics()
+    names = set()
+    for family in metrics.registry.collect():
+        names |= {sample.name for sample in family.samples} | {family.name, family.name + "_total"}
+    return names | {"cxr_duration_seconds_bucket"}
+
+
+def test_alert_rules_cover_outages_aborts_and_dead_letters():
+    rules = {r["alert"]: r for g in _load(ROLES / "monitoring/files/cxr-mq-alerts.yml")["groups"] for r in g["rules"]}
+    assert {"CxrMqWorkerDown", "CxrMqRoundAborted", "CxrMqDeadLettersGrowing"} <= set(rules)
+    assert 'up{job="cxr-mq"} == 0' in rules["CxrMqWorkerDown"]["expr"]
+    assert "dead-letter" in rules["CxrMqDeadLettersGrowing"]["expr"]
+    exported = _worker_metric_names()
+    for rule in rules.values():
+        for name in re.findall(r"\b(cxr_[a-z_]+)", rule["expr"]):
+            assert name in exported, f"{rule['alert']} uses {name}, which no worker exports"
+
+
+def test_dashboard_and_scrape_config_use_exported_metrics():
+    dashboard = json.loads((ROLES / "monitoring/files/cxr-mq-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exported = _worker_metric_names()
+    used = {n for e in exprs for n in re.findall(r"\b(cxr_[a-z_]+)", e)}
+    assert used and used <= exported, used - exported
+    variables = _host_vars("common", "monitoring")
+    scrape = yaml.safe_load(_render(ROLES / "monitoring/templates/prometheus.yml.j2", variables))
+    jobs = {j["job_name"]: j for j in scrape["scrape_configs"]}
+    targets = [t for c in jobs["cxr-mq"]["static_configs"] for t in c["targets"]]
+    assert targets == ["hosp-a:9410", "hosp-b:9410", "agg-1:9410"]
+    assert jobs["rabbitmq"]["static_configs"][0]["targets"] == ["ip-192-0-2-10.eu-central-1.compute.internal:15692"]

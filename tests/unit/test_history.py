@@ -58,6 +58,7 @@ def store(tmp_path):
     for hospital, matrix, auc in (("h1", [[8, 2], [1, 9]], 0.9), ("h2", [[4, 0], [2, 4]], 0.8)):
         rounds.write_json(store, rounds.evaluation_key(1, hospital),
                           {"round": 1, "hospital": hospital, "metrics": evaluation(matrix, auc, 1)})
+    rounds.record_hospital_refusal(store, 1, "h2", "model_ready", "below my floor", at=1200.0)
     open_round(store, 2, ["h1", "h2", "h3"], issued_at=2000.0, deadline=2600.0)
     RoundState(round=2, quorum=3, min_clients=2, deadline=2600.0, n_params=10,
                key_fingerprint=FINGERPRINT, hospitals=["h1", "h2", "h3"],
@@ -85,7 +86,8 @@ def test_overall_pools_confusion_matrices_and_weights_auc_by_validation_size(sto
 def test_rounds_carry_participation_bytes_and_timings(store):
     first, second = history.collect(store)
     assert (first.status, first.contributors, first.total_samples) == ("complete", ["h1", "h2"], 20)
-    assert first.refused == [{"hospital": "h3", "reason": "sha256 mismatch: forged"}]
+    assert first.refused == [{"hospital": "h3", "reason": "sha256 mismatch: forged", "by": "aggregator"},
+                             {"hospital": "h2", "reason": "below my floor", "by": "hospital"}]
     assert first.bytes_uploaded == 3_000_000
     assert (first.train_seconds, first.encrypt_seconds, first.upload_seconds) == (8.0, 0.5, 0.25)
     assert first.aggregate_seconds == 0.75 and first.wall_seconds == 250.0
@@ -117,7 +119,7 @@ def test_federation_page_has_plots_tables_and_the_refusal(store, tmp_path):
     report = write_federation_report(out, history.collect(store), {"bucket": "b"})
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     assert report["totals"] == {"rounds": 2, "complete": 1, "aborted": 0, "updates_accepted": 4,
-                                "updates_refused": 1, "bytes_uploaded": 6_500_000}
+                                "refusals": 2, "bytes_uploaded": 6_500_000}
     assert set(report["plots"]) == set(FEDERATION_PLOTS)
     assert report["plots"]["participation.png"] == ["accepted", "refused"]
     page = (out / "index.html").read_text()
@@ -126,7 +128,7 @@ def test_federation_page_has_plots_tables_and_the_refusal(store, tmp_path):
             assert image.format == "PNG" and min(image.size) >= 200
         assert f'src="{name}"' in page
     assert 'id="rounds"' in page and 'id="hospitals"' in page and 'id="refusals"' in page
-    assert "sha256 mismatch: forged" in page
+    assert "sha256 mismatch: forged" in page and "below my floor" in page
 
 
 def test_an_empty_history_is_refused(tmp_path):
@@ -183,4 +185,4 @@ def test_chromium_renders_the_federation_page_with_every_image(store, tmp_path):
     seen = render(out / "index.html")
     broken = [i["src"] for i in seen["images"] if not (i["complete"] and i["width"] > 0)]
     assert broken == ["bytes.png"]
-    assert {t["id"]: t["rows"] for t in seen["tables"]} == {"rounds": 3, "hospitals": 6, "refusals": 2}
+    assert {t["id"]: t["rows"] for t in seen["tables"]} == {"rounds": 3, "hospitals": 6, "refusals": 3}

@@ -14,6 +14,7 @@ import pytest
 
 from cxr_mq import controller, crypto, messages, rounds, synth, training
 from cxr_mq.rounds import COMPLETE, RoundState
+from cxr_mq.transport.base import TransportError
 from workerkit import Federation
 
 PARAMS = training.TrainingParams(image_size=8, epochs=1, batch_size=8, augment=False, width=0.5)
@@ -57,8 +58,10 @@ def _updates_published(fed) -> list[dict]:
 
 def _complete_round_one(fed, weights: np.ndarray, total_samples: int) -> None:
     """Round 1 finished as the aggregator leaves it: an encrypted aggregate and its record."""
-    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=PARAMS)
-    start = controller.open_round(fed.control, fed.store, fed.public, request, clock=fed.clock)
+    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=PARAMS,
+                                      min_clients_floor=1)
+    start = controller.open_round(fed.control, fed.store, fed.public, request,
+                                  fed.identities["controller"], clock=fed.clock)
     for h in fed.hospitals:  # round 1's round_start is not what these tests are about
         fed.server.queue(fed.topology.hospital_queue(h)).messages.clear()
     buf = io.BytesIO()
@@ -74,8 +77,10 @@ def test_round_two_trains_from_exactly_round_ones_decrypted_model(fed, data_dir,
     initial = training.flat_weights(training.build_model(PARAMS))
     round_one = initial + np.random.default_rng(5).normal(0, 0.05, initial.size).astype(np.float32)
     _complete_round_one(fed, round_one, total_samples=40)
-    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=PARAMS)
-    start = controller.open_round(fed.control, fed.store, fed.public, request, clock=fed.clock)
+    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=PARAMS,
+                                      min_clients_floor=1)
+    start = controller.open_round(fed.control, fed.store, fed.public, request,
+                                  fed.identities["controller"], clock=fed.clock)
     assert start["round"] == 2 and start["base_model_encrypted"] is True
     hospital = fed.hospital("h1", data_dir)
     fed.drain(hospital)
@@ -125,3 +130,35 @@ def test_a_restarted_hospital_republishes_its_update_without_training_again(fed,
     assert training_starts == [], "a hospital restarted after uploading trained a second update"
     assert _updates_published(fed) == [before], "the update already uploaded was not republished as it was"
     assert start["round"] == 1
+
+
+def test_forged_redirected_or_stale_outcomes_are_refused_before_decrypting(fed, data_dir, training_starts):
+    """A hospital decrypts and applies only an aggregate that the registered aggregator
+    announced, at the round's own aggregate key, for a round whose record the controller
+    signed, and never an older round's over a newer one."""
+    hospital = fed.hospital("h1", data_dir)
+    start = fed.open_round(quorum=1, n_params=100)
+    fed.server.queue(fed.topology.hospital_queue("h1")).messages.clear()
+    ready = messages.make("model_ready", round=1, key=rounds.aggregate_key(1), sha256="0" * 64,
+                          contributors=["h2"], total_samples=5, n_params=100,
+                          key_fingerprint=fed.secret.fingerprint, metrics={}, finished_at=fed.now)
+    forged_record = {**start, "training": {**start["training"], "epochs": 99}}
+    rounds.write_json(fed.store, rounds.round_key(2), {**forged_record, "round": 2})
+    cases = [  # (message, login, body override, reason)
+        (ready, "aggregator", messages.encode(ready), "unsigned model_ready: no signer or signature"),
+        (ready, "aggregator", messages.encode(fed.sign(ready, "h2")),
+         "wrong role: model_ready from 'h2', registered as hospital; only the aggregator role may send it"),
+        ({**ready, "key": rounds.update_key(1, "h2")}, "aggregator", None,
+         "model_ready for round 1 names 'rounds/000001/updates/h2', not the round's aggregate "
+         "'rounds/000001/aggregate'"),
+        ({**ready, "round": 2, "key": rounds.aggregate_key(2)}, "aggregator", None,
+         "round 2's record: bad signature on round_start from 'controller'"),
+    ]
+    with pytest.raises(TransportError, match="403 ACCESS_REFUSED"):  # h2's own login cannot
+        fed.publish(ready, body=messages.encode(fed.sign(ready, "h2")), login="h2")
+    for message, login, body, _ in cases:
+        fed.publish(message, body=body, login=login)
+    fed.drain(hospital)
+    dead = [d["reason"] for d in fed.dead_letters() if d["queue"] == fed.topology.hospital_queue("h1")]
+    assert dead == [reason for *_, reason in cases]
+    assert training_starts == [] and hospital._applied_model is None

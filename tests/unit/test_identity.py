@@ -79,8 +79,8 @@ def test_unsigned_unknown_wrong_role_and_impersonation_are_refused(parties, veri
     mallory = Identity.generate("mallory")  # has keys, but nobody registered them
     with pytest.raises(IdentityError, match=r"^unknown sender 'mallory': no identity in the registry$"):
         verifier.verify(identity.sign(update(hospital="mallory"), mallory), broker_user="mallory")
-    with pytest.raises(IdentityError, match=r"^wrong role: update_ready from 'agg', a aggregator; "
-                                            r"only a hospital may send it$"):
+    with pytest.raises(IdentityError, match=r"^wrong role: update_ready from 'agg', registered as "
+                                            r"aggregator; only the hospital role may send it$"):
         verifier.verify(identity.sign(update(hospital="agg"), parties["agg"]), broker_user="agg")
     # h2 signs an update naming h1 (and h1's object): its own signature, someone else's name
     with pytest.raises(IdentityError, match=r"^update_ready signed by 'h2' names hospital 'h1'$"):
@@ -202,3 +202,14 @@ def test_cli_identity_init_writes_both_files(tmp_path):
     bad = runner.invoke(main, ["identity", "init", "--id", "../x", "--out", str(tmp_path)],
                         env={"CXR_MQ_CONFIG": ""})
     assert bad.exit_code == 2 and "invalid party id" in bad.output
+
+
+def test_bench_reports_the_cost_of_signing_and_verifying_per_round():
+    from cxr_mq.bench import signing_costs
+
+    costs = signing_costs([2, 10], 1000, {"compact": {"aggregate_mparams_per_s": 50.0}}, repeats=5)
+    assert costs["sign_us"] > 0 and costs["verify_us"] > 0
+    per_round = costs["per_round_ms"]
+    assert per_round["10"] == pytest.approx((12 * costs["sign_us"] + 42 * costs["verify_us"]) / 1e3)
+    assert per_round["2"] < per_round["10"]
+    assert costs["verify_vs_adding_one_update"] == pytest.approx(costs["verify_us"] / 20.0)

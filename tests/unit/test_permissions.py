@@ -68,3 +68,45 @@ def test_cli_prints_json_and_rabbitmqctl_lines():
 def test_cli_refuses_bad_role_or_id(args):
     result = CliRunner().invoke(main, ["broker", "permissions", *args], env={"CXR_MQ_CONFIG": ""})
     assert result.exit_code == 2
+
+
+def test_the_embedded_broker_enforces_them_as_rabbitmq_does():
+    from cxr_mq.transport.base import TransportError
+    from cxr_mq.transport.embedded import EmbeddedBroker, EmbeddedServer
+
+    server, topo = EmbeddedServer(), Topology("ns-1")
+
+    def login(role, party):
+        return EmbeddedBroker(server, topo, user=party, permissions=permissions_for(role, party, "ns-1"))
+    h1, agg, ctl = login("hospital", "h1"), login("aggregator", "agg"), login("controller", "ctl")
+    with pytest.raises(TransportError, match="topology missing"):
+        h1.declare_topology(["h1"])  # may not configure: checks passively, nothing is there yet
+    EmbeddedBroker(server, topo, user="admin").declare_topology(["h1", "h2"])
+    for party, hospitals in ((h1, ["h1"]), (agg, ["h1", "h2"]), (ctl, ["h1", "h2"])):
+        party.declare_topology(hospitals)  # now the passive check passes
+    with pytest.raises(TransportError, match="topology missing"):
+        h1.declare_topology(["h3"])
+    reply = ctl.temporary_queue(["model_ready", "round_aborted"])
+    assert reply.startswith("amq.gen-")
+    ctl.publish("round_start", b"x")
+    h1.publish("update_ready", b"u")
+    agg.publish("model_ready", b"m")
+    assert h1.get(topo.hospital_queue("h1"), 1).body == b"x"
+    assert agg.get(topo.aggregator_queue, 1).body == b"x"
+    assert agg.get(topo.aggregator_queue, 1).user_id == "h1"
+    assert ctl.get(reply, 1).user_id == "agg"
+    refused = [
+        lambda: h1.publish("model_ready", b"forged"),
+        lambda: h1.publish("round_start", b"forged"),
+        lambda: agg.publish("update_ready", b"forged"),
+        lambda: h1.get(topo.aggregator_queue, 0),
+        lambda: h1.get(topo.hospital_queue("h2"), 0),
+        lambda: h1.consume(topo.hospital_queue("h2"), lambda d: None),
+        lambda: agg.get(topo.dead_letter_queue, 0),
+        lambda: h1.temporary_queue(["update_ready"]),
+        lambda: ctl.temporary_queue(["update_ready"]),  # may bind only to outcomes
+        lambda: ctl.delete_topology(["h1"]),
+    ]
+    for attempt in refused:
+        with pytest.raises(TransportError, match="403 ACCESS_REFUSED"):
+            attempt()

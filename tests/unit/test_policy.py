@@ -1,5 +1,5 @@
 from cxr_mq.policy import RoundPolicy
-from cxr_mq.rounds import ABORTED, COMPLETE, RoundState
+from cxr_mq.rounds import ABORTED, COMPLETE, RoundState, update_key
 
 FP = "f" * 64
 
@@ -12,9 +12,10 @@ def state(**kw):
 
 
 def update(**kw):
-    fields = dict(round=3, hospital="h1", key="k", sha256="a" * 64, n_samples=7, n_params=10,
+    fields = dict(round=3, hospital="h1", sha256="a" * 64, n_samples=7, n_params=10,
                   key_fingerprint=FP, size=1)
     fields.update(kw)
+    fields.setdefault("key", update_key(fields["round"], fields["hospital"]))
     return fields
 
 
@@ -31,6 +32,11 @@ def test_refusals_have_reasons():
     assert "unknown sender" in p.refuse_reason(state(), update(hospital="h9"), 0)
     assert "fingerprint" in p.refuse_reason(state(), update(key_fingerprint="0" * 64), 0)
     assert "wrong shape" in p.refuse_reason(state(), update(n_params=11), 0)
+    # an update lives at its own hospital's key for this round, and nowhere else
+    for key in (update_key(3, "h2"), update_key(2, "h1"), update_key(3, "h1") + "-copy", "k"):
+        assert p.refuse_reason(state(), update(key=key), 0) == (
+            f"wrong object key {key!r}: hospital 'h1''s update for round 3 lives only at "
+            "'rounds/000003/updates/h1'")
     s = state()
     accept(s, "h1", sha="b" * 64)
     assert "different content" in p.refuse_reason(s, update(), 0)

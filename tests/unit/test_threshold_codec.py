@@ -181,6 +181,8 @@ def test_encoding_refuses_what_could_wrap(committee):
         codec.encrypt_update(np.zeros(3), 1001, io.BytesIO(), encoding=enc, hospital="h1")
     with pytest.raises(ThresholdCodecError, match="scale"):
         RoundEncoding("fed", 3, 1024, 1000, 100.0)  # K * W leaves too little precision
+    with pytest.raises(ThresholdCodecError, match="encrypts for one round"):  # a single-key caller
+        codec.encrypt_update(np.zeros(3), 5, io.BytesIO(), max_contributors=3)
     with pytest.raises(ThresholdCodecError, match="NaN"):
         codec.encrypt_update(np.array([np.nan]), 5, io.BytesIO(), encoding=enc, hospital="h1")
 

@@ -1,0 +1,82 @@
+"""Threshold rounds with real processes over the real RabbitMQ and moto's S3/KMS: the key
+ceremony through the running hospital workers (``cxr-mq keys init --threshold 2``), then
+rounds under fresh keys where the committee decrypts the key sum; n - t hospitals killed
+after uploading do not stop a round; fewer than t alive make it undecryptable (``start-round
+--wait`` exits 1 with the reason, ``status`` shows it), and the next round completes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from cxr_mq import rounds, threshold_flow
+
+from .cluster import Cluster
+
+pytestmark = pytest.mark.slow
+HOSPITALS = ("h1", "h2", "h3")
+
+
+def _wait(predicate, what, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_threshold_rounds_survive_dropouts_over_rabbitmq(tmp_path, amqp_url, s3_settings):
+    cluster = Cluster(tmp_path, amqp_url, s3_settings, f"t{uuid.uuid4().hex[:10]}", HOSPITALS, synthetic=True)
+    cluster.env["CXR_MQ_COMMITTEE_TIMEOUT"] = "8"
+    store = cluster.store()
+    round_args = ("--max-samples", "200", "--deadline", "120")
+    try:
+        cluster.init_keys()  # the single-key context the workers start with, and the identities
+        cluster.start_all()
+        ceremony = json.loads(cluster.cli("keys", "init", "--threshold", "2", "--timeout", "120").stdout)
+        assert ceremony["profile"] == "threshold" and ceremony["threshold"] == 2
+        cluster.stop_all()  # the workers restart on the new public context
+        cluster.start_all()
+
+        code, result = cluster.start_round(*round_args)
+        assert code == 0 and result["status"] == "complete", result
+        assert result["committee"]["decrypted"] and result["total_samples"] > 0
+
+        # n - t = 1 hospital dies once its update is in: the other two decrypt
+        cluster.open_round(*round_args)
+        _wait(lambda: store.exists(rounds.update_message_key(2, "h3")), "h3's round 2 update")
+        cluster.kill("h3")
+        _wait(lambda: _decrypted(store, 2) == ["h1", "h2"], "round 2's committee")
+
+        # two die after uploading: one member left, fewer than t: undecryptable, exit 1
+        cluster.start_hospital("h3")
+        waiting = subprocess.Popen([sys.executable, "-m", "cxr_mq.cli", "start-round", "--wait", "--json",
+                                    "--committee-timeout", "60", *round_args], env=cluster.env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait(lambda: all(store.exists(rounds.update_message_key(3, h)) for h in HOSPITALS), "round 3's updates")
+        cluster.kill("h2")
+        cluster.kill("h3")
+        out, err = waiting.communicate(timeout=240)
+        assert waiting.returncode == 1, (out, err[-3000:])
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["status"] == "undecryptable" and "only 1 of the 2 committee members" in result["reason"]
+        rows = {row["round"]: row for row in json.loads(cluster.cli("status", "--json").stdout)}
+        assert rows[3]["state"] == "undecryptable"
+
+        # everyone back: the next round starts from round 2's model and completes
+        cluster.start_hospital("h2")
+        cluster.start_hospital("h3")
+        code, result = cluster.start_round(*round_args)
+        assert code == 0 and result["status"] == "complete", result
+        assert result["base_model_key"] == rounds.aggregate_key(2)
+    finally:
+        cluster.stop_all()
+
+
+def _decrypted(store, round_no):
+    return sorted(h for h, o in threshold_flow.outcomes(store, round_no).items() if o["decrypted"])
