@@ -63,7 +63,7 @@ def store(tmp_path):
     RoundState(round=2, quorum=3, min_clients=2, deadline=2600.0, n_params=10,
                key_fingerprint=FINGERPRINT, hospitals=["h1", "h2", "h3"],
                accepted=[accepted("h1", 2_000_000, 2.0, evaluation([[8, 2], [1, 9]], 0.9, 1)),
-                         accepted("h3", 1_500_000, 4.0, evaluation([[5, 5], [0, 10]], 0.7, 1))],
+                         accepted("h3", 1_500_000, 4.0, evaluation([[5, 5], [0, 10]], 0.6, 1))],
                opened_at=2001.0).save(store)
     for key in (rounds.update_key(2, "h1"), rounds.update_key(2, "h2"), rounds.update_key(2, "h3")):
         store.put_bytes(key, b"ciphertext")
@@ -80,7 +80,7 @@ def test_overall_pools_confusion_matrices_and_weights_auc_by_validation_size(sto
     assert first.metrics["accuracy"] == pytest.approx(40 / 50)
     assert first.metrics["sensitivity_positive"] == pytest.approx(23 / 26)
     assert first.metrics["ppv_positive"] == pytest.approx(23 / 30)
-    assert first.metrics["auc"] == pytest.approx((0.9 * 20 + 0.8 * 10 + 0.7 * 20) / 50)
+    assert first.metrics["auc"] == pytest.approx((0.9 * 20 + 0.8 * 10 + 0.6 * 20) / 50)
 
 
 def test_rounds_carry_participation_bytes_and_timings(store):
