@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -252,6 +253,8 @@ def sandbox(tmp_path_factory, moto_endpoint, aws_env, amqp_url):
     (root / "inventory.ini").write_text(
         "[broker]\n"
         "sandbox-broker rabbitmq_manage_server=false\n"
+        "[controller]\n"
+        f"sandbox-controller cxr_mq_prefix={root / 'controller'}\n"
         "[aggregator]\n"
         f"sandbox-aggregator cxr_mq_prefix={root / 'aggregator'}\n"
         "[hospital]\n"
@@ -269,6 +272,7 @@ def sandbox(tmp_path_factory, moto_endpoint, aws_env, amqp_url):
         # The workers log in as guest here: they still declare their topology, which their
         # least-privilege users may not do.
         "cxr_mq_amqp_user": "guest", "cxr_mq_amqp_password": "guest", "vault_cxr_mq_amqp_passwords": passwords,
+        "cxr_mq_identity_pub_dir": str(root / "identities"), "cxr_mq_register_identities": True,
         "cxr_mq_aggregator_id": parties["aggregator"], "cxr_mq_controller_id": parties["controller"],
         "cxr_mq_amqp_admin_user": parties["admin"],
         "cxr_mq_namespace": f"t{uuid.uuid4().hex[:10]}", "cxr_mq_metrics_port": 0,
@@ -293,6 +297,19 @@ def sandbox(tmp_path_factory, moto_endpoint, aws_env, amqp_url):
         for user in json.loads(listed.stdout or "[]"):
             if user["user"] in parties.values():
                 subprocess.run(["rabbitmqctl", "-q", "delete_user", user["user"]], capture_output=True, timeout=120)
+        _delete_topology(amqp_url, given["cxr_mq_namespace"], parties["hospital"])
+
+
+def _delete_topology(amqp_url: str, namespace: str, hospital: str) -> None:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    for name in ("aggregator", "dead-letter", f"hospital.{hospital}"):
+        channel.queue_delete(f"{namespace}.{name}")
+    for name in ("control", "dlx"):
+        channel.exchange_delete(f"{namespace}.{name}")
+    connection.close()
 
 
 def test_sandbox_check_diff_runs_on_an_empty_host(sandbox):
@@ -408,11 +425,6 @@ def test_sandbox_aggregator_unit_starts_and_connects(sandbox, moto_endpoint, aws
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-        channel = connection.channel()
-        for name in (queue, f"{given['cxr_mq_namespace']}.dead-letter", f"{given['cxr_mq_namespace']}.hospital.{sandbox['parties']['hospital']}"):
-            channel.queue_delete(name)
-        for name in ("control", "dlx"):
-            channel.exchange_delete(f"{given['cxr_mq_namespace']}.{name}")
         connection.close()
     assert proc.returncode == 0, "the aggregator did not exit cleanly on SIGTERM"
 
@@ -448,3 +460,27 @@ def test_sandbox_broker_users_get_least_privilege(sandbox, amqp_url):
     finally:
         guest.channel().queue_delete(victim)
         guest.close()
+
+
+def test_sandbox_controller_declares_topology_and_schedules_rounds(sandbox, amqp_url):
+    import pika
+
+    root, given, parties = sandbox["root"], sandbox["given"], sandbox["parties"]
+    systemd = root / "controller" / "etc" / "systemd" / "system"
+    timer = (systemd / "cxr-mq-start-round.timer").read_text()
+    assert "OnCalendar=*-*-* 02:00:00" in timer and _mode(systemd / "cxr-mq-start-round.timer") == "0o644"
+    argv, env = _unit_command(systemd / "cxr-mq-start-round.service")
+    assert argv[1:4] == ["--config", str(root / "controller/etc/cxr-mq/config.toml"), "start-round"]
+    assert env["CXR_MQ_AMQP_URL"].startswith("amqp://guest:")
+    prometheus = yaml.safe_load((root / "controller/etc/prometheus/prometheus.yml").read_text())
+    assert prometheus["rule_files"] == [str(root / "controller/etc/prometheus/cxr-mq-alerts.yml")]
+    assert (root / "controller/etc/prometheus/cxr-mq-alerts.yml").is_file()
+    assert (root / "controller/var/lib/grafana/dashboards/cxr-mq.json").is_file()
+    # The admin login declared the federation's queues (workers may not configure anything).
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        for queue in (f"{given['cxr_mq_namespace']}.hospital.{parties['hospital']}", f"{given['cxr_mq_namespace']}.aggregator"):
+            channel.queue_declare(queue, passive=True)
+    finally:
+        connection.close()
