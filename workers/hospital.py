@@ -80,6 +80,7 @@ class HospitalWorker(Worker):
                          "round_aborted": self.on_round_aborted,
                          "ceremony_start": self.on_ceremony, "ceremony_finalize": self.on_ceremony}
         self._data: dict[tuple, training.LocalData] = {}
+        self._models: dict[tuple, object] = {}
         self.last_global_metrics: dict = {}
         self._applied_model: tuple | None = None
         self._training_thread: threading.Thread | None = None
@@ -208,6 +209,15 @@ class HospitalWorker(Worker):
                 self.data_dir, params, val_fraction=self.val_fraction, skip_bad=self.skip_bad)
         return self._data[key]
 
+    def _model(self, purpose: str, params: training.TrainingParams):
+        """The model for ``params``, built once per graph and purpose: every round loads its
+        weights, and a rebuilt model would pay TensorFlow's tracing of the training step again
+        (seconds per round, more than the training itself on small data)."""
+        key = (purpose, params.model, params.image_size, params.classes, params.width, params.depth)
+        if key not in self._models:
+            self._models[key] = training.build_model(params)
+        return self._models[key]
+
     def _train(self, message: dict, params: training.TrainingParams) -> tuple[np.ndarray, int, dict]:
         """Train locally from the round's base model: the new weights, the sample count and
         the training metrics."""
@@ -218,7 +228,7 @@ class HospitalWorker(Worker):
             return synthetic_update(base, self.id, round_no), synthetic_samples(self.id), {
                 "synthetic": True, **train_metrics}
         data = self._local_data(params)
-        model = training.build_model(params)
+        model = self._model("train", params)
         training.load_flat_weights(model, base)
         strategy, state = strategies.make(params), self._strategy_state(base)
         gradient = training.data_gradient(model, data) if strategy.needs_gradient else None
@@ -260,7 +270,8 @@ class HospitalWorker(Worker):
             size=info.size, n_samples=self._clear_samples(n_train), n_params=int(weights.size),
             start_sha256=train_metrics.pop("start_sha256"),
             key_fingerprint=self.codec.fingerprint,
-            metrics={"train": train_metrics, "global": self.last_global_metrics},
+            metrics={"train": train_metrics, "global": self.last_global_metrics,
+                     "timings": dict(timings)},
             sent_at=self.clock()))
         self._keep_plaintext_update(round_no, weights)
         self.store.put_bytes(rounds.update_message_key(round_no, self.id), messages.encode(update))
@@ -380,15 +391,27 @@ class HospitalWorker(Worker):
             self._applied_model = (round_no, message["sha256"])
             log.info("global_model_applied", contributors=message["contributors"], synthetic=True)
             return
-        model = training.build_model(params)
+        model = self._model("evaluate", params)
         training.load_flat_weights(model, weights)
         self.last_global_metrics = {"round": round_no,
                                     **training.evaluate(model, self._local_data(params))}
+        self._record_evaluation(round_no, log)
         self.status = "idle"
         self._applied_model = (round_no, message["sha256"])
         log.info("global_model_evaluated", contributors=message["contributors"],
                  accuracy=self.last_global_metrics.get("accuracy"),
                  auc=self.last_global_metrics.get("auc"))
+
+    def _record_evaluation(self, round_no: int, log) -> None:
+        """Leave the global model's metrics on the local validation split where ``cxr-mq
+        report`` finds them (the next update_ready carries them too, but a round may be the
+        last). Plaintext aggregate figures only, as in update_ready; best effort."""
+        try:
+            rounds.write_json(self.store, rounds.evaluation_key(round_no, self.id),
+                              {"round": round_no, "hospital": self.id,
+                               "metrics": self.last_global_metrics, "at": self.clock()})
+        except StoreError as exc:
+            log.warning("evaluation_not_recorded", error=str(exc))
 
     def _clear_samples(self, n_train: int) -> int:
         """The sample count update_ready shows: under the threshold profile the count travels
