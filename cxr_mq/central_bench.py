@@ -32,9 +32,11 @@ from . import metrics
 from .data import LocalData
 from .partition import assign_patients, hospital_name
 from .synth import write_synthetic
+from . import strategies
 from .training import (
     TrainingParams,
     build_model,
+    data_gradient,
     extrapolate,
     flat_weights,
     load_flat_weights,
@@ -120,34 +122,47 @@ def run_federated(
     cosine: bool = True,
     log: Callable = print,
 ) -> dict:
-    """FedAvg for ``rounds`` rounds of ``params.epochs`` local epochs per hospital; with
-    ``cosine`` the server anneals the learning rate across rounds as central training does
-    across epochs."""
+    """``params.strategy`` (cxr_mq/strategies.py) for ``rounds`` rounds of ``params.epochs``
+    local epochs per hospital; with ``cosine`` the server anneals the learning rate across
+    rounds as central training does across epochs. Each hospital keeps its own strategy
+    state and takes the server step itself, as the workers do; the run checks that every
+    hospital starts each round from the same model."""
     aggregator = _Aggregator(encrypted)
+    strategy = strategies.make(params)
     model = build_model(params)
-    global_w = flat_weights(model)
+    initial = flat_weights(model)
+    states = [strategies.ServerState(model=initial) for _ in hospitals]
     history = []
     started = time.perf_counter()
     for rnd in range(1, rounds + 1):
         updates = []
-        for h, data in enumerate(hospitals):
-            load_flat_weights(model, global_w)
+        starts = {strategies.model_sha256(state.model) for state in states}
+        if len(starts) != 1:
+            raise RuntimeError(f"round {rnd}: hospitals start from {len(starts)} different models")
+        for h, (data, state) in enumerate(zip(hospitals, states)):
+            base = state.model
+            load_flat_weights(model, base)
+            gradient = data_gradient(model, data) if strategy.needs_gradient else None
             lr = dict(lr=cosine_lr(params.lr, (rnd - 1) / rounds), lr_end=cosine_lr(params.lr, rnd / rounds)) \
                 if cosine else {}
-            train_local(model, data, params, round_seed=rnd * 1000 + h, **lr)
-            updates.append((extrapolate(global_w, flat_weights(model), params.server_lr), data.n_train))
-        global_w = aggregator.fedavg(updates)
-        load_flat_weights(model, global_w)
+            train_local(model, data, params, round_seed=rnd * 1000 + h,
+                        objective=strategy.local_objective(base, state), **lr)
+            updates.append((strategy.upload(base, flat_weights(model), state, gradient), data.n_train))
+        average = aggregator.fedavg(updates)
+        states = [strategies.advance(strategy, state, average, f"round-{rnd}") for state in states]
+        load_flat_weights(model, states[0].model)
         report = _test_report(model, test)
         history.append({"round": rnd, "accuracy": report["accuracy"], "auc": report["auc"]})
-        log(f"federated round {rnd}/{rounds}: test accuracy {report['accuracy']:.4f} auc {report['auc']:.4f}")
+        log(f"{strategy.name} round {rnd}/{rounds}: test accuracy {report['accuracy']:.4f} auc {report['auc']:.4f}")
     seconds = time.perf_counter() - started
     return {
+        "strategy": strategy.name,
         "test": report,
         "history": history,
         "seconds": round(seconds, 1),
         "encrypted": encrypted,
         "ciphertext_bytes_per_update": aggregator.bytes_per_update,
+        "upload_values": int(initial.size * strategy.upload_factor),
     }
 
 
@@ -170,7 +185,10 @@ def run_central_vs_federated(
     equal_steps: bool = False,
     server_lr: float = 1.0,
     data_dir: str | Path | None = None,
-    central: bool = True,
+    central: bool | dict = True,
+    strategy: str = "fedavg",
+    strategy_params: dict | None = None,
+    width: float = 1.0,
     log: Callable = print,
 ) -> dict:
     """Synthetic data (``n`` images; or an existing COVIDx ``data_dir``), a held-out test split
@@ -178,7 +196,8 @@ def run_central_vs_federated(
     ``rounds`` rounds x ``epochs_per_round`` local epochs over ``hospitals`` Dirichlet(alpha)
     hospitals (``alpha=None``: IID). Returns both reports and the per-hospital class table."""
     params = TrainingParams(model=model, image_size=image_size, classes=classes, epochs=1, lr=lr,
-                            batch_size=batch_size, seed=seed, balance=balance, server_lr=server_lr)
+                            batch_size=batch_size, seed=seed, balance=balance, server_lr=server_lr,
+                            width=width, strategy=strategy, **(strategy_params or {}))
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         if data_dir is None:
             started = time.perf_counter()
@@ -197,8 +216,12 @@ def run_central_vs_federated(
         log("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
 
     total_epochs = rounds * epochs_per_round
-    central = run_central(pool, pool, replace(params, epochs=total_epochs), cosine=cosine, log=log) \
-        if central else None
+    if isinstance(central, dict):
+        pass  # reused: central training does not depend on the split over hospitals
+    elif central:
+        central = run_central(pool, pool, replace(params, epochs=total_epochs), cosine=cosine, log=log)
+    else:
+        central = None
     # equal steps: each hospital takes (training set / hospitals / batch) steps per local epoch,
     # so a round processes one epoch's worth of samples in total (measured: slower to converge
     # than a local epoch each, 95.1% against 97.3% after 60 rounds, so off by default)
@@ -212,15 +235,119 @@ def run_central_vs_federated(
             "hospitals": hospitals, "alpha": alpha, "rounds": rounds,
             "epochs_per_round": epochs_per_round, "total_epochs": total_epochs,
             "batch_size": batch_size, "lr": lr, "balance": balance, "equal_steps": equal_steps,
-            "server_lr": server_lr,
+            "server_lr": server_lr, "strategy": strategy, "strategy_params": strategy_params or {},
+            "width": width,
             "lr_schedule": "cosine" if cosine else "constant", "seed": seed, "encrypted": encrypted,
             "n_train": pool.n_train, "n_test": pool.n_val,
         },
         "hospitals": table,
-        "central": None if central is None else {"summary": _summary(central["test"]), **central},
+        "central": None if central is None else {**central, "summary": _summary(central["test"])},
         "federated": {"summary": _summary(federated["test"]), **federated},
         "accuracy_gap_points": None if gap is None else round(100 * gap, 2),
     }
+
+
+def parse_strategy(spec: str) -> tuple[str, dict]:
+    """``fedadam:server_lr=0.03,tau=0.001`` -> ("fedadam", {"server_lr": 0.03, "tau": 0.001})."""
+    name, _, rest = spec.partition(":")
+    values = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"strategy {spec!r}: {item!r} is not key=value")
+        values[key.strip().replace("-", "_")] = float(value)
+    TrainingParams(strategy=name, **values)  # names the bad field
+    return name, values
+
+
+def run_grid(strategy_specs: list[str], alphas: list[float | None], seeds: list[int], jsonl: str | None,
+             log: Callable = print, **kwargs) -> list[dict]:
+    """Every strategy at every alpha and seed; one central run per seed (it does not depend on
+    the split). Each result is appended to ``jsonl`` as it finishes, so a cut-short grid keeps
+    what ran."""
+    parsed = [parse_strategy(s) for s in strategy_specs]
+    results = []
+    for seed in seeds:
+        central = kwargs.pop("central", True) if seed == seeds[0] else True
+        for alpha in alphas:
+            for name, values in parsed:
+                server_lr = values.pop("server_lr", kwargs.get("server_lr", 1.0))
+                args = {**kwargs, "server_lr": server_lr}
+                result = run_central_vs_federated(seed=seed, alpha=alpha, strategy=name, strategy_params=values,
+                                                  central=central, log=log, **args)
+                values["server_lr"] = server_lr
+                central = result["central"] or False
+                results.append(result)
+                log(f"== seed {seed} alpha {alpha} {name} {values}: gap {result['accuracy_gap_points']} points")
+                if jsonl:
+                    slim = {**result, "central": None if result["central"] is None else
+                            {k: result["central"][k] for k in ("summary", "history", "seconds")}}
+                    with open(jsonl, "a") as fh:
+                        fh.write(json.dumps(slim, default=float) + "\n")
+    return results
+
+
+def summary_table(results: list[dict]) -> str:
+    """Markdown: per strategy and alpha, final federated accuracy (mean, min-max over seeds) and
+    the gap to central on the same seed (mean and worst)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        setup = r["setup"]
+        label = setup["strategy"] + "".join(f" {k}={v:g}" for k, v in sorted(setup["strategy_params"].items()))
+        if setup["server_lr"] != 1.0:
+            label += f" server_lr={setup['server_lr']:g}"
+        groups.setdefault((setup["alpha"] or 0.0, label), []).append(r)
+    lines = ["| alpha | strategy | seeds | federated acc % (mean, min-max) | gap to central, pts (mean, worst) |",
+             "|---|---|---|---|---|"]
+    for (alpha, label), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0] if kv[0][0] else -99, kv[0][1])):
+        accs = [100 * r["federated"]["test"]["accuracy"] for r in rs]
+        gaps = [r["accuracy_gap_points"] for r in rs if r["accuracy_gap_points"] is not None]
+        gap = f"{np.mean(gaps):.2f}, {max(gaps):.2f}" if gaps else "n/a"
+        lines.append(f"| {alpha or 'IID'} | {label} | {','.join(str(r['setup']['seed']) for r in rs)} | "
+                     f"{np.mean(accs):.2f} ({min(accs):.2f}-{max(accs):.2f}) | {gap} |")
+    return "\n".join(lines)
+
+
+def load_results(paths: list[str]) -> list[dict]:
+    """Grid results from ``--jsonl`` files; runs made with ``--federated-only`` get the gap to
+    the central run of the same seed and data size found in the files."""
+    results = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+    central = {(r["setup"]["seed"], r["setup"]["n"], r["setup"]["total_epochs"]): r["central"]
+               for r in results if r.get("central")}
+    for r in results:
+        found = central.get((r["setup"]["seed"], r["setup"]["n"], r["setup"]["total_epochs"]))
+        if r.get("central") is None and found is not None:
+            r["central"] = found
+            r["accuracy_gap_points"] = round(100 * (found["summary"]["accuracy"]
+                                                    - r["federated"]["test"]["accuracy"]), 2)
+    return results
+
+
+def plot_curves(results: list[dict], path: str) -> None:
+    """Test accuracy per round, one panel per alpha, central per epoch as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = sorted({r["setup"]["alpha"] or 0.0 for r in results})
+    fig, axes = plt.subplots(1, len(alphas), figsize=(5 * len(alphas), 3.6), squeeze=False)
+    for ax, alpha in zip(axes[0], alphas):
+        runs = [r for r in results if (r["setup"]["alpha"] or 0.0) == alpha]
+        for r in runs:
+            h = r["federated"]["history"]
+            ax.plot([e["round"] for e in h], [100 * e["accuracy"] for e in h],
+                    label=f"{r['setup']['strategy']} (seed {r['setup']['seed']})")
+        central = next((r["central"] for r in runs if r.get("central")), None)
+        if central:
+            ax.plot([e["epoch"] for e in central["history"]], [100 * e["accuracy"] for e in central["history"]],
+                    "k--", label="central")
+        ax.set_title(f"alpha {alpha or 'IID'}")
+        ax.set_xlabel("round (central: epoch)")
+        ax.set_ylabel("test accuracy %")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None, prog: str | None = None) -> None:
@@ -245,19 +372,54 @@ def main(argv=None, prog: str | None = None) -> None:
     ap.add_argument("--constant-lr", action="store_true", help="no cosine learning-rate annealing")
     ap.add_argument("--data", default=None, help="an existing COVIDx directory instead of synthetic data")
     ap.add_argument("--json", default=None, help="write the full result here")
+    ap.add_argument("--width", type=float, default=1.0, help="model channel multiplier")
+    ap.add_argument("--strategy", action="append", default=None, metavar="NAME[:k=v,...]",
+                    help="strategy and its parameters, repeatable, e.g. fedprox:prox_mu=0.01 or "
+                         "fedadam:server_lr=0.03; more than one (or --alphas/--seeds) runs a grid")
+    ap.add_argument("--alphas", default=None, help="comma-separated alphas (0 = IID) for a grid")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds for a grid")
+    ap.add_argument("--jsonl", default=None, help="grid: append each run's result here as it ends")
+    ap.add_argument("--report", nargs="+", default=None, metavar="JSONL",
+                    help="no training: print the table of earlier --jsonl results")
+    ap.add_argument("--plot", default=None, help="with --report: write the learning curves here (PNG)")
     ap.add_argument("--federated-only", action="store_true",
                     help="skip the central run (e.g. to compare federated settings against one central run)")
     a = ap.parse_args(argv)
+    if a.report:
+        results = load_results(a.report)
+        print(summary_table(results))
+        if a.plot:
+            plot_curves(results, a.plot)
+        return
     try:
         TrainingParams(model=a.model, image_size=a.image_size, classes=a.classes, lr=a.lr,
                        batch_size=a.batch_size, seed=a.seed, balance=a.balance, server_lr=a.server_lr)
     except ValueError as exc:
         ap.error(str(exc))
+    common = dict(n=a.n, hospitals=a.hospitals, rounds=a.rounds, epochs_per_round=a.epochs_per_round,
+                  encrypted=not a.plaintext, classes=a.classes, model=a.model, image_size=a.image_size,
+                  batch_size=a.batch_size, lr=a.lr, cosine=not a.constant_lr, balance=a.balance,
+                  equal_steps=a.equal_steps, server_lr=a.server_lr, data_dir=a.data,
+                  central=not a.federated_only, width=a.width)
+    if (a.strategy and len(a.strategy) > 1) or a.alphas or a.seeds:
+        try:
+            alphas = [float(x) or None for x in (a.alphas or str(a.alpha)).split(",")]
+            seeds = [int(x) for x in (a.seeds or str(a.seed)).split(",")]
+            results = run_grid(a.strategy or ["fedavg"], alphas, seeds, a.jsonl, **common)
+        except ValueError as exc:
+            ap.error(str(exc))
+        print(summary_table(results))
+        if a.json:
+            Path(a.json).write_text(json.dumps(results, indent=2, default=float))
+        return
+    name, values = parse_strategy((a.strategy or ["fedavg"])[0])
+    common["server_lr"] = values.pop("server_lr", a.server_lr)
     result = run_central_vs_federated(
+        strategy=name, strategy_params=values, width=a.width,
         n=a.n, hospitals=a.hospitals, alpha=a.alpha or None, rounds=a.rounds,
         epochs_per_round=a.epochs_per_round, encrypted=not a.plaintext, classes=a.classes,
         model=a.model, image_size=a.image_size, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-        cosine=not a.constant_lr, balance=a.balance, equal_steps=a.equal_steps, server_lr=a.server_lr,
+        cosine=not a.constant_lr, balance=a.balance, equal_steps=a.equal_steps, server_lr=common["server_lr"],
         data_dir=a.data, central=not a.federated_only,
     )
     for side in ("central", "federated"):

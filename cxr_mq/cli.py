@@ -446,6 +446,15 @@ def _training_options(f):
                      show_default=True, help="Class balancing on skewed hospitals."),
         click.option("--server-lr", type=float, default=1.0, show_default=True,
                      help="FedAvg server learning rate (applied by each hospital to its update)."),
+        click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "scaffold", "fedavgm",
+                                                      "fedadam", "fedyogi"]),
+                     default="fedavg", show_default=True,
+                     help="Federated strategy (docs/model-quality.md); the aggregator only adds."),
+        click.option("--prox-mu", type=float, default=0.01, show_default=True, help="FedProx mu."),
+        click.option("--server-momentum", type=float, default=0.9, show_default=True, help="FedAvgM beta."),
+        click.option("--beta1", type=float, default=0.9, show_default=True, help="FedAdam/FedYogi beta1."),
+        click.option("--beta2", type=float, default=0.99, show_default=True, help="FedAdam/FedYogi beta2."),
+        click.option("--tau", type=float, default=1e-3, show_default=True, help="FedAdam/FedYogi tau."),
     ]):
         f = option(f)
     return f
@@ -480,7 +489,8 @@ def _training_options(f):
               help="Threshold profile, with --wait: seconds to wait for the committee after model_ready.")
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
-                epochs, lr, batch_size, seed, width, depth, balance, server_lr, wait, timeout, as_json,
+                epochs, lr, batch_size, seed, width, depth, balance, server_lr, strategy, prox_mu,
+                server_momentum, beta1, beta2, tau, wait, timeout, as_json,
                 synthetic_params, identity_path, max_samples, weight_bound, committee_timeout):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
@@ -490,7 +500,9 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
     try:
         params = training.TrainingParams(model=model, image_size=image_size, classes=classes,
                                          epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                                         width=width, depth=depth, balance=balance, server_lr=server_lr)
+                                         width=width, depth=depth, balance=balance, server_lr=server_lr,
+                                         strategy=strategy, prox_mu=prox_mu, server_momentum=server_momentum,
+                                         beta1=beta1, beta2=beta2, tau=tau)
     except ValueError as exc:
         _fail(str(exc))
     quorum = quorum or max(1, len(settings.hospitals))
@@ -541,12 +553,26 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--watch", "watch_live", is_flag=True,
+              help="Follow the open round live: per hospital trained, uploaded, accepted or refused, and the time left.")
+@click.option("--round", "round_no", type=int, default=None, help="With --watch: this round (default: the open one).")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="With --watch: seconds between refreshes.")
 @click.pass_obj
-def status(obj: Context, as_json):
-    """List rounds with their state, contributors and refusals."""
+def status(obj: Context, as_json, watch_live, round_no, interval):
+    """List rounds with their state, contributors and refusals (or follow one with --watch)."""
     from . import controller
     from .runtime import make_store
 
+    if watch_live:
+        from rich.console import Console
+
+        from .watch import watch
+        if as_json:
+            _fail("--watch and --json: choose one")
+        if interval <= 0:
+            _fail("--interval must be positive")
+        watch(make_store(obj.settings()), Console(), round_no=round_no, interval=interval)
+        return
     rows = controller.status(make_store(obj.settings()))
     if as_json:
         click.echo(json.dumps(rows, indent=1))
@@ -565,6 +591,38 @@ def status(obj: Context, as_json):
             click.echo(f"      refused {refusal['hospital']}: {refusal['reason']}")
         for refusal in row.get("refused_by_hospitals", []):
             click.echo(f"      {refusal['hospital']} refused {refusal['message']}: {refusal['reason']}")
+
+
+@main.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for index.html, the PNG plots and report.json.")
+@click.option("--rounds", "round_range", default=None, metavar="A..B",
+              help="Rounds to report: A..B, A.., ..B or N (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Also print report.json on stdout.")
+@click.pass_obj
+def report(obj: Context, out_dir, round_range, as_json):
+    """Report a federation's rounds from the store: model quality overall and per hospital,
+    contributors and refusals, bytes and timings (HTML page with plots, and report.json)."""
+    from .history import collect, parse_rounds
+    from .report import write_federation_report
+    from .runtime import make_store
+
+    try:
+        low, high = parse_rounds(round_range)
+    except ValueError as exc:
+        raise ConfigError("--rounds", str(exc).removeprefix("--rounds ")) from None
+    settings = obj.settings()
+    history = collect(make_store(settings), low, high)
+    if not history:
+        _fail(f"no rounds in s3://{settings.s3_bucket}"
+              + (f" within --rounds {round_range}" if round_range else ""), 1)
+    result = write_federation_report(out_dir, history, {
+        "bucket": settings.s3_bucket, "rounds": round_range or "all",
+        "first_round": history[0].round, "last_round": history[-1].round})
+    if as_json:
+        click.echo(json.dumps(result, default=float))
+    else:
+        click.echo(f"report: {Path(out_dir) / 'index.html'} ({len(history)} rounds)")
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -663,19 +721,24 @@ def predict(obj: Context, images, round_no, secret_context, as_json):
 
 
 @main.command()
-@click.option("--hospitals", type=int, default=3, show_default=True)
-@click.option("--rounds", "n_rounds", type=int, default=5, show_default=True)
+@click.option("--hospitals", type=int, default=None, help="Hospitals (default 3).")
+@click.option("--rounds", "n_rounds", type=int, default=None, help="FedAvg rounds.")
 @click.option("--data", default=None, metavar="LABELFILE",
               help="A COVIDx label file to use instead of synthetic data.")
-@click.option("--n", "n_images", type=int, default=480, show_default=True,
-              help="Synthetic images (without --data).")
-@click.option("--model", default="small-cnn", show_default=True)
-@click.option("--image-size", type=int, default=48, show_default=True)
-@click.option("--classes", type=click.Choice(["binary", "3class"]), default="binary", show_default=True)
-@click.option("--epochs", type=int, default=3, show_default=True, help="Local epochs per round.")
-@click.option("--alpha", type=float, default=0.5, show_default=True,
-              help="Dirichlet non-IID concentration; 0 means IID.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n", "n_images", type=int, default=None, help="Synthetic images (without --data).")
+@click.option("--model", default=None, help="Model name.")
+@click.option("--width", type=float, default=None, help="Channel multiplier of the model.")
+@click.option("--image-size", type=int, default=None)
+@click.option("--classes", type=click.Choice(["binary", "3class"]), default=None)
+@click.option("--epochs", type=int, default=None, help="Local epochs per round.")
+@click.option("--lr", type=float, default=None, help="Round 1's learning rate.")
+@click.option("--lr-final", type=float, default=None,
+              help="The last round's learning rate (default: --lr / 10; cosine in between).")
+@click.option("--server-lr", type=float, default=None, help="FedAvg server learning rate.")
+@click.option("--augment/--no-augment", default=None, help="COVID-Net's training augmentation.")
+@click.option("--alpha", type=float, default=None,
+              help="Dirichlet non-IID concentration over classes; 0 means IID.")
+@click.option("--seed", type=int, default=None)
 @click.option("--plaintext", is_flag=True, help="Run without encryption.")
 @click.option("--compare", is_flag=True, help="Run encrypted and plaintext, and compare them.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
@@ -684,9 +747,11 @@ def predict(obj: Context, images, round_no, secret_context, as_json):
 @click.option("--store", default=None, help="s3://BUCKET (with the S3 settings) or a directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_obj
-def demo(obj: Context, hospitals, n_rounds, data, n_images, model, image_size, classes, epochs,
-         alpha, seed, plaintext, compare, report_dir, broker, store, as_json):
-    """The whole federation on one machine (embedded broker and store by default)."""
+def demo(obj: Context, hospitals, n_rounds, data, n_images, model, width, image_size, classes,
+         epochs, lr, lr_final, server_lr, augment, alpha, seed, plaintext, compare, report_dir,
+         broker, store, as_json):
+    """The whole federation on one machine (embedded broker and store by default). Unset
+    options take the demo's defaults (cxr_mq.demo.DemoOptions, described in the README)."""
     from .demo import DemoError, DemoOptions, run_demo
     from .report import build_report, write_report
     from .view import LiveView
@@ -694,11 +759,16 @@ def demo(obj: Context, hospitals, n_rounds, data, n_images, model, image_size, c
     settings = obj.settings(log_level=obj.log_level or "warning", log_format=obj.log_format or "console")
     if plaintext and compare:
         _fail("--plaintext and --compare: choose one (--compare runs both)")
-    options = DemoOptions(hospitals=hospitals, rounds=n_rounds, data=data, n=n_images, model=model,
-                          image_size=image_size, classes=classes, epochs=epochs,
-                          alpha=alpha or None, seed=seed, broker=broker, store=store,
+    given = {"hospitals": hospitals, "rounds": n_rounds, "n": n_images, "model": model,
+             "width": width, "image_size": image_size, "classes": classes, "epochs": epochs,
+             "lr": lr, "lr_final": lr_final, "server_lr": server_lr, "augment": augment,
+             "seed": seed}
+    options = DemoOptions(**{k: v for k, v in given.items() if v is not None}, data=data,
+                          broker=broker, store=store,
                           work_dir=settings.work_dir if Path(settings.work_dir).is_dir() else None,
                           warm_up=compare)
+    if alpha is not None:
+        options.alpha = alpha or None
     options.validate()  # ConfigError: one line naming the flag, exit 2
     modes = ["encrypted", "plaintext"] if compare else ["plaintext" if plaintext else "encrypted"]
     results = {}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import identity, messages, rounds, training
+from . import identity, messages, rounds, strategies, training
 from .log import get_logger
 from .rounds import ABORTED, COMPLETE, RoundState
 from .storage.base import ObjectStore, PreconditionFailed, sha256_bytes
@@ -124,7 +124,9 @@ def open_round(broker: Broker, store: ObjectStore, codec, request: RoundRequest,
 def _round_start(round_no: int, base: RoundState | None, initial: bytes | None, codec,
                  request: RoundRequest, now: float) -> dict:
     if base is None:
-        n_params = int(np.load(io.BytesIO(initial), allow_pickle=False).size)
+        # SCAFFOLD uploads [model ; control delta]: the round's vectors are longer than the model
+        n_params = (int(np.load(io.BytesIO(initial), allow_pickle=False).size)
+                    * strategies.make(request.training).upload_factor)
         base_fields = {"base_model_key": rounds.base_key(round_no),
                        "base_model_sha256": sha256_bytes(initial),
                        "base_model_encrypted": False, "base_total_samples": 0}

@@ -16,6 +16,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -43,7 +44,8 @@ POLL_SECONDS = 1.0
 SHUTDOWN_SECONDS = 60.0
 
 _FLAGS = {"model": "--model", "image_size": "--image-size", "classes": "--classes",
-          "epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "seed": "--seed"}
+          "epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "seed": "--seed",
+          "width": "--width", "server_lr": "--server-lr"}
 
 
 class DemoError(Exception):
@@ -58,16 +60,20 @@ def _describe(exc: BaseException) -> str:
 @dataclass
 class DemoOptions:
     hospitals: int = 3
-    rounds: int = 5
+    rounds: int = 8
     data: str | None = None          # a COVIDx label file; default: synthetic
-    n: int = 480                     # synthetic images when no --data
-    model: str = "small-cnn"
-    image_size: int = 48
+    n: int = 720                     # synthetic images when no --data
+    model: str = "covidnet-s"
+    width: float = 0.5               # channel multiplier of the model
+    image_size: int = 32
     classes: str = "binary"
-    epochs: int = 3                  # local epochs per round: 1 barely learns in 5 rounds
-    lr: float = 2e-3
+    epochs: int = 2                  # local epochs per round
+    lr: float = 2e-3                 # round 1's learning rate
+    lr_final: float | None = None    # the last round's (None: lr / 10); cosine in between
+    server_lr: float = 1.0           # FedAvg's server learning rate (1: plain FedAvg)
+    augment: bool = False            # COVID-Net's training augmentation
     batch_size: int = 16
-    alpha: float | None = 0.5        # Dirichlet non-IID; None = IID
+    alpha: float | None = 2.0        # Dirichlet non-IID; None = IID
     seed: int = 0
     plaintext: bool = False
     broker: str | None = None        # amqp://... ; default embedded
@@ -77,10 +83,19 @@ class DemoOptions:
     work_dir: str | None = None
     warm_up: bool = False            # one untimed training step first (fair --compare timings)
 
-    def training_params(self) -> training.TrainingParams:
-        return training.TrainingParams(model=self.model, image_size=self.image_size,
-                                       classes=self.classes, epochs=self.epochs, lr=self.lr,
-                                       batch_size=self.batch_size, seed=self.seed)
+    def training_params(self, round_no: int = 1) -> training.TrainingParams:
+        """What round ``round_no`` (1-based) asks the hospitals to do."""
+        return training.TrainingParams(model=self.model, width=self.width, image_size=self.image_size,
+                                       classes=self.classes, epochs=self.epochs,
+                                       lr=self.round_lr(round_no), batch_size=self.batch_size,
+                                       seed=self.seed, augment=self.augment, server_lr=self.server_lr)
+
+    def round_lr(self, round_no: int) -> float:
+        """Cosine from ``lr`` in round 1 to ``lr_final`` in the last round: large steps while
+        the model is far off, small ones once the hospitals' models mostly need to agree."""
+        final = self.lr / 10 if self.lr_final is None else self.lr_final
+        progress = (round_no - 1) / max(self.rounds - 1, 1)
+        return float(final + 0.5 * (self.lr - final) * (1 + math.cos(math.pi * progress)))
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for anything wrong before any work is done."""
@@ -98,8 +113,11 @@ class DemoOptions:
             raise ConfigError("--broker", f"must be an amqp:// URL, got {redact_url(self.broker)!r}")
         if self.store and self.store.startswith("s3://") and not self.store[5:].strip("/"):
             raise ConfigError("--store", "s3:// needs a bucket name: s3://BUCKET")
+        if self.lr_final is not None and not self.lr_final > 0:
+            raise ConfigError("--lr-final", f"must be positive, got {self.lr_final}")
         try:
-            self.training_params()
+            self.training_params(1)
+            self.training_params(self.rounds)
         except ValueError as exc:
             flag = next((f for name, f in _FLAGS.items() if f"'{name}'" in str(exc)), "--model")
             raise ConfigError(flag, str(exc)) from None
@@ -549,7 +567,8 @@ class DemoRun:
         options, ids = self.options, [h.id for h in session.hospitals]
         request = controller.RoundRequest(quorum=len(ids), min_clients=len(ids),
                                           deadline_seconds=options.deadline,
-                                          training=options.training_params(), hospitals=tuple(ids),
+                                          training=options.training_params(len(result.rounds) + 1),
+                                          hospitals=tuple(ids),
                                           min_clients_floor=self._min_clients_floor(len(ids)))
         started = time.perf_counter()
         round_no = controller.open_round(session.control, session.store, session.public, request,

@@ -24,8 +24,9 @@ def _keras():
 BN_MOMENTUM = 0.9
 
 
-def small_cnn(image_size: int, n_classes: int, width: float = 1.0, depth: int = 1):
-    """Three conv blocks and a softmax head: a fast smoke-test model (~25k parameters)."""
+def small_cnn(image_size: int, n_classes: int, width: float = 1.0, depth: int = 1, norm: str = "batch"):
+    """Three conv blocks and a softmax head: a fast smoke-test model (~25k parameters).
+    Registered as ``small-cnn`` (BatchNorm) and ``small-cnn-gn`` (GroupNorm)."""
     keras = _keras()
     layers = keras.layers
     inputs = keras.Input((image_size, image_size, 1), name="image")
@@ -34,7 +35,7 @@ def small_cnn(image_size: int, n_classes: int, width: float = 1.0, depth: int = 
         for j in range(max(1, depth)):
             x = layers.Conv2D(max(4, int(filters * width)), 3, padding="same", use_bias=False,
                               name=f"conv{i}_{j}")(x)
-            x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"bn{i}_{j}")(x)
+            x = _norm(norm, max(4, int(filters * width)), f"bn{i}_{j}")(x)
             x = layers.ReLU(name=f"relu{i}_{j}")(x)
         x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
@@ -128,6 +129,7 @@ def densenet121(image_size: int, n_classes: int, width: float = 1.0, depth: int 
 
 MODELS: dict[str, Callable] = {
     "small-cnn": small_cnn,
+    "small-cnn-gn": functools.partial(small_cnn, norm="group"),
     # GroupNorm by default: per-sample statistics survive FedAvg over class-skewed hospitals
     # (with BatchNorm the federated model trailed the central one by far more; see the notes)
     "covidnet-s": functools.partial(covidnet_s, norm="group"),
@@ -135,7 +137,7 @@ MODELS: dict[str, Callable] = {
     "mobilenetv2": mobilenetv2,
     "densenet121": densenet121,
 }
-MIN_IMAGE_SIZE = {"small-cnn": 8, "covidnet-s": 32, "covidnet-s-bn": 32, "mobilenetv2": 32, "densenet121": 32}
+MIN_IMAGE_SIZE = {"small-cnn": 8, "small-cnn-gn": 8, "covidnet-s": 32, "covidnet-s-bn": 32, "mobilenetv2": 32, "densenet121": 32}
 
 
 def build(name: str, image_size: int, n_classes: int, seed: int = 0, width: float = 1.0, depth: int = 1):

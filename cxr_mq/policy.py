@@ -31,6 +31,11 @@ class RoundPolicy:
                     f"round uses {state.key_fingerprint[:16]}…")
         if update["n_params"] != state.n_params:
             return f"wrong shape: update has {update['n_params']} parameters, model has {state.n_params}"
+        starts = {a["start_sha256"] for a in state.accepted if a.get("start_sha256")}
+        if update.get("start_sha256") and starts and update["start_sha256"] not in starts:
+            return (f"diverged base model: {hospital!r} trained from {update['start_sha256'][:16]}…, "
+                    f"the round's other contributors from {sorted(starts)[0][:16]}… (a hospital "
+                    f"whose strategy state differs; see docs/model-quality.md)")
         previous = state.accepted_from(hospital)
         if previous is not None and previous["sha256"] != update["sha256"]:
             return f"duplicate hospital {hospital!r} with different content"

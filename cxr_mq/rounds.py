@@ -12,6 +12,8 @@ Layout (``<r>`` is the round number, zero-padded so keys sort by round):
   (a ``round_start`` it would not take part in, an aggregate it would not decrypt)
 - ``rounds/<r>/state``: the aggregator's record (accepted and refused updates, outcome)
 - ``rounds/<r>/aggregate``: the encrypted sum of the accepted updates
+- ``rounds/<r>/evaluations/<hospital>``: the round's global model's metrics on that
+  hospital's validation split (plaintext figures, as in ``update_ready``; for reports)
 """
 from __future__ import annotations
 
@@ -51,6 +53,10 @@ def updates_prefix(round_no: int) -> str:
 
 def update_message_key(round_no: int, hospital: str) -> str:
     return update_key(round_no, hospital) + ".msg"
+
+
+def evaluation_key(round_no: int, hospital: str) -> str:
+    return f"{round_prefix(round_no)}/evaluations/{hospital}"
 
 
 def hospital_refusals_key(round_no: int, hospital: str) -> str:

@@ -13,10 +13,11 @@ from .data import CLASS_SETS, DataError, LocalData, class_names, class_weights, 
 from .model import MIN_IMAGE_SIZE, MODELS
 from .model import build as _build
 from .model import flat_weights, load_flat_weights
+from .strategies import STRATEGIES, LocalObjective
 
 __all__ = [
     "TrainingParams", "class_names", "build_model", "flat_weights", "load_flat_weights",
-    "LocalData", "DataError", "train_local", "evaluate", "predict_proba", "extrapolate",
+    "LocalData", "DataError", "train_local", "data_gradient", "evaluate", "predict_proba", "extrapolate",
 ]
 
 BALANCE_MODES = ("none", "weights", "resample")
@@ -42,6 +43,13 @@ class TrainingParams:
     # of the hospitals' models - base). The aggregator only adds ciphertexts, so each
     # hospital applies it to its own update before encrypting (see extrapolate()); 1 is FedAvg
     server_lr: float = 1.0
+    # the federated strategy (cxr_mq/strategies.py) and its parameters
+    strategy: str = "fedavg"
+    prox_mu: float = 0.01  # fedprox: weight of mu/2 ||w - base||^2
+    server_momentum: float = 0.9  # fedavgm
+    beta1: float = 0.9  # fedadam, fedyogi
+    beta2: float = 0.99
+    tau: float = 1e-3
 
     def __post_init__(self):
         self._validate()
@@ -67,6 +75,16 @@ class TrainingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= hi):
                 bad(name, f"must be a number in (0, {hi:g}]")
+        if self.strategy not in STRATEGIES:
+            bad("strategy", f"must be one of {', '.join(STRATEGIES)}")
+        for name, lo, hi in (("prox_mu", 0.0, 1e3), ("server_momentum", 0.0, 1.0),
+                             ("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0), ("tau", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= value < hi or
+                                                                                     (name == "tau" and 0 < value <= hi)):
+                bad(name, f"must be a number in [{lo:g}, {hi:g})")
+        if self.tau <= 0:
+            bad("tau", "must be positive")
         if not isinstance(self.augment, bool):
             bad("augment", "must be a boolean")
 
@@ -99,28 +117,104 @@ def build_model(params: TrainingParams):
                   width=params.width, depth=params.depth)
 
 
-def _compile(model, lr: float) -> None:
+class _ObjectiveTerms:
+    """FedProx's and SCAFFOLD's extra loss terms as variables, so one compiled training step
+    serves every round and hospital: only the values are assigned (``set``)."""
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self.model = model
+        self.trainable = [v for v in model.weights if v.trainable]
+        self.mu = tf.Variable(0.0, trainable=False)
+        self.anchor = [tf.Variable(np.zeros(v.shape, np.float32), trainable=False) for v in self.trainable]
+        self.correction = [tf.Variable(np.zeros(v.shape, np.float32), trainable=False) for v in self.trainable]
+
+    def _split(self, flat: np.ndarray | None) -> list[np.ndarray]:
+        """The trainable variables' parts of a vector in ``flat_weights`` order."""
+        out, offset = [], 0
+        for v in self.model.weights:
+            size = int(np.prod(v.shape))
+            if v.trainable:
+                out.append(np.zeros(v.shape, np.float32) if flat is None
+                           else np.asarray(flat[offset:offset + size], np.float32).reshape(v.shape))
+            offset += size
+        return out
+
+    def set(self, objective: LocalObjective) -> None:
+        self.mu.assign(float(objective.mu))
+        for var, value in zip(self.anchor, self._split(objective.anchor)):
+            var.assign(value)
+        for var, value in zip(self.correction, self._split(objective.correction)):
+            var.assign(value)
+
+    def loss(self, y_true, y_pred):
+        import keras
+        import tensorflow as tf
+
+        data = keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
+        prox = tf.add_n([tf.reduce_sum(tf.square(w.value - a)) for w, a in zip(self.trainable, self.anchor)])
+        linear = tf.add_n([tf.reduce_sum(w.value * c) for w, c in zip(self.trainable, self.correction)])
+        # per sample, so the mean over the batch adds the terms once
+        return data + 0.5 * self.mu * prox + linear
+
+
+def _compile(model, lr: float, objective: LocalObjective | None = None) -> None:
     """Give the model a fresh Adam (the FedAvg client step starts without optimizer state).
 
     Tracing the training step takes seconds, so a model compiled here before keeps its
-    compiled step and only has its Adam state zeroed and its learning rate set.
+    compiled step and only has its Adam state zeroed and its learning rate set. With an
+    active ``objective`` the loss carries its terms (compiled once per model, then assigned).
     """
     import keras
 
-    if getattr(model, "_cxr_mq_compiled", False) and model.optimizer is not None:
+    wants_terms = objective is not None and objective.active
+    terms = getattr(model, "_cxr_mq_terms", None)
+    if (getattr(model, "_cxr_mq_compiled", False) and model.optimizer is not None
+            and (terms is not None or not wants_terms)):
         for var in model.optimizer.variables:
             if var.path.endswith("learning_rate"):
                 var.assign(lr)
             else:
                 var.assign(np.zeros(var.shape, dtype=var.dtype))
+        if terms is not None:
+            terms.set(objective or LocalObjective())
         return
+    if wants_terms:
+        terms = _ObjectiveTerms(model)
+        terms.set(objective)
+        object.__setattr__(model, "_cxr_mq_terms", terms)  # not a tracked layer attribute
     model.compile(
         # clipping: a long run at a high rate once collapsed covidnet-s to a constant output
         optimizer=keras.optimizers.Adam(learning_rate=lr, clipnorm=1.0),
-        loss="sparse_categorical_crossentropy",
+        loss=terms.loss if wants_terms else "sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
     model._cxr_mq_compiled = True
+
+
+def data_gradient(model, data: LocalData, batch_size: int = 64) -> np.ndarray:
+    """The mean gradient of the data loss over the local training split at the model's
+    current weights, in ``flat_weights`` order (zeros for non-trainable weights): SCAFFOLD's
+    option-I control variate."""
+    import keras
+    import tensorflow as tf
+
+    sums = [np.zeros(v.shape, np.float64) for v in model.weights]
+    trainable = [i for i, v in enumerate(model.weights) if v.trainable]
+    for start in range(0, data.n_train, batch_size):
+        x = np.asarray(data.x_train[start:start + batch_size])
+        x = (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+        if x.ndim == 3:
+            x = x[..., None]
+        y = np.asarray(data.y_train[start:start + batch_size])
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, model(x, training=False)))
+        grads = tape.gradient(loss, [model.weights[i].value for i in trainable])
+        for i, g in zip(trainable, grads):
+            if g is not None:
+                sums[i] += np.asarray(g, np.float64)
+    return np.concatenate([(s / data.n_train).ravel() for s in sums]).astype(np.float32)
 
 
 def _cosine_callback(lr: float, lr_end: float, total_steps: int):
@@ -148,6 +242,7 @@ def train_local(
     lr_end: float | None = None,
     callbacks: list | None = None,
     verbose: int = 0,
+    objective: LocalObjective | None = None,
 ) -> dict:
     """Train ``params.epochs`` epochs on the local training split with a fresh optimizer (the
     FedAvg client step). Returns the last epoch's {"loss", "accuracy"} as floats.
@@ -155,6 +250,7 @@ def train_local(
     ``round_seed`` varies shuffling and augmentation between rounds deterministically.
     ``lr`` overrides ``params.lr`` (a server-side schedule across rounds); with ``lr_end`` the
     rate decays from ``lr`` to ``lr_end`` along a cosine over this call's steps.
+    ``objective``: the strategy's extra loss terms (FedProx, SCAFFOLD).
     """
     if data.n_train == 0:
         raise DataError("no training samples")
@@ -173,7 +269,7 @@ def train_local(
     if params.balance == "weights":
         weights = class_weights(data.y_train, len(data.classes))
     start_lr = params.lr if lr is None else float(lr)
-    _compile(model, start_lr)
+    _compile(model, start_lr, objective)
     callbacks = list(callbacks or [])
     if lr_end is not None:
         steps = params.epochs * (params.local_steps or int(np.ceil(data.n_train / params.batch_size)))

@@ -2,6 +2,9 @@
 training, encrypting, uploading, uploaded, evaluating) and the aggregator's accepted/quorum;
 then a table with one row per finished round. Without a terminal (CI, a pipe) it prints one
 line per round instead, and the table at the end.
+
+Other stages of a run (a key ceremony, say) show themselves with ``add_panel``: a function
+returning a rich renderable, drawn under the round's table at every refresh.
 """
 from __future__ import annotations
 
@@ -56,7 +59,14 @@ class LiveView:
         self._started = time.perf_counter()
         self._hospitals = []
         self._aggregator = None
+        self._panels: list = []
         self._lock = threading.Lock()
+
+    def add_panel(self, render) -> None:
+        """Draw ``render()`` (a rich renderable, or None to hide it) under the view at every
+        refresh, from now on."""
+        with self._lock:
+            self._panels.append(render)
 
     def _aggregator_state(self) -> str:
         agg = self._aggregator
@@ -76,6 +86,10 @@ class LiveView:
             return Text(f"round {self._round}: (view unavailable: {exc!r})")
 
     def _render(self):
+        panels = [panel for panel in (render() for render in list(self._panels)) if panel is not None]
+        return Group(self._render_round(), *panels) if panels else self._render_round()
+
+    def _render_round(self):
         if self._round is None:
             return Text(f"{self.title}: {self._preparing or 'starting'}… "
                         f"{time.perf_counter() - self._started:.0f}s", style="dim")

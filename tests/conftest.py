@@ -73,8 +73,7 @@ def aws_env(moto_endpoint):
             os.environ[key] = old
 
 
-@pytest.fixture
-def s3_settings(moto_endpoint, aws_env):
+def new_bucket(moto_endpoint: str) -> dict:
     """A fresh bucket and KMS key on the moto server: dict(endpoint_url, bucket, kms_key_id, region)."""
     import boto3
 
@@ -83,6 +82,12 @@ def s3_settings(moto_endpoint, aws_env):
     bucket = f"cxr-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_endpoint, region_name=REGION).create_bucket(Bucket=bucket)
     return {"endpoint_url": moto_endpoint, "bucket": bucket, "kms_key_id": key_id, "region": REGION}
+
+
+@pytest.fixture
+def s3_settings(moto_endpoint, aws_env):
+    """A fresh bucket and KMS key on the moto server (see ``new_bucket``)."""
+    return new_bucket(moto_endpoint)
 
 
 @pytest.fixture(scope="session")
@@ -97,10 +102,14 @@ def amqp_url():
     return AMQP_URL
 
 
+def new_namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
 @pytest.fixture
 def namespace():
     """A broker namespace of this test's own (queue and exchange name prefix)."""
-    return f"t{uuid.uuid4().hex[:10]}"
+    return new_namespace()
 
 
 @pytest.fixture

@@ -209,6 +209,7 @@ class AggregatorWorker(Worker):
             time.perf_counter() - started)
         state.accepted.append({
             "hospital": update["hospital"], "key": update["key"], "sha256": update["sha256"],
+            "start_sha256": update.get("start_sha256"),
             "n_samples": self.policy.weight(update), "metrics": update.get("metrics", {}),
             "size": update["size"], "accepted_at": self.clock()})
         state.timings["aggregate_seconds"] = (state.timings.get("aggregate_seconds", 0.0)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_mq import bound, messages, rounds, training
+from cxr_mq import bound, messages, rounds, strategies, training
 from cxr_mq.crypto import CodecError
 from cxr_mq.faults import CrashPoints
 from cxr_mq.rounds import OPEN, RoundState
@@ -80,6 +80,7 @@ class HospitalWorker(Worker):
                          "round_aborted": self.on_round_aborted,
                          "ceremony_start": self.on_ceremony, "ceremony_finalize": self.on_ceremony}
         self._data: dict[tuple, training.LocalData] = {}
+        self._models: dict[tuple, object] = {}
         self.last_global_metrics: dict = {}
         self._applied_model: tuple | None = None
         self._training_thread: threading.Thread | None = None
@@ -208,19 +209,33 @@ class HospitalWorker(Worker):
                 self.data_dir, params, val_fraction=self.val_fraction, skip_bad=self.skip_bad)
         return self._data[key]
 
+    def _model(self, purpose: str, params: training.TrainingParams):
+        """The model for ``params``, built once per graph and purpose: every round loads its
+        weights, and a rebuilt model would pay TensorFlow's tracing of the training step again
+        (seconds per round, more than the training itself on small data)."""
+        key = (purpose, params.model, params.image_size, params.classes, params.width, params.depth)
+        if key not in self._models:
+            self._models[key] = training.build_model(params)
+        return self._models[key]
+
     def _train(self, message: dict, params: training.TrainingParams) -> tuple[np.ndarray, int, dict]:
         """Train locally from the round's base model: the new weights, the sample count and
         the training metrics."""
         round_no = message["round"]
-        base = self._base_weights(message)
+        base = self._base_weights(message, params)
+        train_metrics = {"start_sha256": strategies.model_sha256(base)}
         if self.synthetic:
             return synthetic_update(base, self.id, round_no), synthetic_samples(self.id), {
-                "synthetic": True}
+                "synthetic": True, **train_metrics}
         data = self._local_data(params)
-        model = training.build_model(params)
+        model = self._model("train", params)
         training.load_flat_weights(model, base)
-        train_metrics = training.train_local(model, data, params, round_seed=round_no)
-        weights = training.extrapolate(base, training.flat_weights(model), params.server_lr)
+        strategy, state = strategies.make(params), self._strategy_state(base)
+        gradient = training.data_gradient(model, data) if strategy.needs_gradient else None
+        train_metrics.update(training.train_local(model, data, params, round_seed=round_no,
+                                                  objective=strategy.local_objective(base, state)))
+        weights = strategy.upload(base, training.flat_weights(model), state, gradient)
+        state.save(self._state_path)  # e.g. SCAFFOLD's next client control, kept across a restart
         return weights, data.n_train, train_metrics
 
     def _train_and_upload(self, message: dict, params: training.TrainingParams) -> dict:
@@ -253,8 +268,10 @@ class HospitalWorker(Worker):
         update = self.sign(messages.make(
             "update_ready", round=round_no, hospital=self.id, key=info.key, sha256=info.sha256,
             size=info.size, n_samples=self._clear_samples(n_train), n_params=int(weights.size),
+            start_sha256=train_metrics.pop("start_sha256"),
             key_fingerprint=self.codec.fingerprint,
-            metrics={"train": train_metrics, "global": self.last_global_metrics},
+            metrics={"train": train_metrics, "global": self.last_global_metrics,
+                     "timings": dict(timings)},
             sent_at=self.clock()))
         self._keep_plaintext_update(round_no, weights)
         self.store.put_bytes(rounds.update_message_key(round_no, self.id), messages.encode(update))
@@ -278,18 +295,53 @@ class HospitalWorker(Worker):
                             message_id=f"update_ready:{update['round']}:{self.id}")
         self.metrics.updates_published.labels(role=self.role).inc()
 
-    def _base_weights(self, message: dict) -> np.ndarray:
+    @property
+    def _state_path(self) -> Path:
+        return self.work_dir / "strategy-state.npz"
+
+    def _strategy_state(self, model: np.ndarray) -> strategies.ServerState:
+        """This hospital's strategy state (server optimizer moments, control variates) for a
+        round that starts from ``model``."""
+        state = strategies.ServerState.load(self._state_path)
+        if state is None or not np.array_equal(state.model, model):
+            state = strategies.ServerState(model=model)
+        return state
+
+    def _base_weights(self, message: dict, params: training.TrainingParams) -> np.ndarray:
         cache = self.work_dir / f"base-{message['base_model_sha256']}.npy"
         if cache.exists():
             return np.load(cache)
         raw = self.store.get_bytes(message["base_model_key"], sha256=message["base_model_sha256"])
         if message["base_model_encrypted"]:
-            weights = self._decrypt(raw, message["base_total_samples"], min_clients=message["min_clients"])
+            average = self._decrypt(raw, message["base_total_samples"], min_clients=message["min_clients"])
+            weights = self._server_step(average, message["base_model_sha256"], params)
         else:
             weights = np.load(io.BytesIO(raw), allow_pickle=False)
+            strategies.ServerState(model=np.asarray(weights, np.float32)).save(self._state_path)
         weights = np.asarray(weights, dtype=np.float32)
         np.save(cache, weights)
         return weights
+
+    def _server_step(self, average, aggregate_sha: str, params: training.TrainingParams) -> np.ndarray:
+        """The next global model from a round's decrypted average: the strategy's server step,
+        taken here as at every hospital, from the state kept on disk (idempotent per aggregate)."""
+        cache = self.work_dir / f"base-{aggregate_sha}.npy"
+        if cache.exists():  # stepped already (a redelivery, possibly after a restart)
+            return np.load(cache)
+        strategy = strategies.make(params)
+        average = np.asarray(average, dtype=np.float32)
+        state = strategies.ServerState.load(self._state_path)
+        if not strategy.stateful:
+            state = strategies.ServerState(model=average[:average.size // strategy.upload_factor])
+        elif state is None:
+            raise Refuse(f"{strategy.name}: no strategy state at hospital {self.id} (it did not "
+                         f"take part from the first round), cannot take the server step")
+        try:
+            state = strategies.advance(strategy, state, average, aggregate_sha)
+        except ValueError as exc:
+            raise Refuse(str(exc)) from None
+        state.save(self._state_path)
+        return state.model
 
     # -- model_ready / round_aborted --------------------------------------------------------
     def on_model_ready(self, message: dict, delivery: Delivery) -> None:
@@ -329,6 +381,8 @@ class HospitalWorker(Worker):
             return
         except CodecError as exc:
             self._refuse(round_no, "model_ready", f"round {round_no}: the aggregate was not decrypted: {exc}")
+        params = training.TrainingParams.from_dict(record["training"])
+        weights = self._server_step(weights, message["sha256"], params)
         np.save(self.work_dir / f"base-{message['sha256']}.npy", weights)
         np.save(self.work_dir / "global.npy", weights)
         self.models_applied.append((round_no, self.clock()))
@@ -337,16 +391,27 @@ class HospitalWorker(Worker):
             self._applied_model = (round_no, message["sha256"])
             log.info("global_model_applied", contributors=message["contributors"], synthetic=True)
             return
-        params = training.TrainingParams.from_dict(record["training"])
-        model = training.build_model(params)
+        model = self._model("evaluate", params)
         training.load_flat_weights(model, weights)
         self.last_global_metrics = {"round": round_no,
                                     **training.evaluate(model, self._local_data(params))}
+        self._record_evaluation(round_no, log)
         self.status = "idle"
         self._applied_model = (round_no, message["sha256"])
         log.info("global_model_evaluated", contributors=message["contributors"],
                  accuracy=self.last_global_metrics.get("accuracy"),
                  auc=self.last_global_metrics.get("auc"))
+
+    def _record_evaluation(self, round_no: int, log) -> None:
+        """Leave the global model's metrics on the local validation split where ``cxr-mq
+        report`` finds them (the next update_ready carries them too, but a round may be the
+        last). Plaintext aggregate figures only, as in update_ready; best effort."""
+        try:
+            rounds.write_json(self.store, rounds.evaluation_key(round_no, self.id),
+                              {"round": round_no, "hospital": self.id,
+                               "metrics": self.last_global_metrics, "at": self.clock()})
+        except StoreError as exc:
+            log.warning("evaluation_not_recorded", error=str(exc))
 
     def _clear_samples(self, n_train: int) -> int:
         """The sample count update_ready shows: under the threshold profile the count travels

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -19,6 +20,9 @@ from PIL import Image
 from cxr_mq.report import PLOTS
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
+# the plumbing tests need no learning: the smallest model traces and trains fastest
+# (the default demo's learning is test_demo_learns.py's)
+SMALL_MODEL = ["--model", "small-cnn", "--alpha", "0.5"]
 
 
 def run_cli(args, work_dir, timeout=600):
@@ -31,7 +35,8 @@ def run_cli(args, work_dir, timeout=600):
 def compare_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "report"
     result = run_cli(["--hospitals", "3", "--rounds", "2", "--n", "150", "--image-size", "32",
-                      "--epochs", "1", "--compare", "--json", "--report", str(out)], out.parent)
+                      "--epochs", "1", *SMALL_MODEL, "--compare", "--json", "--report", str(out)],
+                     out.parent)
     assert result.returncode == 0, result.stderr[-4000:]
     return out, result
 
@@ -86,6 +91,22 @@ def test_compare_runs_both_modes_and_gives_the_overhead(compare_run):
     assert "overhead" in (out / "index.html").read_text()
 
 
+def test_chromium_renders_the_compare_report(compare_run, tmp_path):
+    from tests.browser import find_browser, render
+    if find_browser() is None:
+        pytest.skip("no Chromium on this machine: scripts/test.sh installs Debian's chromium "
+                    "when run as root with apt-get")
+    out, _ = compare_run
+    shots = Path(os.environ.get("CXR_MQ_SCREENSHOT_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    seen = render(out / "index.html", screenshot=shots / "demo-compare-report.png")
+    assert seen["title"] == "cxr-mq federated demo (encrypted, plaintext)"
+    assert sorted(i["src"] for i in seen["images"]) == sorted(PLOTS)
+    for image in seen["images"]:
+        assert image["complete"] and image["width"] > 0 and image["height"] > 0, image
+    assert {t["id"]: t["rows"] for t in seen["tables"]} == {"rounds-encrypted": 3, "rounds-plaintext": 3}
+
+
 def test_json_prints_the_report_on_stdout(compare_run):
     out, result = compare_run
     printed = json.loads(result.stdout)
@@ -94,7 +115,7 @@ def test_json_prints_the_report_on_stdout(compare_run):
 
 def test_plaintext_alone_runs_without_encryption(tmp_path):
     result = run_cli(["--plaintext", "--hospitals", "2", "--rounds", "1", "--n", "100",
-                      "--image-size", "32", "--epochs", "1", "--json"], tmp_path)
+                      "--image-size", "32", "--epochs", "1", *SMALL_MODEL, "--json"], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout)
     assert report["mode"] == "plaintext" and report["modes"] == ["plaintext"]
@@ -127,7 +148,7 @@ def demo_threads():
 def small_options(tmp_path):
     from cxr_mq.demo import DemoOptions
     return DemoOptions(hospitals=2, rounds=2, n=40, image_size=32, epochs=1, plaintext=True,
-                       work_dir=str(tmp_path))
+                       model="small-cnn", work_dir=str(tmp_path))
 
 
 def test_a_hospital_that_keeps_failing_stops_the_demo(small_options, monkeypatch):

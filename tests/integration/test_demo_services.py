@@ -33,7 +33,7 @@ def test_demo_on_rabbitmq_and_s3(tmp_path, amqp_url, s3_settings):
     result = subprocess.run(
         [sys.executable, "-m", "cxr_mq.cli", "demo", "--broker", amqp_url,
          "--store", f"s3://{s3_settings['bucket']}", "--hospitals", "2", "--rounds", "1",
-         "--n", "100", "--image-size", "32", "--epochs", "1", "--json"],
+         "--n", "100", "--image-size", "32", "--epochs", "1", "--model", "small-cnn", "--json"],
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout)

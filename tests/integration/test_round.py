@@ -1,5 +1,6 @@
 """The spine: an aggregator and three hospitals as OS processes run two encrypted FedAvg
-rounds over the real RabbitMQ and moto's S3 server."""
+rounds over the real RabbitMQ and moto's S3 server (the session's ``two_rounds`` federation,
+which the report tests read too)."""
 from __future__ import annotations
 
 import io
@@ -45,20 +46,12 @@ def _update_message(cluster: Cluster, round_no: int, hospital: str) -> dict:
     return messages.decode(cluster.get(rounds.update_message_key(round_no, hospital)))
 
 
-def test_two_encrypted_rounds_over_rabbitmq_and_s3(cluster: Cluster, amqp_url):
-    keys = cluster.init_keys()
-    cluster.make_data()
-    cluster.start_aggregator()
-    for hospital in cluster.hospitals:
-        cluster.start_hospital(hospital)
-
-    code1, first = cluster.start_round("--quorum", "3", "--image-size", "32", "--epochs", "1",
-                                       "--deadline", "300")
+def test_two_encrypted_rounds_over_rabbitmq_and_s3(two_rounds, amqp_url):
+    cluster, keys = two_rounds.cluster, two_rounds.keys
+    (code1, first), (code2, second) = two_rounds.first, two_rounds.second
     assert code1 == 0, first
     assert first["status"] == "complete"
     assert sorted(first["contributors"]) == ["h1", "h2", "h3"]
-    code2, second = cluster.start_round("--quorum", "3", "--image-size", "32", "--epochs", "1",
-                                        "--deadline", "300", "--server-lr", "1.5", "--balance", "none")
     assert code2 == 0, second
     assert second["round"] == first["round"] + 1
     # round 2 starts from round 1's result

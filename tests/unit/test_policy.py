@@ -62,3 +62,15 @@ def test_outcome_quorum_deadline_minimum():
     accept(s, "h3")
     assert p.outcome(s, 0) == COMPLETE
     assert p.weight(update(n_samples=42)) == 42
+
+
+def test_an_update_trained_from_a_different_base_model_is_refused():
+    """Server optimizers and SCAFFOLD keep state at the hospitals: one whose state diverged
+    starts from another model, says so in start_sha256, and is refused with the reason."""
+    p, s = RoundPolicy(), state()
+    s.accepted.append({"hospital": "h2", "sha256": "b" * 64, "n_samples": 1, "key": "k",
+                       "start_sha256": "1" * 64})
+    assert p.refuse_reason(s, update(start_sha256="1" * 64), 0) is None
+    reason = p.refuse_reason(s, update(start_sha256="2" * 64), 0)
+    assert reason.startswith("diverged base model: 'h1' trained from 2222222222222222…")
+    assert "1111111111111111" in reason

@@ -1,0 +1,39 @@
+"""The demo's live view: what it draws while a round runs, and the panels other stages add."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from rich.console import Console
+from rich.text import Text
+
+from cxr_mq.view import LiveView
+
+
+def text_of(renderable) -> str:
+    console = Console(record=True, width=120, color_system=None, file=open("/dev/null", "w"))
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_a_round_shows_each_hospital_and_the_aggregator():
+    view = LiveView(console=Console(file=open("/dev/null", "w")))
+    hospitals = [SimpleNamespace(id="hospital-1", status="training"),
+                 SimpleNamespace(id="hospital-2", status="uploaded")]
+    aggregator = SimpleNamespace(states={3: SimpleNamespace(accepted=[1], quorum=2)}, events=[])
+    view.round_started(3, hospitals, aggregator)
+    drawn = text_of(view.render())
+    assert "round 3 (encrypted)" in drawn
+    assert "hospital-1   training" in drawn and "hospital-2   uploaded" in drawn
+    assert "1/2 updates summed" in drawn
+
+
+def test_panels_are_drawn_under_the_view_and_can_hide():
+    view = LiveView(console=Console(file=open("/dev/null", "w")))
+    view.preparing("key ceremony")
+    shares = {"n": 1}
+    view.add_panel(lambda: Text(f"ceremony: {shares['n']}/3 shares"))
+    view.add_panel(lambda: None)
+    assert "ceremony: 1/3 shares" in text_of(view.render())
+    shares["n"] = 3
+    drawn = text_of(view.render())
+    assert "key ceremony" in drawn and "ceremony: 3/3 shares" in drawn
