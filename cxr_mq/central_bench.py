@@ -271,11 +271,11 @@ def run_grid(strategy_specs: list[str], alphas: list[float | None], seeds: list[
         central = kwargs.pop("central", True) if seed == seeds[0] else True
         for alpha in alphas:
             for name, values in parsed:
+                values = dict(values)  # the result keeps its own copy
                 server_lr = values.pop("server_lr", kwargs.get("server_lr", 1.0))
                 args = {**kwargs, "server_lr": server_lr}
                 result = run_central_vs_federated(seed=seed, alpha=alpha, strategy=name, strategy_params=values,
                                                   central=central, log=log, **args)
-                values["server_lr"] = server_lr
                 central = result["central"] or False
                 results.append(result)
                 log(f"== seed {seed} alpha {alpha} {name} {values}: gap {result['accuracy_gap_points']} points")
