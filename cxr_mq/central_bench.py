@@ -293,7 +293,7 @@ def summary_table(results: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         setup = r["setup"]
-        label = setup["strategy"] + "".join(f" {k}={v:g}" for k, v in sorted(setup["strategy_params"].items()))
+        label = setup["strategy"] + "".join(f" {k}={v:g}" for k, v in sorted(setup["strategy_params"].items()) if k != "server_lr")
         if setup["server_lr"] != 1.0:
             label += f" server_lr={setup['server_lr']:g}"
         groups.setdefault((setup["alpha"] or 0.0, label), []).append(r)
