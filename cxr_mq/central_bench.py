@@ -271,11 +271,11 @@ def run_grid(strategy_specs: list[str], alphas: list[float | None], seeds: list[
         central = kwargs.pop("central", True) if seed == seeds[0] else True
         for alpha in alphas:
             for name, values in parsed:
+                values = dict(values)  # the result keeps its own copy
                 server_lr = values.pop("server_lr", kwargs.get("server_lr", 1.0))
                 args = {**kwargs, "server_lr": server_lr}
                 result = run_central_vs_federated(seed=seed, alpha=alpha, strategy=name, strategy_params=values,
                                                   central=central, log=log, **args)
-                values["server_lr"] = server_lr
                 central = result["central"] or False
                 results.append(result)
                 log(f"== seed {seed} alpha {alpha} {name} {values}: gap {result['accuracy_gap_points']} points")
@@ -293,7 +293,7 @@ def summary_table(results: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         setup = r["setup"]
-        label = setup["strategy"] + "".join(f" {k}={v:g}" for k, v in sorted(setup["strategy_params"].items()))
+        label = setup["strategy"] + "".join(f" {k}={v:g}" for k, v in sorted(setup["strategy_params"].items()) if k != "server_lr")
         if setup["server_lr"] != 1.0:
             label += f" server_lr={setup['server_lr']:g}"
         groups.setdefault((setup["alpha"] or 0.0, label), []).append(r)
