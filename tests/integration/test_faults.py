@@ -42,12 +42,13 @@ TRAINING = ("--image-size", "32", "--epochs", "1")
 HOSPITALS = ("h1", "h2", "h3")
 
 
-def round_args(quorum: int = 3, min_clients: int | None = None, deadline: float = 600) -> tuple:
+def round_args(quorum: int = 3, min_clients: int | None = None, deadline: float = 600,
+               epochs: int = 1) -> tuple:
     """A round that ends at its quorum unless the test says otherwise: the default deadline
     is only a backstop, far enough away that a loaded host (crashes, restarts, TensorFlow
     start-up on 2 busy cores) never reaches it; a test about the deadline passes its own."""
     return ("--quorum", str(quorum), "--min-clients", str(min_clients or quorum),
-            "--deadline", str(deadline), *TRAINING)
+            "--deadline", str(deadline), *TRAINING[:-1], str(epochs))
 
 
 def _bucket(endpoint: str) -> dict:
@@ -462,7 +463,9 @@ def test_s3_faults_transient_are_retried_permanent_fail_one_operation(federation
 def test_sigterm_requeues_or_finishes_the_current_message_and_exits_zero(federation):
     cluster = federation
     mark = cluster.mark("h1")
-    round_no = cluster.open_round(*round_args(3))
+    # training long enough for the SIGTERM to land in it on an idle host too (one epoch, with
+    # the model cache, took 0.9 s: the signal came after the update was out)
+    round_no = cluster.open_round(*round_args(3, epochs=40))
     cluster.wait_for_event("h1", "training_started", after=mark, round=round_no)
     started = time.monotonic()
     assert cluster.terminate("h1") == 0  # mid-training: round_start is requeued
