@@ -318,6 +318,20 @@ def broker_declare(obj: Context, hospitals):
 
 
 # -- workers ----------------------------------------------------------------------------------
+def _stop_on_signals():
+    """A stop event that SIGTERM and SIGINT set, installed first thing in a worker command:
+    a signal that arrives during start-up (importing TensorFlow, loading keys, connecting)
+    then stops the worker cleanly (exit 0) instead of killing it with the default action.
+    The worker re-installs its own handlers (which log) on the same event once it exists."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
 def _serve_metrics(port):
     if port:
         from prometheus_client import start_http_server
@@ -340,6 +354,7 @@ def _serve_metrics(port):
 def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metrics_port, synthetic,
              identity_path):
     """Run a hospital worker (long-running)."""
+    stop = _stop_on_signals()
     from workers.hospital import HospitalWorker
 
     from .runtime import load_hospital_codec, load_identity, make_broker, make_store, make_verifier
@@ -358,7 +373,7 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
                             keep_plaintext_updates=settings.keep_plaintext_updates,
                             committee_timeout=float(settings.committee_timeout),
                             min_clients_floor=settings.min_clients_floor,
-                            identity=ident, verifier=make_verifier(settings, store))
+                            identity=ident, verifier=make_verifier(settings, store), stop=stop)
     worker.install_signal_handlers()
     try:
         worker.run()
@@ -380,6 +395,7 @@ def hospital(obj: Context, hospital_id, data_dir, secret_context, skip_bad, metr
 @click.pass_obj
 def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggregator_id, identity_path):
     """Run the aggregator worker (long-running; public context only)."""
+    stop = _stop_on_signals()
     from workers.aggregator import AggregatorWorker
 
     from .runtime import load_identity, load_public_codec, make_broker, make_store, make_verifier
@@ -400,7 +416,7 @@ def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggreg
                       ttl=settings.aggregator_lease)
     worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease,
                               retain_updates=settings.retain_updates,
-                              identity=ident, verifier=make_verifier(settings, store))
+                              identity=ident, verifier=make_verifier(settings, store), stop=stop)
     worker.install_signal_handlers()
     try:
         worker.run()

@@ -100,6 +100,9 @@ class Worker:
         """Declare topology, restore state: called once before consuming."""
 
     def run(self) -> None:
+        if self.stop.is_set():  # a signal during start-up: nothing taken, nothing to finish
+            self.log.info("worker_stopped", before_start=True)
+            return
         self.setup()
         self.broker.consume(self.queue, self.on_delivery, prefetch=1)
         self.log.info("worker_started", queue=self.queue)

@@ -144,9 +144,10 @@ class Cluster:
         return self._spawn(name, ["aggregator", "--identity",
                                   str(self.identity_path(self.aggregator_id)), *extra], env)
 
-    def start_hospital(self, hospital: str, *extra, env: dict | None = None) -> subprocess.Popen:
+    def start_hospital(self, hospital: str, *extra, env: dict | None = None,
+                       name: str | None = None) -> subprocess.Popen:
         data = ["--synthetic"] if self.synthetic else ["--data", str(self.data_dirs[hospital])]
-        return self._spawn(hospital, ["hospital", "--id", hospital, *data,
+        return self._spawn(name or hospital, ["hospital", "--id", hospital, *data,
                                       "--secret-context", str(self.keys_dir / "secret.ctx"),
                                       "--identity", str(self.identity_path(hospital)),
                                       *extra], env)
