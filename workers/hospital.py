@@ -45,6 +45,7 @@ import numpy as np
 
 from cxr_mq import bound, messages, rounds, strategies, training
 from cxr_mq.crypto import CodecError
+from cxr_mq.data import DataError
 from cxr_mq.faults import CrashPoints
 from cxr_mq.rounds import OPEN, RoundState
 from cxr_mq.storage.base import ObjectNotFound, ObjectStore, StoreError
@@ -131,6 +132,9 @@ class HospitalWorker(Worker):
             self._take_part(message, delivery, log)
         except CodecError as exc:  # permanent: an update too large, an unusable base model
             self._refuse(round_no, "round_start", f"round {round_no}: hospital {self.id} refused: {exc}")
+        except DataError as exc:  # local data unusable for this round: retrying cannot help
+            self._refuse(round_no, "round_start",
+                         f"round {round_no}: hospital {self.id} cannot train on its data: {exc}")
         except StoreError as exc:  # IntegrityError and ObjectNotFound are never transient
             if exc.transient:
                 raise  # requeued after a pause; the store may recover

@@ -162,3 +162,26 @@ def test_forged_redirected_or_stale_outcomes_are_refused_before_decrypting(fed, 
     dead = [d["reason"] for d in fed.dead_letters() if d["queue"] == fed.topology.hospital_queue("h1")]
     assert dead == [reason for *_, reason in cases]
     assert training_starts == [] and hospital._applied_model is None
+
+
+def test_a_round_it_cannot_train_for_is_dead_lettered_once_with_the_reason(fed, tmp_path, training_starts):
+    """Unusable local data is permanent for the round: dead-letter round_start with the file and
+    the problem (and record it for `status`) instead of requeueing it for ever."""
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    hospital = fed.hospital("h1", empty)
+    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=PARAMS,
+                                      min_clients_floor=1)
+    controller.open_round(fed.control, fed.store, fed.public, request, fed.identities["controller"],
+                          clock=fed.clock)
+    fed.drain(hospital)
+    dead = [d for d in fed.dead_letters() if d["queue"] == fed.topology.hospital_queue("h1")]
+    assert len(dead) == 1, dead
+    assert "cannot train on its data" in dead[0]["reason"] and "no label file" in dead[0]["reason"], dead
+    assert str(empty) in dead[0]["reason"], dead
+    recorded = rounds.hospital_refusals(fed.store, 1)
+    assert [(r["hospital"], r["message"]) for r in recorded] == [("h1", "round_start")], recorded
+    assert "no label file" in recorded[0]["reason"], recorded
+    assert training_starts == [] and _updates_published(fed) == []
+    left = list(fed.server.queue(fed.topology.hospital_queue("h1")).messages)
+    assert left == [], ("round_start was requeued", [(m.routing_key, m.headers) for m in left])
