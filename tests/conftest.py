@@ -7,10 +7,6 @@ other's objects or messages.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -20,42 +16,14 @@ AMQP_URL = os.environ.get("CXR_MQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:
 REGION = "us-east-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"moto server did not listen on {port} within {timeout}s")
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory):
-    """moto's S3+KMS server as a separate process on a free loopback port."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_for_port(port, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    """moto's S3+KMS server as a separate process on a free loopback port (the same helper
+    `cxr-mq bench-federation` starts it with)."""
+    from cxr_mq.bench_federation import moto_server
+
+    with moto_server(tmp_path_factory.mktemp("moto")) as (endpoint, _pid):
+        yield endpoint
 
 
 @pytest.fixture(scope="session")
