@@ -47,7 +47,7 @@ from . import keylayer
 from .base import CkksCodec
 from .errors import CodecError, CodecMismatch
 from .keylayer import CollectivePublicKey, KeyCiphertext
-from .wire import KEY_MAGIC
+from .wire import KEY_MAGIC, read_exact
 from .ring import expand_uniform_rows, ntt_primes, public_seed, sample_cbd, sample_ternary, secret_stream
 
 PROFILE = "threshold"
@@ -537,14 +537,7 @@ def _reduce(c: np.ndarray, q: int) -> np.ndarray:
 
 
 def _read_exact(src: BinaryIO, n: int, what: str) -> bytes:
-    parts, remaining = [], n
-    while remaining:
-        part = src.read(remaining)
-        if not part:
-            raise ThresholdCodecError(f"truncated stream: {what} needs {n} bytes, got {n - remaining}")
-        parts.append(part)
-        remaining -= len(part)
-    return b"".join(parts)
+    return read_exact(src, n, what, ThresholdCodecError)
 
 
 def _expect_eof(src: BinaryIO) -> None:

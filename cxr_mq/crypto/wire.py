@@ -42,13 +42,13 @@ class UpdateHeader:
     n_updates: int = 1  # how many updates this stream sums (1 for a single update)
 
 
-def read_exact(src: BinaryIO, n: int, what: str) -> bytes:
+def read_exact(src: BinaryIO, n: int, what: str, error: type[CodecError] = CodecError) -> bytes:
     parts = []
     remaining = n
     while remaining:
         part = src.read(remaining)
         if not part:
-            raise CodecError(f"truncated stream: {what} needs {n} bytes, got {n - remaining}")
+            raise error(f"truncated stream: {what} needs {n} bytes, got {n - remaining}")
         parts.append(part)
         remaining -= len(part)
     return parts[0] if len(parts) == 1 else b"".join(parts)
