@@ -12,23 +12,11 @@ import threading
 import numpy as np
 import pytest
 
-from cxr_mq import bound, crypto, messages, rounds
+from cxr_mq import bound, messages, rounds
 from cxr_mq.rounds import ABORTED, COMPLETE, OPEN
 from cxr_mq.transport.base import Requeue
-from workerkit import Federation
 
 N_PARAMS = 1000
-
-
-@pytest.fixture(scope="module")
-def codecs():
-    pair = crypto.generate_keys("compact")
-    return crypto.load_context(pair.secret), crypto.load_context(pair.public)
-
-
-@pytest.fixture
-def fed(tmp_path, codecs):
-    return Federation(tmp_path, *codecs)
 
 
 def _weights(seed: int) -> np.ndarray:

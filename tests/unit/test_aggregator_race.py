@@ -9,18 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_mq import crypto, messages
+from cxr_mq import messages
 from cxr_mq.rounds import COMPLETE, StateConflict
 from cxr_mq.transport.base import Delivery
 from workerkit import Federation
 
 N_PARAMS = 1000
-
-
-@pytest.fixture(scope="module")
-def codecs():
-    pair = crypto.generate_keys("compact")
-    return crypto.load_context(pair.secret), crypto.load_context(pair.public)
 
 
 def _delivery(worker, message: dict, sender: str) -> Delivery:

@@ -12,18 +12,11 @@ import io
 import numpy as np
 import pytest
 
-from cxr_mq import controller, crypto, messages, rounds, synth, training
+from cxr_mq import controller, messages, rounds, synth, training
 from cxr_mq.rounds import COMPLETE, RoundState
 from cxr_mq.transport.base import TransportError
-from workerkit import Federation
 
 PARAMS = training.TrainingParams(image_size=8, epochs=1, batch_size=8, augment=False, width=0.5)
-
-
-@pytest.fixture(scope="module")
-def codecs():
-    pair = crypto.generate_keys("compact")
-    return crypto.load_context(pair.secret), crypto.load_context(pair.public)
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +24,6 @@ def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("hospital-data")
     synth.write_synthetic(out, n=24, seed=3, size=16)
     return out
-
-
-@pytest.fixture
-def fed(tmp_path, codecs):
-    return Federation(tmp_path, *codecs)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from cxr_mq import bound, controller, crypto, identity, messages, rounds
+from cxr_mq import bound, controller, identity, messages, rounds
 from cxr_mq.storage.local import LocalStore
 from cxr_mq.transport.base import REASON_HEADER, USER_HEADER, Topology
 from cxr_mq.transport.embedded import EmbeddedBroker, EmbeddedServer
@@ -21,12 +21,6 @@ from workers.aggregator import AggregatorWorker
 
 N_PARAMS = 64
 HOSPITALS = ("h1", "h2")
-
-
-@pytest.fixture(scope="module")
-def codecs():
-    pair = crypto.generate_keys("compact")
-    return crypto.load_context(pair.secret), crypto.load_context(pair.public)
 
 
 @pytest.fixture

@@ -6,21 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_mq import crypto, rounds
+from cxr_mq import rounds
 from cxr_mq.rounds import COMPLETE
 from cxr_mq.storage.base import StoreError
-from workerkit import Federation
-
-
-@pytest.fixture(scope="module")
-def codecs():
-    pair = crypto.generate_keys("compact")
-    return crypto.load_context(pair.secret), crypto.load_context(pair.public)
-
-
-@pytest.fixture
-def fed(tmp_path, codecs):
-    return Federation(tmp_path, *codecs)
 
 
 def _upload(fed, round_no, hospital, seed):
