@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, Settings, load_settings, validate_hospital_id
+from .config import PROFILES, ConfigError, Settings, load_settings, validate_hospital_id
 
 EXIT_USAGE = 2
 EXIT_LEASE_LOST = 3
@@ -76,39 +76,64 @@ def main(ctx, config_path, log_level, log_format):
 # -- keys -------------------------------------------------------------------------------------
 @main.group()
 def keys():
-    """Key authority: create the CKKS contexts."""
+    """Key authority: the key ceremony (threshold profile) or single-key contexts."""
 
 
 @keys.command("init")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
-              help="Directory for secret.ctx (hospitals only) and public.ctx (required but with --threshold).")
+              help="Directory for the key files: secret.ctx (hospitals only) and public.ctx with "
+                   "--profile compact|seed (required there); public.ctx only after a ceremony (optional).")
 @click.option("--threshold", type=int, default=None,
-              help="Run the threshold key ceremony through the running hospital workers "
-                   "(CXR_MQ_HOSPITALS; the key authority signs with its identity, CXR_MQ_IDENTITY): T of them decrypt.")
-@click.option("--ceremony-id", default=None, help="With --threshold: the ceremony's id (default: a fresh one).")
-@click.option("--timeout", type=float, default=300.0, show_default=True,
-              help="With --threshold: seconds to wait for each step of the hospitals.")
-@click.option("--profile", type=click.Choice(["compact", "seed"]), default=None,
-              help="Codec profile (default: compact).")
+              help="Threshold profile: T, the committee members that must take part in decrypting a round "
+                   "(default: a majority of CXR_MQ_HOSPITALS).")
+@click.option("--ceremony-id", default=None, help="Threshold profile: the ceremony's id (default: a fresh one).")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="Threshold profile: seconds to wait for the hospitals at each step of the ceremony.")
+@click.option("--profile", type=click.Choice(PROFILES), default=None,
+              help="Codec profile (default: codec_profile, threshold unless configured). threshold runs "
+                   "the key ceremony through the running hospital workers; compact and seed create one "
+                   "key pair for single-key deployments (with --out).")
 @click.option("--upload/--no-upload", default=True,
               help="Upload the public context to the bucket (keys/public-context).")
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
 @click.option("--kms-wrap", is_flag=True,
               help="Write secret.ctx KMS-wrapped (secret_kms_key_id, else kms_key_id).")
+@click.option("--if-absent", is_flag=True,
+              help="Do nothing (exit 0, print the bucket's context) if the bucket holds a public context "
+                   "already: for automation that runs keys init on every rollout.")
 @click.pass_obj
-def keys_init(obj: Context, out_dir, threshold, ceremony_id, timeout, profile, upload, force, kms_wrap):
-    """Create a key pair: DIR/secret.ctx and DIR/public.ctx, and publish the public one; or,
-    with --threshold T, run the key ceremony (docs/threshold.md)."""
+def keys_init(obj: Context, out_dir, threshold, ceremony_id, timeout, profile, upload, force, kms_wrap,
+              if_absent):
+    """Create the federation's keys. By default (profile threshold) run the key ceremony
+    through the running hospital workers of CXR_MQ_HOSPITALS, signed with the key authority's
+    identity (CXR_MQ_IDENTITY): no party ever holds the collective secret, T of the hospitals
+    decrypt each round's sum (docs/threshold.md); the collective public key becomes the public
+    context in the bucket. With --profile compact|seed --out DIR: one key pair, DIR/secret.ctx
+    (for every hospital) and DIR/public.ctx, the public one published."""
     from . import crypto
     from .crypto import keyfile
     from .runtime import make_kms, make_store
 
-    if threshold is not None:
-        _threshold_ceremony(obj, threshold, ceremony_id, timeout, out_dir)
+    settings = obj.settings(codec_profile=profile or ("threshold" if threshold is not None else None))
+    if threshold is not None and settings.codec_profile != "threshold":
+        _fail(f"--threshold runs the key ceremony of the threshold profile, not of profile "
+              f"{settings.codec_profile!r}: drop one of them")
+    if if_absent:
+        from .contexts import stored_context
+        existing = stored_context(make_store(settings), settings.public_context_key)
+        if existing is not None:
+            click.echo(json.dumps({"existing": settings.public_context_key, "profile": existing.profile,
+                                   "fingerprint": existing.fingerprint}, indent=1))
+            return
+    if settings.codec_profile == "threshold":
+        if kms_wrap or not upload:
+            _fail("--kms-wrap and --no-upload apply to a single-key profile: under the threshold "
+                  "profile no secret key file exists and the public context goes to the bucket")
+        _threshold_ceremony(obj, settings, threshold, ceremony_id, timeout, out_dir)
         return
     if not out_dir:
-        _fail("--out is required (unless --threshold)")
-    settings = obj.settings(codec_profile=profile)
+        _fail(f"--out is required with profile {settings.codec_profile!r} (the directory for secret.ctx "
+              "and public.ctx)")
     out = Path(out_dir)
     secret_path, public_path = out / "secret.ctx", out / "public.ctx"
     if not force and (secret_path.exists() or public_path.exists()):
@@ -134,38 +159,94 @@ def keys_init(obj: Context, out_dir, threshold, ceremony_id, timeout, profile, u
     click.echo(json.dumps(result, indent=1))
 
 
-def _threshold_ceremony(obj: Context, threshold: int, ceremony_id, timeout: float, out_dir) -> None:
+SINGLE_KEY_HINT = "or create a single key pair instead: cxr-mq keys init --profile compact --out DIR"
+
+
+def _threshold_ceremony(obj: Context, settings: Settings, threshold, ceremony_id, timeout: float,
+                        out_dir, extra=None) -> None:
+    """The key ceremony through the running hospital workers (``keys init``'s default)."""
     import uuid
 
     from . import threshold_flow
-    from .crypto.ceremony import CeremonyError, CeremonyParams
+    from .config import env_name
+    from .crypto.ceremony import CeremonyError, CeremonyParams, majority
     from .identity import Identity, Registry
     from .runtime import make_broker, make_store
 
-    settings = obj.settings()
-    if len(settings.hospitals) < 2:
-        _fail("--threshold needs the hospitals (CXR_MQ_HOSPITALS, at least two)")
+    hospitals = tuple(sorted(settings.hospitals))
+    if len(hospitals) < 2:
+        configured = ", ".join(hospitals) or "none"
+        _fail(f"the threshold key ceremony runs through the hospital workers of {env_name('hospitals')} "
+              f"(at least two; configured: {configured}): set {env_name('hospitals')}, {SINGLE_KEY_HINT}")
+    threshold = majority(len(hospitals)) if threshold is None else threshold
     try:
-        params = CeremonyParams(settings.namespace, tuple(sorted(settings.hospitals)), threshold,
+        params = CeremonyParams(settings.namespace, hospitals, threshold,
                                 ceremony_id or f"c{uuid.uuid4().hex[:12]}")
     except CeremonyError as exc:
         _fail(f"--threshold: {exc}")
     authority = Identity.load(settings.identity_path())
     store = make_store(settings)
     with make_broker(settings) as broker:
-        broker.declare_topology(settings.hospitals)
+        broker.declare_topology(hospitals)
         try:
             codec = threshold_flow.run_ceremony(store, broker, params, authority, Registry(store), timeout=timeout,
                                                 log=lambda m: click.echo(m, err=True))
+        except threshold_flow.CeremonyIncomplete as exc:
+            _fail(f"{exc}; start their hospital workers and run keys init again, {SINGLE_KEY_HINT}", 1)
         except threshold_flow.FlowError as exc:
-            _fail(str(exc))
+            _fail(str(exc), 1)
     info = store.put_bytes(settings.public_context_key, codec.public_bytes())
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "public.ctx").write_bytes(codec.public_bytes())
     click.echo(json.dumps({"ceremony_id": params.ceremony_id, "parties": list(params.parties),
                            "threshold": params.threshold, "profile": codec.profile, "fingerprint": codec.fingerprint,
-                           "uploaded": f"{settings.public_context_key} sha256={info.sha256}"}, indent=1))
+                           "uploaded": f"{settings.public_context_key} sha256={info.sha256}", **(extra or {})},
+                          indent=1))
+
+
+@keys.command("reshare")
+@click.option("--threshold", type=int, default=None,
+              help="T of the new committee (default: the current T, if still a majority of the new hospitals).")
+@click.option("--ceremony-id", default=None, help="The new ceremony's id (default: a fresh one).")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds to wait for each step of the hospitals.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write the new public.ctx here.")
+@click.pass_obj
+def keys_reshare(obj: Context, threshold, ceremony_id, timeout, out_dir):
+    """Change the committee to the hospitals of CXR_MQ_HOSPITALS: a new key ceremony (exactly
+    'keys init --threshold T') through the running hospital workers, which take the new
+    context without a restart, delete their old shares and hand the current model over to
+    the hospitals that join. Refused while a round is open (docs/threshold.md)."""
+    from . import rounds, threshold_flow
+    from .contexts import stored_context
+    from .runtime import make_store
+
+    settings = obj.settings()
+    store = make_store(settings)
+    codec = stored_context(store, settings.public_context_key)
+    if codec is None or codec.profile != "threshold":
+        _fail(f"{settings.public_context_key}: the current context is "
+              f"{'missing' if codec is None else codec.profile}, not a threshold committee: "
+              "run 'cxr-mq keys init --threshold T' for the first ceremony")
+    opened = rounds.list_rounds(store)
+    if opened:
+        last = rounds.RoundState.load(store, opened[-1])
+        if last is None or last.status == rounds.OPEN:
+            _fail(f"round {opened[-1]} is open: change the committee between rounds (its members delete their "
+                  "old shares, and a round of the old committee could then not be decrypted)", 1)
+        if last.status == rounds.COMPLETE and not threshold_flow.outcomes(store, last.round) and \
+                (rounds.read_json(store, rounds.round_key(last.round)) or {}).get("codec_profile") == "threshold":
+            _fail(f"round {last.round}'s committee has not decrypted it yet: change the committee between rounds", 1)
+    new = tuple(sorted(settings.hospitals))
+    added, removed = sorted(set(new) - set(codec.parties)), sorted(set(codec.parties) - set(new))
+    t = threshold or codec.threshold
+    click.echo(f"reshare: committee {codec.threshold}-of-{len(codec.parties)} ({', '.join(codec.parties)}) -> "
+               f"{t}-of-{len(new)} ({', '.join(new)}); adding {', '.join(added) or 'none'}, removing "
+               f"{', '.join(removed) or 'none'}: a new ceremony (keys init --threshold {t})", err=True)
+    _threshold_ceremony(obj, settings, t, ceremony_id, timeout, out_dir,
+                        extra={"previous_ceremony_id": codec.ceremony_id, "added": added, "removed": removed})
 
 
 def _wrap_key_id(settings: Settings) -> str:
@@ -343,7 +424,9 @@ def _serve_metrics(port):
 @click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="COVIDx-format directory: a label file and the images.")
 @click.option("--secret-context", type=click.Path(dir_okay=False), default=None,
-              help="Path of the secret CKKS context (or CXR_MQ_SECRET_CONTEXT).")
+              help="Single-key profiles (compact, seed): the secret context's path (or "
+                   "CXR_MQ_SECRET_CONTEXT). Threshold profile: none; before any key exists the "
+                   "hospital takes part in the key ceremony (keys init) and adopts its key.")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed label lines and missing images.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
 @click.option("--synthetic", is_flag=True,
@@ -416,6 +499,7 @@ def aggregator(obj: Context, public_context, metrics_port, lease_seconds, aggreg
                       ttl=settings.aggregator_lease)
     worker = AggregatorWorker(broker, store, codec, hospitals=settings.hospitals, lease=lease,
                               retain_updates=settings.retain_updates,
+                              prefetch=settings.aggregator_prefetch,
                               identity=ident, verifier=make_verifier(settings, store), stop=stop)
     worker.install_signal_handlers()
     try:
@@ -447,7 +531,7 @@ def _training_options(f):
         click.option("--server-lr", type=float, default=1.0, show_default=True,
                      help="FedAvg server learning rate (applied by each hospital to its update)."),
         click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "scaffold", "fedavgm",
-                                                      "fedadam", "fedyogi"]),
+                                                      "fedadam", "fedyogi", "fedsgd"]),
                      default="fedavg", show_default=True,
                      help="Federated strategy (docs/model-quality.md); the aggregator only adds."),
         click.option("--prox-mu", type=float, default=0.01, show_default=True, help="FedProx mu."),
@@ -455,6 +539,27 @@ def _training_options(f):
         click.option("--beta1", type=float, default=0.9, show_default=True, help="FedAdam/FedYogi beta1."),
         click.option("--beta2", type=float, default=0.99, show_default=True, help="FedAdam/FedYogi beta2."),
         click.option("--tau", type=float, default=1e-3, show_default=True, help="FedAdam/FedYogi tau."),
+        click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
+                     help="FedAdam/FedYogi/FedSGD: Adam's bias correction of the server step."),
+        click.option("--server-clipnorm", type=float, default=0.0, show_default=True,
+                     help="Server optimizers: clip the pseudo-gradient per tensor at this norm (0: off)."),
+        click.option("--local-steps", type=int, default=0, show_default=True,
+                     help="Steps of a local epoch whatever the hospital's size (0: one pass); "
+                          "fedsgd: SGD steps per round (0: one)."),
+        click.option("--local-optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
+                     help="Local training's optimizer, fresh each round (sgd: with --local-momentum)."),
+        click.option("--local-momentum", type=float, default=0.9, show_default=True,
+                     help="Momentum of --local-optimizer sgd."),
+        click.option("--epoch-fraction", type=float, default=1.0, show_default=True,
+                     help="Each local epoch covers this fraction of the local data (more rounds, fewer steps)."),
+        click.option("--logit-adjust", type=float, default=0.0, show_default=True,
+                     help="Label skew: weight of log(local class prior) in local training's loss (0: off)."),
+        click.option("--sample-rate", type=float, default=0.0, show_default=True,
+                     help="fedsgd: draw each image into a step's batch with this probability (Poisson "
+                          "sampling; B / N matches a central batch of B over N images); 0: a fixed batch."),
+        click.option("--shuffle-rounds", type=int, default=0, show_default=True,
+                     help="fedsgd: every R rounds are an epoch; each hospital steps on one of R slices of "
+                          "its shuffled images a round (R = N / B: central's shuffled epochs); 0: off."),
     ]):
         f = option(f)
     return f
@@ -490,7 +595,8 @@ def _training_options(f):
 @click.pass_obj
 def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, image_size, classes,
                 epochs, lr, batch_size, seed, width, depth, balance, server_lr, strategy, prox_mu,
-                server_momentum, beta1, beta2, tau, wait, timeout, as_json,
+                server_momentum, beta1, beta2, tau, bias_correction, server_clipnorm, local_steps, local_optimizer,
+                local_momentum, epoch_fraction, logit_adjust, sample_rate, shuffle_rounds, wait, timeout, as_json,
                 synthetic_params, identity_path, max_samples, weight_bound, committee_timeout):
     """Open a round: write its record and publish round_start."""
     from . import controller, training
@@ -502,7 +608,12 @@ def start_round(obj: Context, quorum, min_clients, deadline, hospitals, model, i
                                          epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                          width=width, depth=depth, balance=balance, server_lr=server_lr,
                                          strategy=strategy, prox_mu=prox_mu, server_momentum=server_momentum,
-                                         beta1=beta1, beta2=beta2, tau=tau)
+                                         beta1=beta1, beta2=beta2, tau=tau, bias_correction=bias_correction,
+                                         server_clipnorm=server_clipnorm, local_steps=local_steps,
+                                         local_optimizer=local_optimizer,
+                                         local_momentum=local_momentum, epoch_fraction=epoch_fraction,
+                                         logit_adjust=logit_adjust, sample_rate=sample_rate,
+                                         shuffle_rounds=shuffle_rounds)
     except ValueError as exc:
         _fail(str(exc))
     quorum = quorum or max(1, len(settings.hospitals))
@@ -667,47 +778,75 @@ def partition(label_file, hospitals, out_dir, iid, alpha, seed, skip_bad, as_jso
     click.echo(json.dumps(table, indent=1) if as_json else format_class_table(table))
 
 
-def _secret_model(obj: Context, round_no, secret_context):
-    from .evaluation import global_model
+def _round_model(obj: Context, round_no, secret_context, hospital, work_dir):
+    """(model, params, round): the model hospital ``hospital`` holds (``--hospital``; its work
+    directory under the settings' ``work_dir``, or ``--work-dir``), else the aggregate
+    decrypted with the secret context (single-key FedAvg/FedProx rounds only)."""
+    from .evaluation import as_model, decrypted_model, hospital_model
     from .runtime import load_secret_codec, make_store
 
     settings = obj.settings(secret_context=secret_context)
-    codec = load_secret_codec(settings)
-    return global_model(make_store(settings), codec, round_no)
+    if hospital is not None:
+        validate_hospital_id(hospital)
+        if secret_context:
+            _fail("--hospital and --secret-context: choose one (a hospital's model needs no key)")
+        weights, params, used = hospital_model(make_store(settings), Path(work_dir or settings.work_dir) / hospital,
+                                               round_no)
+    elif work_dir:
+        _fail("--work-dir needs --hospital ID (whose model to use)")
+    else:
+        codec = load_secret_codec(settings)  # first: a key file that does not load is the first thing to say
+        weights, params, used = decrypted_model(make_store(settings), codec, round_no)
+    return as_model(weights, params), params, used
+
+
+def _model_options(f):
+    for option in reversed([
+        click.option("--round", "round_no", type=int, default=None, help="Round (default: latest complete)."),
+        click.option("--hospital", default=None,
+                     help="Use the model this hospital holds (any profile and strategy; needs no key): "
+                          "WORK_DIR/ID/global.npy, checked to be the round's."),
+        click.option("--work-dir", type=click.Path(file_okay=False, exists=True), default=None,
+                     help="With --hospital: the work directory holding ID/ (default: CXR_MQ_WORK_DIR)."),
+        click.option("--secret-context", type=click.Path(dir_okay=False), default=None,
+                     help="Without --hospital: decrypt a compact/seed FedAvg or FedProx aggregate with this key."),
+    ]):
+        f = option(f)
+    return f
 
 
 @main.command()
-@click.option("--round", "round_no", type=int, default=None, help="Round (default: latest complete).")
 @click.option("--data", "label_file", required=True, type=click.Path(exists=True),
               help="A COVIDx label file (or a directory holding one).")
-@click.option("--secret-context", type=click.Path(dir_okay=False), default=None)
+@_model_options
 @click.option("--skip-bad", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def evaluate(obj: Context, round_no, label_file, secret_context, skip_bad, as_json):
-    """Decrypt a round's global model and report COVID-Net-style metrics on labelled data."""
+def evaluate(obj: Context, round_no, hospital, work_dir, label_file, secret_context, skip_bad, as_json):
+    """Report COVID-Net-style metrics of a round's global model on labelled data."""
     from .data import find_label_file
     from .evaluation import evaluate_label_file
     from .metrics import format_report
 
-    model, params, used = _secret_model(obj, round_no, secret_context)
+    model, params, used = _round_model(obj, round_no, secret_context, hospital, work_dir)
     report = evaluate_label_file(model, params, find_label_file(label_file), skip_bad=skip_bad)
     report["round"] = used
+    if hospital:
+        report["hospital"] = hospital
     click.echo(json.dumps(report, indent=1) if as_json else f"round {used}\n{format_report(report)}")
 
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--round", "round_no", type=int, default=None, help="Round (default: latest complete).")
-@click.option("--secret-context", type=click.Path(dir_okay=False), default=None)
+@_model_options
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def predict(obj: Context, images, round_no, secret_context, as_json):
+def predict(obj: Context, images, round_no, hospital, work_dir, secret_context, as_json):
     """Class probabilities per image from a round's global model."""
     from . import training
     from .data import load_images
 
-    model, params, used = _secret_model(obj, round_no, secret_context)
+    model, params, used = _round_model(obj, round_no, secret_context, hospital, work_dir)
     classes = training.class_names(params.classes)
     proba = training.predict_proba(model, load_images(list(images), params.image_size))
     rows = [{"image": path, "round": used, "probabilities": dict(zip(classes, map(float, p))),
@@ -739,6 +878,10 @@ def predict(obj: Context, images, round_no, secret_context, as_json):
 @click.option("--alpha", type=float, default=None,
               help="Dirichlet non-IID concentration over classes; 0 means IID.")
 @click.option("--seed", type=int, default=None)
+@click.option("--profile", type=click.Choice(PROFILES), default=None,
+              help="Codec profile (default: codec_profile, threshold unless configured): threshold runs the "
+                   "key ceremony through the hospitals and the committee decrypts every round; compact or "
+                   "seed share one secret key, for comparison.")
 @click.option("--plaintext", is_flag=True, help="Run without encryption.")
 @click.option("--compare", is_flag=True, help="Run encrypted and plaintext, and compare them.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
@@ -748,7 +891,7 @@ def predict(obj: Context, images, round_no, secret_context, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_obj
 def demo(obj: Context, hospitals, n_rounds, data, n_images, model, width, image_size, classes,
-         epochs, lr, lr_final, server_lr, augment, alpha, seed, plaintext, compare, report_dir,
+         epochs, lr, lr_final, server_lr, augment, alpha, seed, profile, plaintext, compare, report_dir,
          broker, store, as_json):
     """The whole federation on one machine (embedded broker and store by default). Unset
     options take the demo's defaults (cxr_mq.demo.DemoOptions, described in the README)."""
@@ -764,7 +907,8 @@ def demo(obj: Context, hospitals, n_rounds, data, n_images, model, width, image_
              "lr": lr, "lr_final": lr_final, "server_lr": server_lr, "augment": augment,
              "seed": seed}
     options = DemoOptions(**{k: v for k, v in given.items() if v is not None}, data=data,
-                          broker=broker, store=store,
+                          broker=broker, store=store, profile=profile or settings.codec_profile,
+                          plaintext=plaintext,
                           work_dir=settings.work_dir if Path(settings.work_dir).is_dir() else None,
                           warm_up=compare)
     if alpha is not None:
@@ -800,7 +944,7 @@ def demo(obj: Context, hospitals, n_rounds, data, n_images, model, width, image_
 @click.option("--profile", "profiles", type=click.Choice(["seed", "compact", "threshold"]), multiple=True,
               help="Profiles to measure (default both).")
 @click.option("--round/--no-round", "with_round", default=True, show_default=True,
-              help="Also time one embedded demo round encrypted and in plaintext.")
+              help="Also time embedded demo rounds encrypted (threshold) and in plaintext, after two warm-up rounds.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def bench(obj: Context, params, hospitals, profiles, with_round, as_json):
@@ -836,9 +980,18 @@ def bench_federated(args):
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--round-timeout", type=float, default=3600.0, show_default=True,
               help="Seconds a round may take before the bench gives up.")
+@click.option("--hospital-priority", type=click.Choice(["low", "same"]), default="low",
+              show_default=True,
+              help="low: each simulated hospital thread runs at nice 19, so the figures measure "
+                   "the aggregator and the store (hospitals have their own machines in a real "
+                   "federation); same: hospitals compete with them for the cores.")
+@click.option("--aggregator-prefetch", type=click.IntRange(min=0), default=None,
+              help="Updates the aggregator fetches ahead (default: aggregator_prefetch, 3); "
+                   "0: one at a time.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
-def bench_federation(obj: Context, hospitals, params, rounds, round_timeout, as_json):
+def bench_federation(obj: Context, hospitals, params, rounds, round_timeout, hospital_priority,
+                     aggregator_prefetch, as_json):
     """Rounds of N hospitals x P parameters through the real workers, RabbitMQ and S3.
 
     Local training is replaced by a seeded synthetic update (said in the output); the store
@@ -858,7 +1011,9 @@ def bench_federation(obj: Context, hospitals, params, rounds, round_timeout, as_
         s3_endpoint_url=settings.s3_endpoint_url,
         s3_bucket=settings.s3_bucket if settings.s3_endpoint_url else None,
         kms_key_id=settings.kms_key_id if settings.s3_endpoint_url else None,
-        region=settings.aws_region or "us-east-1")
+        region=settings.aws_region or "us-east-1", hospital_priority=hospital_priority,
+        aggregator_prefetch=(settings.aggregator_prefetch if aggregator_prefetch is None
+                             else aggregator_prefetch))
     try:
         result = bench.run(options)
     except (RuntimeError, ValueError) as exc:
@@ -867,6 +1022,8 @@ def bench_federation(obj: Context, hospitals, params, rounds, round_timeout, as_
         click.echo(bench.main_json(result))
         return
     click.echo(f"bench-federation: {result['synthetic_training']}")
+    click.echo(f"hospitals: {result['hospital_priority_note']}; aggregator prefetch: "
+               f"{result['aggregator_prefetch']}")
     click.echo(f"store: {result['store']}; broker: {result['broker']} (namespace "
                f"{result['namespace']}); load average before/after: "
                f"{result['load_average_before'][0]:.1f} / {result['load_average_after'][0]:.1f}")

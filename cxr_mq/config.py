@@ -17,6 +17,7 @@ ENV_PREFIX = "CXR_MQ_"
 DEFAULT_CONFIG_PATH = Path("/etc/cxr-mq/config.toml")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 LIST_KEYS = ("hospitals", "shared_broker_users")
+PROFILES = ("threshold", "compact", "seed")  # the first is the default
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,62}$")
 
 
@@ -52,8 +53,9 @@ class Settings:
     min_clients_floor: int = 3
     aggregator_lease: int = 0  # seconds; >0: aggregators share a lease, one active, others standby
     aggregator_id: str | None = None  # this aggregator's name in the lease (default host:pid)
+    aggregator_prefetch: int = 3  # updates fetched and hash-checked ahead of the one summed; 0: none
     public_context_key: str = "keys/public-context"
-    codec_profile: str = "compact"
+    codec_profile: str = "threshold"  # keys init's profile: threshold (ceremony) or compact/seed (one key)
     log_level: str = "info"
     log_format: str = "json"
     work_dir: str = field(default_factory=lambda: str(Path.home() / ".cxr-mq"))
@@ -113,10 +115,13 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError(env_name("committee_timeout"), f"must be at least 1 second, got {s.committee_timeout}")
     if s.min_clients_floor < 1:
         raise ConfigError(env_name("min_clients_floor"), f"must be at least 1, got {s.min_clients_floor}")
+    if s.aggregator_prefetch < 0:
+        raise ConfigError(env_name("aggregator_prefetch"),
+                          f"must be 0 (no look-ahead) or more, got {s.aggregator_prefetch}")
     if s.message_max_age < 1:
         raise ConfigError(env_name("message_max_age"), f"must be at least 1 second, got {s.message_max_age}")
-    if s.codec_profile not in ("seed", "compact"):
-        raise ConfigError(env_name("codec_profile"), f"must be 'seed' or 'compact', got {s.codec_profile!r}")
+    if s.codec_profile not in PROFILES:
+        raise ConfigError(env_name("codec_profile"), f"must be 'threshold', 'compact' or 'seed', got {s.codec_profile!r}")
     if s.log_format not in ("json", "console"):
         raise ConfigError(env_name("log_format"), f"must be 'json' or 'console', got {s.log_format!r}")
     if s.log_level not in ("debug", "info", "warning", "error"):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import identity, messages, rounds, strategies, training
+from .faults import CrashPoints
 from .log import get_logger
 from .rounds import ABORTED, COMPLETE, RoundState
 from .storage.base import ObjectStore, PreconditionFailed, sha256_bytes
@@ -114,6 +115,7 @@ def open_round(broker: Broker, store: ObjectStore, codec, request: RoundRequest,
             round_no += 1
     else:
         raise RoundTimeout(f"could not claim a round number in {OPEN_ATTEMPTS} attempts")
+    CrashPoints().reached("controller.after_claim", round=round_no)  # tests only
     if initial is not None:
         store.put_bytes(rounds.base_key(round_no), initial)
     broker.publish("round_start", messages.encode(message), message_id=f"round_start:{round_no}")
@@ -268,32 +270,35 @@ def _timings(record: dict, state: RoundState | None) -> dict:
     return timings
 
 
-def status(store: ObjectStore) -> list[dict]:
+def status(store: ObjectStore, now: float | None = None) -> list[dict]:
     """Every round with its state, contributors, refusals (with reasons) and timings.
 
     ``refused``: updates the aggregator refused; ``refused_by_hospitals``: messages of the
     round a hospital refused (a ``round_start`` it would not take part in or encrypt for, an
-    aggregate it would not decrypt).
+    aggregate it would not decrypt, and a forged, undecodable or misdirected message claiming
+    the round, kept in ``hospitals/<id>/refusals``).
 
     Refusals the aggregator could not attach to a round's record (an unknown round number, a
     message that did not decode, or one whose signature, sender or broker user did not check
     out) are listed with the round they claim when it exists; otherwise they come last, under
     their claimed round number with state ``unknown``, or under round 0 with state
     ``malformed`` for messages that did not decode."""
+    now = time.time() if now is None else now
     rows = []
     for round_no in rounds.list_rounds(store):
         record = rounds.read_json(store, rounds.round_key(round_no)) or {}
         state = RoundState.load(store, round_no)
+        shown, reason = rounds.shown_status(record, state, now)
         rows.append({
             "round": round_no,
-            "state": state.status if state else "started",
+            "state": shown,
             "quorum": record.get("quorum"), "min_clients": record.get("min_clients"),
             "deadline": record.get("deadline"),
             "contributors": state.contributors if state else [],
             "total_samples": state.total_samples if state else 0,
             "refused": state.refused if state else [],
             "refused_by_hospitals": rounds.hospital_refusals(store, round_no),
-            "reason": state.reason if state else None,
+            "reason": reason,
             "model_key": state.model_key if state else None,
             "timings": _timings(record, state),
             "issued_at": record.get("issued_at"),
@@ -305,17 +310,23 @@ def status(store: ObjectStore) -> list[dict]:
             if rows[-1]["committee"] is not None and not rows[-1]["committee"]["decrypted"]:
                 rows[-1]["state"], rows[-1]["reason"] = UNDECRYPTABLE, rows[-1]["committee"]["reason"]
     known = {row["round"]: row for row in rows}
-    unrouted: dict = {}
-    for entry in (rounds.read_json(store, rounds.UNROUTED_REFUSALS_KEY) or {}).get("refused", []):
-        round_no = entry.get("round")
-        unrouted.setdefault(round_no if isinstance(round_no, int) else 0, []).append(entry)
+    unrouted: dict = {}  # claimed round (0: none) -> (the aggregator's, the hospitals')
+    by_whom = ((rounds.read_json(store, rounds.UNROUTED_REFUSALS_KEY) or {}).get("refused", []),
+               rounds.hospital_unrouted_refusals(store))
+    for slot, entries in enumerate(by_whom):
+        for entry in entries:
+            round_no = entry.get("round")
+            unrouted.setdefault(round_no if isinstance(round_no, int) else 0, ([], []))[slot].append(entry)
     for round_no in sorted(unrouted, key=lambda r: (r == 0, r)):
+        by_aggregator, by_hospitals = unrouted[round_no]
         if round_no in known:  # e.g. a forged or replayed message claiming a real round
-            known[round_no]["refused"] = known[round_no]["refused"] + unrouted[round_no]
+            known[round_no]["refused"] = known[round_no]["refused"] + by_aggregator
+            known[round_no]["refused_by_hospitals"] = sorted(
+                known[round_no]["refused_by_hospitals"] + by_hospitals, key=lambda e: e.get("at", 0))
             continue
         rows.append({"round": round_no, "state": "unknown" if round_no else "malformed",
                      "quorum": None, "min_clients": None, "deadline": None, "contributors": [],
-                     "total_samples": 0, "refused": unrouted[round_no], "refused_by_hospitals": [],
+                     "total_samples": 0, "refused": by_aggregator, "refused_by_hospitals": by_hospitals,
                      "reason": None,
                      "model_key": None, "timings": {}, "issued_at": None, "finished_at": None,
                      "announced": False})

@@ -30,12 +30,13 @@ from workers.aggregator import AggregatorWorker
 from workers.hospital import HospitalWorker
 
 from . import controller, crypto, identity, metrics, training
-from .config import ConfigError, Settings
+from .config import PROFILES, ConfigError, Settings
 from .config import _redact as redact_url
 from .data import load_images, map_label, read_label_file, split_patients, write_label_file
 from .partition import format_class_table, partition_dataset, patient_classes
 from .rounds import RoundState
 from .storage.base import ObjectInfo, ObjectStore
+from .crypto.committee import MIN_CLIENTS_FLOOR
 from .transport.base import Broker, Refuse, Requeue, Topology
 
 MAX_HANDLER_FAILURES = 3     # consecutive failures of one worker before the demo gives up
@@ -60,7 +61,7 @@ def _describe(exc: BaseException) -> str:
 @dataclass
 class DemoOptions:
     hospitals: int = 3
-    rounds: int = 8
+    rounds: int = 12                 # 10 ended under the 0.90 target in 2 of 5 runs (README)
     data: str | None = None          # a COVIDx label file; default: synthetic
     n: int = 720                     # synthetic images when no --data
     model: str = "covidnet-s"
@@ -76,6 +77,7 @@ class DemoOptions:
     alpha: float | None = 2.0        # Dirichlet non-IID; None = IID
     seed: int = 0
     plaintext: bool = False
+    profile: str = "threshold"       # codec profile: threshold (ceremony + committee), compact, seed
     broker: str | None = None        # amqp://... ; default embedded
     store: str | None = None         # s3://BUCKET or a directory; default local temp dir
     test_fraction: float = 0.2
@@ -113,6 +115,12 @@ class DemoOptions:
             raise ConfigError("--broker", f"must be an amqp:// URL, got {redact_url(self.broker)!r}")
         if self.store and self.store.startswith("s3://") and not self.store[5:].strip("/"):
             raise ConfigError("--store", "s3:// needs a bucket name: s3://BUCKET")
+        if self.profile not in PROFILES:
+            raise ConfigError("--profile", f"must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        if self.profile == "threshold" and not self.plaintext and self.hospitals < MIN_CLIENTS_FLOOR:
+            raise ConfigError("--hospitals", f"{self.hospitals} hospital(s): the threshold profile's committee "
+                              f"decrypts sums of at least {MIN_CLIENTS_FLOOR} updates; use --hospitals "
+                              f"{MIN_CLIENTS_FLOOR} or more, or --profile compact")
         if self.lr_final is not None and not self.lr_final > 0:
             raise ConfigError("--lr-final", f"must be positive, got {self.lr_final}")
         try:
@@ -141,6 +149,7 @@ class RoundReport:
     train_seconds: float
     aggregate_seconds: float
     wall_seconds: float
+    committee: dict | None = None    # threshold profile: who decrypted the round (threshold_view)
 
 
 @dataclass
@@ -152,6 +161,7 @@ class DemoResult:
     wall_seconds: float = 0.0
     final_probabilities: list = field(default_factory=list)
     final_labels: list = field(default_factory=list)
+    ceremony: dict | None = None     # threshold profile: the key ceremony (threshold_view)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -339,8 +349,10 @@ class Crew:
         if fatal:
             self._fatal[name] = error
             return
-        count = self._failures.get(name, (0, ""))[0] + 1
-        self._failures[name] = (count, error)
+        count = self._failures.get(name, (0, ""))[0]
+        if count >= MAX_HANDLER_FAILURES:  # already given up on: keep the failures check() reports
+            return
+        self._failures[name] = (count + 1, error)
 
     def handler_succeeded(self, name: str) -> None:
         self._failures.pop(name, None)
@@ -406,6 +418,7 @@ class DemoHospital(_Watched, HospitalWorker):
     def __init__(self, crew: Crew, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.crew, self.label = crew, self.id
+        self.decrypted: dict[int, np.ndarray] = {}  # threshold: round -> the committee's FedAvg
 
     def _train_and_upload(self, message, params):
         self.status = "queued"
@@ -418,6 +431,22 @@ class DemoHospital(_Watched, HospitalWorker):
         with self.crew.lock:
             self.status = "evaluating"
             return super().on_model_ready(message, delivery)
+
+    def _decrypt(self, raw, total_samples, **kwargs):
+        """Under the threshold profile the committee needs T hospitals at once: a member
+        waiting for the others must not hold the TensorFlow lock they queue for. The
+        decrypted model (before the server step) is kept for the demo's own evaluation."""
+        if self.codec is None or self.codec.profile != "threshold":
+            return super()._decrypt(raw, total_samples, **kwargs)
+        self.status = "committee"
+        self.crew.lock.release()  # held by on_model_ready (or the training of a round)
+        try:
+            weights = super()._decrypt(raw, total_samples, **kwargs)
+        finally:
+            self.crew.lock.acquire()
+            self.status = "evaluating"
+        self.decrypted[self.codec.read_prefix(io.BytesIO(raw))[0].encoding.round] = weights
+        return weights
 
 
 class DemoAggregator(_Watched, AggregatorWorker):
@@ -452,7 +481,7 @@ class DemoRun:
                 self._say("reading the data" if options.data else "synthesising chest X-rays")
                 dirs, test_set, table = _prepare_data(options, root)
                 ids = [d.name for d in dirs]
-                self._say("generating keys" if not options.plaintext else "starting")
+                self._say("starting" if options.plaintext or self._threshold else "generating keys")
                 secret, public = self._codecs()
                 if options.warm_up:
                     self._say("warming up TensorFlow")
@@ -460,12 +489,13 @@ class DemoRun:
                 self._say("starting the workers")
                 session = self._start(federation, crew, control, store, secret, public, dirs, root)
                 session.test_set = test_set
+                session.max_samples = max(h["images"] for h in table["hospitals"])
                 result = DemoResult(
                     mode="plaintext" if options.plaintext else "encrypted",
-                    settings={**options.public_dict(), "codec_profile": getattr(public, "profile", None),
+                    settings={**options.public_dict(), "codec_profile": getattr(session.public, "profile", None),
                               "namespace": federation.topology.namespace,
                               "store_prefix": federation.store_prefix},
-                    partition=table)
+                    partition=table, ceremony=session.ceremony)
                 for _ in range(options.rounds):
                     result.rounds.append(self._one_round(session, result))
             except Exception as exc:
@@ -480,9 +510,15 @@ class DemoRun:
         result.wall_seconds = time.perf_counter() - started
         return result
 
+    @property
+    def _threshold(self) -> bool:
+        return not self.options.plaintext and self.options.profile == "threshold"
+
     def _start(self, federation, crew, control, store, secret, public, dirs, root) -> "_Session":
-        """Declare the hospitals' queues and the controller's reply queue, then start the
-        aggregator and one hospital per data directory, each on its own connection."""
+        """Declare the hospitals' queues and the controller's reply queue, then start one
+        hospital per data directory and the aggregator, each on its own connection. Under the
+        threshold profile the hospitals start without a key, run the key ceremony (the demo's
+        controller plays the key authority) and the aggregator starts on its public key."""
         ids = [d.name for d in dirs]
         control.declare_topology(ids)
         queue = control.temporary_queue(["model_ready", "round_aborted"])
@@ -493,19 +529,74 @@ class DemoRun:
         # on RabbitMQ every party uses the URL's one login; in-process each has its own
         shared = frozenset({control.user}) if self.options.broker else frozenset()
         verifier = identity.Verifier(identity.Registry(store), shared_broker_users=shared)
-        aggregator = DemoAggregator(crew, federation.broker("aggregator"), store, public,
-                                    hospitals=ids, work_dir=str(root), stop=crew.stop,
-                                    identity=parties["aggregator"], verifier=verifier)
         hospitals = [DemoHospital(crew, federation.broker(d.name), store, secret, d.name, str(d),
                                   str(root / "work"), stop=crew.stop, identity=parties[d.name],
                                   verifier=verifier,
                                   min_clients_floor=self._min_clients_floor(len(dirs)))
                      for d in dirs]
-        crew.start("aggregator", aggregator)
         for hospital in hospitals:
             crew.start(hospital.id, hospital)
-        return _Session(crew, control, queue, store, secret, public, aggregator, hospitals,
-                        parties["controller"], verifier)
+        ceremony = None
+        if self._threshold:
+            public, ceremony = self._ceremony(federation, crew, store, ids, parties["controller"])
+        aggregator = DemoAggregator(crew, federation.broker("aggregator"), store, public,
+                                    hospitals=ids, work_dir=str(root), stop=crew.stop,
+                                    identity=parties["aggregator"], verifier=verifier)
+        crew.start("aggregator", aggregator)
+        session = _Session(crew, control, queue, store, secret, public, aggregator, hospitals,
+                           parties["controller"], verifier, ceremony=ceremony)
+        if self._threshold and self.view is not None and hasattr(self.view, "add_panel"):
+            self.view.add_panel(lambda: self._committee_panel(session))
+        return session
+
+    def _committee_panel(self, session: "_Session"):
+        """Finished rounds' committees, and the one running (read from the store)."""
+        from . import threshold_view
+
+        rows = list(session.committee_rows)
+        if session.committee_round is not None:
+            rows.append(threshold_view.committee_round(session.store, session.committee_round,
+                                                       [h.id for h in session.hospitals]))
+        return threshold_view.render_committee(rows, [h.id for h in session.hospitals]) if rows else None
+
+    def _ceremony(self, federation, crew, store, ids, authority):
+        """``cxr-mq keys init``'s ceremony through the running demo hospitals, T a majority:
+        the collective public key becomes the public context in the store."""
+        from . import threshold_flow, threshold_view
+        from .crypto.ceremony import CeremonyParams, majority
+
+        params = CeremonyParams(federation.topology.namespace, tuple(sorted(ids)), majority(len(ids)),
+                                f"c{uuid.uuid4().hex[:12]}")
+        final: list = []  # the ceremony's end state: drawn without reading the store again
+        if self.view is not None and hasattr(self.view, "add_panel"):
+            self.view.add_panel(lambda: threshold_view.render_ceremony(
+                final[0] if final else threshold_view.ceremony_progress(store, params)))
+        self._say(f"key ceremony: T = {params.threshold} of {len(ids)} hospitals")
+        done = threading.Event()
+        outcome: dict = {}
+
+        def run():
+            try:
+                outcome["codec"] = threshold_flow.run_ceremony(
+                    store, federation.broker(authority.id), params, authority, identity.Registry(store),
+                    timeout=self.options.deadline, poll=0.1)
+            except Exception as exc:  # noqa: BLE001 - reported on the main thread
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="demo-ceremony", daemon=True).start()
+        while not done.wait(POLL_SECONDS / 4):
+            crew.check()  # a hospital failing its ceremony step stops the demo with the reason
+        if "error" in outcome:
+            raise DemoError(f"key ceremony {params.ceremony_id}: {_describe(outcome['error'])}")
+        codec = outcome["codec"]
+        store.put_bytes(self.settings.public_context_key, codec.public_bytes())
+        summary = threshold_view.ceremony_progress(store, params, codec.fingerprint)
+        final.append(summary)
+        if self.view is not None and hasattr(self.view, "note"):
+            self.view.note(summary.line())
+        return codec, {**dataclasses.asdict(summary), "profile": codec.profile}
 
     def _say(self, what: str) -> None:
         if self.view is not None and hasattr(self.view, "preparing"):
@@ -532,7 +623,9 @@ class DemoRun:
             from .plaintext import PlaintextCodec
             codec = PlaintextCodec()
             return codec, codec
-        pair = crypto.generate_keys(self.settings.codec_profile)
+        if self._threshold:
+            return None, None  # no key yet: the ceremony makes the public one, nobody the secret
+        pair = crypto.generate_keys(self.options.profile)
         return crypto.load_context(pair.secret), crypto.load_context(pair.public)
 
     def _warm_up(self, hospital_dir: Path) -> None:
@@ -569,7 +662,8 @@ class DemoRun:
                                           deadline_seconds=options.deadline,
                                           training=options.training_params(len(result.rounds) + 1),
                                           hospitals=tuple(ids),
-                                          min_clients_floor=self._min_clients_floor(len(ids)))
+                                          min_clients_floor=self._min_clients_floor(len(ids)),
+                                          max_samples=session.max_samples)
         started = time.perf_counter()
         round_no = controller.open_round(session.control, session.store, session.public, request,
                                          session.controller_identity)["round"]
@@ -580,30 +674,69 @@ class DemoRun:
         wall = time.perf_counter() - started
         if outcome["schema"] != "model_ready":
             raise DemoError(f"round {round_no} aborted: {outcome.get('reason')}")
-        proba, y_test, classes = self._evaluate(session, outcome)
+        committee = self._committee(session, round_no) if self._threshold else None
+        proba, y_test, classes = self._evaluate(session, outcome, committee)
         result.final_probabilities, result.final_labels = proba.tolist(), y_test.tolist()
         state = RoundState.load(session.store, round_no)
         timings = [h.timings.get(round_no, {}) for h in session.hospitals]
         row = RoundReport(
             round=round_no, contributors=outcome["contributors"],
-            total_samples=outcome["total_samples"], metrics=metrics.compute(y_test, proba, classes),
+            total_samples=committee["total_samples"] if committee else outcome["total_samples"],
+            metrics=metrics.compute(y_test, proba, classes),
             bytes_uploaded=sum(a["size"] for a in state.accepted),
             encrypt_seconds=sum(t.get("encrypt_seconds", 0.0) for t in timings),
             train_seconds=sum(t.get("train_seconds", 0.0) for t in timings),
             aggregate_seconds=state.timings.get("aggregate_seconds", 0.0)
             + state.timings.get("finalize_seconds", 0.0),
-            wall_seconds=wall)
+            wall_seconds=wall, committee=committee)
         if self.view:
             self.view.round_finished(row)
         return row
 
-    def _evaluate(self, session: "_Session", outcome: dict):
-        """Decrypt the round's aggregate (as any secret-key holder can) and predict the held-out
-        test set with it: (probabilities, labels, class names)."""
-        raw = session.store.get_bytes(outcome["key"], sha256=outcome["sha256"])
+    def _committee(self, session: "_Session", round_no: int) -> dict:
+        """Wait for every hospital's committee outcome of the round (threshold profile): the
+        round's committee as ``threshold_view.CommitteeRound.to_dict``, with the decrypted
+        total sample count; DemoError if no hospital could decrypt."""
+        from . import threshold_view
+
+        ids = [h.id for h in session.hospitals]
+        limit = time.monotonic() + self.settings.committee_timeout + 60
+        session.committee_round = round_no
+        while True:
+            session.crew.check()
+            row = threshold_view.committee_round(session.store, round_no, ids)
+            # every outcome recorded, and each decrypting hospital done with its model
+            if len(row.outcomes) == len(ids) and all(
+                    round_no in h.decrypted for h in session.hospitals if h.id in row.decrypted_by):
+                break
+            if time.monotonic() > limit:
+                raise DemoError(f"round {round_no}: committee outcomes only from "
+                                f"{', '.join(sorted(row.outcomes)) or 'nobody'} within "
+                                f"{self.settings.committee_timeout + 60:.0f}s")
+            time.sleep(POLL_SECONDS / 4)
+        session.committee_rows.append(row)
+        session.committee_round = None
+        if self.view is not None and hasattr(self.view, "note"):
+            self.view.note(row.line())
+        if not row.decrypted_by:
+            raise DemoError(f"round {round_no}: {row.result()}")
+        first = next(h for h in session.hospitals if h.id == row.decrypted_by[0])
+        return {**row.to_dict(), "total_samples": first.decrypted_samples[round_no],
+                "model_from": first.id}
+
+    def _evaluate(self, session: "_Session", outcome: dict, committee: dict | None = None):
+        """Predict the held-out test set with the round's global model: (probabilities,
+        labels, class names). Single-key profiles: decrypted here, as any secret-key holder
+        can; threshold: the model a hospital decrypted through the committee (nobody else can)."""
         x_test, y_test, classes = session.test_set
+        if committee:
+            hospital = next(h for h in session.hospitals if h.id == committee["model_from"])
+            raw_weights = hospital.decrypted[outcome["round"]]
+        else:
+            raw = session.store.get_bytes(outcome["key"], sha256=outcome["sha256"])
         with session.crew.lock:  # takes its turn with the hospitals' TensorFlow work
-            weights = session.secret.decrypt_aggregate(io.BytesIO(raw), outcome["total_samples"])
+            weights = raw_weights if committee else session.secret.decrypt_aggregate(
+                io.BytesIO(raw), outcome["total_samples"])
             if self._model is None:
                 self._model = training.build_model(self.options.training_params())
             training.load_flat_weights(self._model, np.asarray(weights, dtype=np.float32))
@@ -625,6 +758,10 @@ class _Session:
     controller_identity: identity.Identity
     verifier: identity.Verifier
     test_set: tuple = ()
+    ceremony: dict | None = None     # threshold profile: what the key ceremony did
+    max_samples: int = 100_000       # threshold profile: the round encoding's sample cap
+    committee_rows: list = field(default_factory=list)  # threshold_view.CommitteeRound per round
+    committee_round: int | None = None  # the round whose committee is running
 
 
 def run_demo(options: DemoOptions, settings: Settings, view=None) -> DemoResult:

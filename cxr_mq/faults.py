@@ -16,7 +16,7 @@ import signal
 from .log import get_logger
 
 FAULTS_ENV = "CXR_MQ_FAULTS"
-POINTS = ("hospital.after_upload", "hospital.after_publish", "aggregator.after_accept",
+POINTS = ("controller.after_claim", "hospital.after_upload", "hospital.after_publish", "aggregator.after_accept",
           "aggregator.after_aggregate", "aggregator.after_complete", "aggregator.after_announce")
 
 

@@ -21,6 +21,7 @@ AUCs weighted by their validation sizes (``auc_pooling`` says so in the report).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -140,7 +141,7 @@ def collect(store: ObjectStore, low: int | None = None, high: int | None = None)
         finished = current.finished_at if current else None
         own = current.timings if current else {}
         out.append(RoundHistory(
-            round=round_no, status=current.status if current else "started",
+            round=round_no, status=rounds.shown_status(record, current, time.time())[0],
             contributors=current.contributors if current else [],
             refused=[{"hospital": r.get("hospital"), "reason": r.get("reason"), "by": "aggregator"}
                      for r in (current.refused if current else [])]

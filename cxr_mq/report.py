@@ -80,6 +80,7 @@ def build_report(results: dict) -> dict:
         "modes": [mode for mode, _ in _ordered(results)],
         "settings": primary.settings,
         "partition": primary.partition,
+        "ceremony": getattr(primary, "ceremony", None),  # threshold profile: the key ceremony (None otherwise)
         "rounds": _rows(primary),
         "wall_seconds": primary.wall_seconds,
         "runs": {mode: {"mode": mode, "settings": res.settings, "rounds": _rows(res),

@@ -14,6 +14,9 @@ Layout (``<r>`` is the round number, zero-padded so keys sort by round):
 - ``rounds/<r>/aggregate``: the encrypted sum of the accepted updates
 - ``rounds/<r>/evaluations/<hospital>``: the round's global model's metrics on that
   hospital's validation split (plaintext figures, as in ``update_ready``; for reports)
+- ``hospitals/<hospital>/refusals``: messages the hospital refused that its round records do
+  not hold (forged, undecodable, or naming a round or object they should not), the last 200
+- ``aggregator/refusals``: the same for the aggregator, the last 500
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ from . import messages
 from .storage.base import ObjectNotFound, ObjectStore, PreconditionFailed
 
 OPEN, COMPLETE, ABORTED = "open", "complete", "aborted"
+# shown for a claimed round the aggregator holds no record of: before its deadline it may
+# still be picked up (STARTED); after it, nothing will ever sum it (ABANDONED)
+STARTED, ABANDONED = "started", "abandoned"
 _ROUND_KEY = re.compile(r"^rounds/(\d+)/round$")
 
 
@@ -63,23 +69,56 @@ def hospital_refusals_key(round_no: int, hospital: str) -> str:
     return update_key(round_no, hospital) + ".refused"
 
 
+def append_refusal(store: ObjectStore, key: str, entry: dict, keep: int) -> None:
+    """Add ``entry`` to the refusal list at ``key``, keeping its last ``keep`` entries (a flood
+    of refused messages costs bounded space). One writer per key."""
+    kept = read_json(store, key) or {"refused": []}
+    kept["refused"] = (kept["refused"] + [entry])[-keep:]
+    write_json(store, key, kept)
+
+
+def _refusals_under(store: ObjectStore, prefix: str, suffix: str) -> list[dict]:
+    """The entries of every refusal list whose key starts with ``prefix`` and ends with
+    ``suffix``, oldest first."""
+    found = []
+    for key in store.list(prefix):
+        if key.endswith(suffix):
+            found += (read_json(store, key) or {}).get("refused", [])
+    return sorted(found, key=lambda entry: entry.get("at", 0))
+
+
 def record_hospital_refusal(store: ObjectStore, round_no: int, hospital: str, message: str,
                             reason: str, at: float) -> None:
     """Add a hospital's refusal to its own record of the round (only it writes there)."""
-    key = hospital_refusals_key(round_no, hospital)
-    kept = read_json(store, key) or {"refused": []}
-    kept["refused"] = kept["refused"][-49:] + [{"hospital": hospital, "message": message,
-                                                "reason": reason, "at": at, "by": "hospital"}]
-    write_json(store, key, kept)
+    append_refusal(store, hospital_refusals_key(round_no, hospital),
+                   {"hospital": hospital, "message": message, "reason": reason, "at": at, "by": "hospital"},
+                   keep=50)
+
+
+HOSPITAL_UNROUTED_KEPT = 200  # per hospital: a flood of forged messages costs bounded space
+
+
+def hospital_unrouted_key(hospital: str) -> str:
+    return f"hospitals/{hospital}/refusals"
+
+
+def record_hospital_unrouted(store: ObjectStore, hospital: str, entry: dict) -> None:
+    """Keep a message the hospital refused outside its round records (one whose signature,
+    sender or role did not check out, one that did not decode, one naming a round or object
+    it should not): ``cxr-mq status`` lists it under the round it claims. Only the hospital
+    writes there; nothing in ``entry`` but the hospital's own reason is trusted."""
+    append_refusal(store, hospital_unrouted_key(hospital), {**entry, "hospital": hospital, "by": "hospital"},
+                   keep=HOSPITAL_UNROUTED_KEPT)
+
+
+def hospital_unrouted_refusals(store: ObjectStore) -> list[dict]:
+    """Every hospital's refusals kept outside round records, oldest first."""
+    return _refusals_under(store, "hospitals/", "/refusals")
 
 
 def hospital_refusals(store: ObjectStore, round_no: int) -> list[dict]:
     """Every hospital's refusals in a round, oldest first."""
-    found = []
-    for key in store.list(f"{round_prefix(round_no)}/updates/"):
-        if key.endswith(".refused"):
-            found += (read_json(store, key) or {}).get("refused", [])
-    return sorted(found, key=lambda entry: entry.get("at", 0))
+    return _refusals_under(store, f"{round_prefix(round_no)}/updates/", ".refused")
 
 
 def state_key(round_no: int) -> str:
@@ -109,6 +148,22 @@ def read_json(store: ObjectStore, key: str) -> dict | None:
 def write_json(store: ObjectStore, key: str, value: dict, **condition):
     """``condition``: ``if_none_match=True`` or ``if_match=<etag>`` (see ``put_bytes``)."""
     return store.put_bytes(key, json.dumps(value, sort_keys=True, indent=1).encode(), **condition)
+
+
+def shown_status(record: dict | None, state: "RoundState | None", now: float) -> tuple[str, str | None]:
+    """A round's status and reason as ``status``, ``watch`` and ``history`` show them: the
+    aggregator's record when there is one. A round record without one is a claimed number
+    whose ``round_start`` no aggregator has handled: ``started`` until its deadline,
+    ``abandoned`` after it (the controller stopped between claiming the number and publishing,
+    or no aggregator ran; one that handles it later aborts it, the deadline having passed)."""
+    if state is not None:
+        return state.status, state.reason
+    deadline = (record or {}).get("deadline")
+    if deadline is not None and now > deadline:
+        return ABANDONED, ("no aggregator record by the round's deadline: round_start was "
+                           "never handled (the controller stopped after claiming the number, "
+                           "before publishing, or no aggregator was running)")
+    return STARTED, None
 
 
 class StateConflict(PreconditionFailed):

@@ -58,13 +58,17 @@ def make_kms(settings: Settings):
 
 def load_hospital_codec(settings: Settings, store: ObjectStore):
     """A hospital's codec: under the threshold profile the public context in the bucket (the
-    hospital's secret is its committee share, in its work directory), else its secret file."""
+    hospital's secret is its committee share, in its work directory), else its secret file;
+    None before any key exists (threshold profile, no secret file configured): the hospital
+    waits for the key ceremony."""
     try:
         public = crypto.load_context(store.get_bytes(settings.public_context_key))
     except (ObjectNotFound, crypto.CodecError):
         public = None
     if public is not None and public.profile == "threshold":
         return public
+    if public is None and not settings.secret_context and settings.codec_profile == "threshold":
+        return None  # no key yet: the hospital takes part in the ceremony ('keys init') and adopts its key
     return load_secret_codec(settings)
 
 

@@ -25,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-STRATEGIES = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi")
+STRATEGIES = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedsgd")
 
 
 def model_sha256(weights: np.ndarray) -> str:
     """The hash hospitals report for the model they start from (float32, C order)."""
     return hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float32).tobytes()).hexdigest()
+
+
+CLIENT_ARRAYS = ("client_control", "next_client_control")  # one hospital's own (SCAFFOLD)
 
 
 @dataclass
@@ -51,36 +54,52 @@ class ServerState:
             self.arrays[name] = np.zeros_like(self.model, dtype=np.float64)
         return self.arrays[name]
 
+    def write(self, fh) -> None:
+        np.savez(fh, model=self.model, applied=np.array(self.applied),
+                 **{f"a_{k}": v for k, v in self.arrays.items()})
+
     def save(self, path: Path) -> None:
         """Atomically (write then rename): a crash leaves the old state or the new one."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".state-", dir=path.parent, suffix=".npz")
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, model=self.model, applied=np.array(self.applied),
-                     **{f"a_{k}": v for k, v in self.arrays.items()})
+            self.write(fh)
         os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, src) -> "ServerState":
+        with np.load(src, allow_pickle=False) as z:
+            return cls(model=z["model"], applied=str(z["applied"]),
+                       arrays={k[2:]: z[k] for k in z.files if k.startswith("a_")})
 
     @classmethod
     def load(cls, path: Path) -> "ServerState | None":
         if not path.exists():
             return None
-        with np.load(path, allow_pickle=False) as z:
-            return cls(model=z["model"], applied=str(z["applied"]),
-                       arrays={k[2:]: z[k] for k in z.files if k.startswith("a_")})
+        return cls.read(path)
+
+    def shared(self) -> "ServerState":
+        """The state without this hospital's own arrays: what a hospital joining the
+        federation takes over (the server step's moments and control; its own client
+        control starts at zero, as SCAFFOLD's does for a new client)."""
+        return ServerState(model=self.model, applied=self.applied,
+                           arrays={k: v for k, v in self.arrays.items() if k not in CLIENT_ARRAYS})
 
 
 @dataclass(frozen=True)
 class LocalObjective:
     """Extra terms of local training: ``mu/2 ||w - anchor||^2 + <w, correction>`` (the
-    gradient of the second is ``correction``, SCAFFOLD's ``c - c_i``)."""
+    gradient of the second is ``correction``, SCAFFOLD's ``c - c_i``); and ``log_prior``
+    (per class), added to the log-probabilities inside the data loss (logit adjustment)."""
 
     anchor: np.ndarray | None = None
     mu: float = 0.0
     correction: np.ndarray | None = None
+    log_prior: np.ndarray | None = None
 
     @property
     def active(self) -> bool:
-        return self.mu > 0 or self.correction is not None
+        return self.mu > 0 or self.correction is not None or self.log_prior is not None
 
 
 class Strategy:
@@ -90,8 +109,10 @@ class Strategy:
     upload_factor = 1  # upload length / model size
     stateful = False  # the server step needs more than the average (kept at each hospital)
 
-    def __init__(self, params):
+    def __init__(self, params, sizes=None):
         self.params = params
+        # the sizes of the model's tensors in flat order (server_clipnorm clips per tensor)
+        self.sizes = None if sizes is None else [int(n) for n in sizes]
 
     def local_objective(self, base: np.ndarray, state: ServerState) -> LocalObjective:
         return LocalObjective()
@@ -132,10 +153,28 @@ class ServerOptimizer(Strategy):
     def server_step(self, average, state):
         base = state.model.astype(np.float64)
         delta = np.asarray(average, dtype=np.float64) - base
+        if self.params.server_clipnorm > 0:
+            delta = clip_per_tensor(delta, self.sizes, self.params.server_clipnorm)
         return (base + self.params.server_lr * self.direction(delta, state)).astype(np.float32)
 
     def direction(self, delta: np.ndarray, state: ServerState) -> np.ndarray:
         raise NotImplementedError
+
+
+def clip_per_tensor(delta: np.ndarray, sizes, clipnorm: float) -> np.ndarray:
+    """``delta`` with each tensor's part (``sizes``, flat order) scaled down to L2 norm at most
+    ``clipnorm``: Keras' ``clipnorm``, which central training's Adam applies to each gradient."""
+    if not sizes or sum(sizes) != delta.size:
+        raise ValueError(f"server_clipnorm needs the model's tensor sizes (got {sizes and sum(sizes)} "
+                         f"values for a pseudo-gradient of {delta.size})")
+    out, offset = np.array(delta, dtype=np.float64), 0
+    for n in sizes:
+        part = out[offset:offset + n]
+        norm = float(np.linalg.norm(part))
+        if norm > clipnorm:
+            part *= clipnorm / norm
+        offset += n
+    return out
 
 
 class FedAvgM(ServerOptimizer):
@@ -162,7 +201,14 @@ class FedAdam(ServerOptimizer):
         m = p.beta1 * state.get("m") + (1 - p.beta1) * delta
         v = self.second_moment(state.get("v"), delta)
         state.arrays["m"], state.arrays["v"] = m, v
-        return m / (np.sqrt(v) + p.tau)
+        step = m / (np.sqrt(v) + p.tau)
+        if p.bias_correction:
+            # Adam's (as Keras takes it): the rate times sqrt(1 - b2^t) / (1 - b1^t), t the
+            # server steps taken so far, counted in the state (restored after a restart)
+            t = int(state.arrays.get("t", np.array(0))) + 1
+            state.arrays["t"] = np.array(t)
+            step = step * (np.sqrt(1 - p.beta2 ** t) / (1 - p.beta1 ** t))
+        return step
 
 
 class FedYogi(FedAdam):
@@ -173,6 +219,20 @@ class FedYogi(FedAdam):
     def second_moment(self, v, delta):
         d2 = delta ** 2
         return v - (1 - self.params.beta2) * d2 * np.sign(v - d2)
+
+
+class FedSGD(FedAdam):
+    """FedSGD with the server's Adam at the hospitals: each round every hospital takes
+    ``local_steps`` (default one) plain SGD steps at ``lr`` (no momentum, no clipping) on a
+    fresh minibatch from the round's base and uploads the result. With one step at lr 1 its
+    upload minus the base is minus its minibatch gradient, so the sample-weighted average
+    minus the base is minus an unbiased estimate of the gradient over the union of the
+    hospitals' data, however skewed their labels: ``sum n_i g_i / sum n_i``. Every hospital
+    then takes the same Adam step with it (``server_lr``, ``beta1``, ``beta2``, ``tau`` as
+    epsilon, ``bias_correction``): federated training follows central Adam on a minibatch
+    made of every hospital's. Local training is ``training.sgd_steps``."""
+
+    name = "fedsgd"
 
 
 class Scaffold(Strategy):
@@ -212,12 +272,13 @@ class Scaffold(Strategy):
         return average[:n].astype(np.float32)
 
 
-STRATEGY_CLASSES = {cls.name: cls for cls in (Strategy, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi)}
+STRATEGY_CLASSES = {cls.name: cls for cls in (Strategy, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi, FedSGD)}
 
 
-def make(params) -> Strategy:
-    """The strategy ``params.strategy`` names, configured by ``params``."""
-    return STRATEGY_CLASSES[params.strategy](params)
+def make(params, sizes=None) -> Strategy:
+    """The strategy ``params.strategy`` names, configured by ``params``; ``sizes``: the model's
+    tensor sizes in flat order (needed by the server step when ``server_clipnorm`` is set)."""
+    return STRATEGY_CLASSES[params.strategy](params, sizes)
 
 
 def advance(strategy: Strategy, state: ServerState, average: np.ndarray, aggregate_sha: str) -> ServerState:

@@ -47,6 +47,14 @@ class FlowError(Exception):
     """A missing, unsigned, altered or inconsistent object; ``str(error)`` says which."""
 
 
+class CeremonyIncomplete(FlowError):
+    """Some hospitals did not take their step of the ceremony in time; ``missing`` names them."""
+
+    def __init__(self, message: str, missing):
+        super().__init__(message)
+        self.missing = tuple(missing)
+
+
 class RoundUndecryptable(FlowError):
     """Fewer than t committee members were alive (or answered) by the committee deadline."""
 
@@ -158,13 +166,21 @@ def finalize_ceremony(store: ObjectStore, ceremony_id: str, registry, authority)
     return codec
 
 
-def receive(store: ObjectStore, ceremony_id: str, me, registry) -> CommitteeShare:
-    """Step 2 for hospital ``me``: its committee share, from every dealer's sealed share."""
+def ceremony_context(store: ObjectStore, ceremony_id: str, registry, public_sha256: str | None = None) -> ThresholdCodec:
+    """The ceremony's public context (signed by the key authority; with ``public_sha256``,
+    also the one its ``ceremony_finalize`` announced)."""
     from .crypto import load_context
 
-    params = read_ceremony(store, ceremony_id, registry)
     public, _ = get_signed(store, ceremony_key(ceremony_id, "public"), registry, role="controller")
-    codec = load_context(public)
+    if public_sha256 is not None and hashlib.sha256(public).hexdigest() != public_sha256:
+        raise FlowError(f"ceremony {ceremony_id}: the stored public key is not the one announced")
+    return load_context(public)
+
+
+def receive(store: ObjectStore, ceremony_id: str, me, registry) -> CommitteeShare:
+    """Step 2 for hospital ``me``: its committee share, from every dealer's sealed share."""
+    params = read_ceremony(store, ceremony_id, registry)
+    codec = ceremony_context(store, ceremony_id, registry)
     received = []
     for dealer in params.parties:
         sealed, _ = get_signed(store, ceremony_key(ceremony_id, "shares", dealer, me.id), registry,
@@ -195,8 +211,10 @@ def run_ceremony(store: ObjectStore, broker, params: CeremonyParams, authority, 
                 return
             if time.monotonic() > deadline:
                 missing = sorted(set(params.parties) - set(have))
-                raise FlowError(f"ceremony {params.ceremony_id}: no {what} from {', '.join(missing)} "
-                                f"within {timeout:.0f}s (are their hospital workers running?)")
+                raise CeremonyIncomplete(
+                    f"ceremony {params.ceremony_id}: no {what} from hospital(s) {', '.join(missing)} within "
+                    f"{timeout:.0f}s ({len(have)} of {len(params.parties)} answered: their hospital workers "
+                    "are not running, or not on this broker namespace and bucket)", missing)
             time.sleep(poll)
 
     open_ceremony(store, params, authority)
@@ -265,18 +283,109 @@ def on_ceremony_start(store: ObjectStore, message: dict, me, registry) -> str:
     return "dealt" if deal(store, params.ceremony_id, me, registry) else "already dealt"
 
 
-def on_ceremony_finalize(store: ObjectStore, message: dict, me, registry, work_dir) -> str:
-    """A hospital worker's handler body: collect the committee share, keep it, acknowledge."""
+def on_ceremony_finalize(store: ObjectStore, message: dict, me, registry, work_dir, previous=None) -> str:
+    """A hospital worker's handler body: collect the committee share, keep it, retire the
+    shares of earlier ceremonies (deleted: see docs/security.md), hand the model it holds
+    over to the parties that were not in its ``previous`` threshold context (a committee
+    change), acknowledge. Returns what it did, for the log."""
     ceremony_id = message["ceremony_id"]
     params = read_ceremony(store, ceremony_id, registry)
     if me.id not in params.parties:
         return "not a party"
-    public, _ = get_signed(store, ceremony_key(ceremony_id, "public"), registry, role="controller")
-    if hashlib.sha256(public).hexdigest() != message["public_sha256"]:
-        raise FlowError(f"ceremony {ceremony_id}: the stored public key is not the one announced")
+    ceremony_context(store, ceremony_id, registry, message["public_sha256"])
     save_share(receive(store, ceremony_id, me, registry), share_path(work_dir, ceremony_id))
+    retired = retire_shares(work_dir, keep=ceremony_id)
+    newcomers = sorted(set(params.parties) - set(getattr(previous, "parties", None) or params.parties) - {me.id})
+    handed = hand_over(store, params, me, registry, work_dir, newcomers) if newcomers else []
     acknowledge(store, ceremony_id, me)
-    return "share kept"
+    return "share kept" + (f"; retired {', '.join(retired)}" if retired else "") + (
+        f"; model handed over to {', '.join(handed)}" if handed else "")
+
+
+def retire_shares(work_dir, keep: str) -> list[str]:
+    """Delete this hospital's committee shares of every ceremony but ``keep``: an old share
+    decrypts nothing of the new rounds, and deleted it cannot leak the old rounds' key sums."""
+    from pathlib import Path
+
+    keep_path = share_path(work_dir, keep)
+    retired = []
+    for path in sorted(Path(work_dir).glob("committee-*.share")):
+        if path != keep_path:
+            path.unlink(missing_ok=True)
+            retired.append(path.name[len("committee-"):-len(".share")])
+    return retired
+
+
+def handover_aad(ceremony_id: str, sender: str, recipient: str) -> bytes:
+    return f"cxr-mq/handover/v1\0{ceremony_id}\0{sender}\0{recipient}".encode()
+
+
+def hand_over(store: ObjectStore, params: CeremonyParams, me, registry, work_dir, recipients) -> list[str]:
+    """Seal the global model this hospital holds (``global.npy`` and its record) to each
+    hospital joining the committee: the next round starts from it, and the newcomer holds no
+    share of the committee that decrypted it. None held yet: nothing to hand over."""
+    from pathlib import Path
+
+    from .evaluation import MODEL_FILE, RECORD_FILE, STATE_FILE
+    from .strategies import ServerState
+
+    try:
+        record = json.loads((Path(work_dir) / RECORD_FILE).read_text())
+        model = (Path(work_dir) / MODEL_FILE).read_bytes()
+    except FileNotFoundError:
+        return []
+    state = ServerState.load(Path(work_dir) / STATE_FILE)
+    shared = None
+    if state is not None and state.applied == record.get("aggregate_sha256"):
+        out = io.BytesIO()
+        state.shared().write(out)  # the server step's moments / control, not this hospital's own
+        shared = out.getvalue()
+    body = msgpack.packb({"record": record, "model": model, "state": shared}, use_bin_type=True)
+    for recipient in recipients:
+        sealed = ceremony.seal(registry.get(recipient).x25519, body,
+                               handover_aad(params.ceremony_id, me.id, recipient))
+        put_signed(store, ceremony_key(params.ceremony_id, "handover", me.id, recipient), sealed, me)
+    return list(recipients)
+
+
+def take_over(store: ObjectStore, ceremony_id: str, me, registry, aggregate_sha256: str):
+    """The global model of the round whose aggregate is ``aggregate_sha256`` and the
+    strategy's shared server state (``strategies.ServerState`` or None), from the handovers
+    sealed to ``me`` in ceremony ``ceremony_id``; None if there is none. Each handover must
+    be signed by a hospital that is a party of the ceremony; handovers that disagree (model
+    or state) are refused."""
+    import numpy as np
+
+    from .strategies import ServerState, model_sha256
+
+    params = read_ceremony(store, ceremony_id, registry)
+    found = {}
+    for sender in params.parties:
+        if sender == me.id:
+            continue
+        try:
+            sealed, _ = get_signed(store, ceremony_key(ceremony_id, "handover", sender, me.id), registry,
+                                   role="hospital", signer=sender)
+        except ObjectNotFound:
+            continue
+        body = msgpack.unpackb(ceremony.unseal(me.agreement_key, sealed, handover_aad(ceremony_id, sender, me.id)),
+                               raw=False)
+        record = body["record"]
+        if record.get("aggregate_sha256") != aggregate_sha256:
+            continue
+        weights = np.load(io.BytesIO(body["model"]), allow_pickle=False).astype(np.float32)
+        state = ServerState.read(io.BytesIO(body["state"])) if body.get("state") else None
+        if model_sha256(weights) != record.get("model_sha256") or (
+                state is not None and (state.applied != aggregate_sha256 or not np.array_equal(state.model, weights))):
+            raise FlowError(f"ceremony {ceremony_id}: {sender}'s handover does not match its own record")
+        found[sender] = (weights, state, hashlib.sha256(body["model"] + (body.get("state") or b"")).hexdigest())
+    if not found:
+        return None
+    if len({digest for _, _, digest in found.values()}) > 1:
+        raise FlowError(f"ceremony {ceremony_id}: the handed-over models of aggregate {aggregate_sha256[:16]}… "
+                        f"disagree ({', '.join(sorted(found))})")
+    weights, state, _ = next(iter(found.values()))
+    return weights, state
 
 
 # --------------------------------------------------------------------------- rounds
@@ -371,16 +480,28 @@ def collect(store: ObjectStore, request: DecryptionRequest, me, registry):
 
 
 
+def _waits(first: float, most: float):
+    """Poll intervals: ``first``, doubling up to ``most``. The committee's members reach each
+    step within a fraction of a second of each other, so the first looks come soon; a member
+    that is late (or dead) is then looked for at most every ``most`` seconds."""
+    wait = min(first, most)
+    while True:
+        yield wait
+        wait = min(wait * 2, most)
+
+
 def decrypt_round(store: ObjectStore, codec: ThresholdCodec, share: CommitteeShare, round_no: int, contributors,
                   aggregate: bytes, me, registry, ledger: Ledger, *, min_clients: int, deadline: float,
-                  poll: float = 0.5, sleep=time.sleep, clock=time.time):
+                  poll: float = 0.5, first_poll: float = 0.05, sleep=time.sleep, clock=time.time):
     """What a hospital does after ``model_ready`` under the threshold profile: offer to
     decrypt, learn the active set, answer if in it, collect the partials sealed to it and
     decrypt the aggregate. Returns (FedAvg weights, total samples); raises
     :class:`RoundUndecryptable` with the reason if the committee cannot finish by ``deadline``
-    (unix time), and ``CommitteeRefusal`` if this member refuses the request."""
+    (unix time), and ``CommitteeRefusal`` if this member refuses the request. Each wait polls
+    the store after ``first_poll`` seconds, then twice as long each time up to ``poll``."""
     volunteer(store, round_no, me)
     active = None
+    waits = _waits(first_poll, poll)
     while active is None:
         active = choose_active(store, round_no, share, registry, me)
         if active is None:
@@ -389,11 +510,12 @@ def decrypt_round(store: ObjectStore, codec: ThresholdCodec, share: CommitteeSha
                 raise RoundUndecryptable(
                     f"round {round_no}: only {len(ready)} of the {share.params.threshold} committee members needed "
                     f"were alive by the deadline ({', '.join(ready) or 'none'})")
-            sleep(poll)
+            sleep(next(waits))
     request = build_request(store, codec, round_no, contributors, aggregate, active)
     if me.id in active:
         answer(store, request, share, me, registry, ledger, min_clients)
     problem = None
+    waits = _waits(first_poll, poll)
     while True:
         try:
             key_sum = collect(store, request, me, registry)
@@ -408,7 +530,7 @@ def decrypt_round(store: ObjectStore, codec: ThresholdCodec, share: CommitteeSha
                 f"round {round_no}: " + (f"active member(s) {', '.join(missing)} did not answer by the deadline"
                                          if missing else f"the partials do not check out ({problem})")
                 + "; a member answers once per round, so the round stays undecryptable")
-        sleep(poll)
+        sleep(next(waits))
 
 
 def round_encoding(codec: ThresholdCodec, round_start: dict):

@@ -19,7 +19,7 @@ from rich.text import Text
 
 PIPE_WIDTH = 132  # rich assumes 80 columns without a terminal: too narrow for the round table
 STATE_STYLES = {"queued": "dim", "loading": "dim", "training": "yellow", "encrypting": "magenta",
-                "uploading": "cyan", "uploaded": "green", "evaluating": "blue", "idle": "dim"}
+                "uploading": "cyan", "uploaded": "green", "evaluating": "blue", "committee": "bright_magenta", "idle": "dim"}
 
 
 def _fmt(value, digits=3) -> str:
@@ -67,6 +67,11 @@ class LiveView:
         refresh, from now on."""
         with self._lock:
             self._panels.append(render)
+
+    def note(self, text: str) -> None:
+        """One line about a stage of the run (a key ceremony, a round's committee): printed
+        above the live display, or as a line of its own without a terminal."""
+        self.console.print(f"{text}", soft_wrap=True, highlight=False, markup=False)
 
     def _aggregator_state(self) -> str:
         agg = self._aggregator

@@ -65,18 +65,18 @@ def round_progress(store: ObjectStore, round_no: int, now: float | None = None) 
     deadline = record.get("deadline")
     return {
         "round": round_no,
-        "state": state.status if state else ("started" if record else "unknown"),
+        "state": rounds.shown_status(record, state, now)[0] if record or state else "unknown",
         "quorum": record.get("quorum"), "min_clients": record.get("min_clients"),
         "accepted": len(state.accepted) if state else 0,
         "seconds_left": None if deadline is None else deadline - now,
-        "reason": state.reason if state else None,
+        "reason": rounds.shown_status(record, state, now)[1] if record or state else None,
         "hospitals": rows,
     }
 
 
 def _time_left(progress: dict) -> str:
     left = progress["seconds_left"]
-    if progress["state"] not in (OPEN, "started"):
+    if progress["state"] not in (OPEN, rounds.STARTED):
         return progress["state"]
     if left is None:
         return "no deadline"

@@ -9,4 +9,4 @@ bash scripts/setup.sh
 bash scripts/ensure-rabbitmq.sh
 bash scripts/ensure-chromium.sh
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
-exec "${CXR_MQ_VENV:-.venv}/bin/python" -m pytest -ra "$@"
+exec "${CXR_MQ_VENV:-.venv}/bin/python" -m pytest -ra --durations=25 "$@"

@@ -19,6 +19,15 @@ rebuilds only rounds that are open; a hospital asked again about a finished roun
 it), so they are deleted, with their ``.msg`` manifests, unless ``retain_updates`` is set:
 a later compromise of the key finds no old uploads. The state records ``updates_deleted``;
 a deletion cut short (crash, store error) is finished at the next start.
+
+Look-ahead (``prefetch`` > 0, config ``aggregator_prefetch``): the broker hands the
+aggregator up to ``prefetch + 1`` messages at once. Messages are still handled one at a
+time, in order, exactly as without it; but as each ``update_ready`` arrives, if its round is
+open here and the policy would not refuse it outright, its signature is checked and its
+object downloaded and hash-checked on one of ``prefetch`` background threads
+(``cxr_mq.storage.prefetch``), so fetching the next updates overlaps adding the current one.
+The handler uses such a copy only if it hashed to the sha256 of the (verified) message being
+handled; otherwise it fetches the object itself, as it always did.
 """
 from __future__ import annotations
 
@@ -26,29 +35,37 @@ import os
 import tempfile
 import time
 
-from cxr_mq import bound, messages, rounds
+from cxr_mq import bound, contexts, messages, rounds
+from cxr_mq.config import Settings
 from cxr_mq.crypto import CodecError
 from cxr_mq.faults import CrashPoints
 from cxr_mq.policy import RoundPolicy
 from cxr_mq.rounds import ABORTED, COMPLETE, OPEN, RoundState, StateConflict
 from cxr_mq.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StoreError
+from cxr_mq.storage.prefetch import Prefetcher
 from cxr_mq.transport.base import Broker, Delivery, Refuse
 
 from .base import Worker
 
 UNROUTED_REFUSALS_KEPT = 500
+DEFAULT_PREFETCH = Settings.aggregator_prefetch  # updates fetched ahead of the one being summed
 
 
 class AggregatorWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, policy: RoundPolicy | None = None,
                  hospitals=(), work_dir: str | None = None, stop=None, clock=time.time,
-                 metrics=None, lease=None, retain_updates: bool = False, *, identity, verifier):
+                 metrics=None, lease=None, retain_updates: bool = False,
+                 prefetch: int = DEFAULT_PREFETCH, *, identity, verifier,
+                 context_key: str = contexts.PUBLIC_CONTEXT_KEY):
         super().__init__(broker, stop, metrics=metrics, role="aggregator", identity=identity,
                          verifier=verifier)
         self.metrics.watch(self.role, store=store)
         self.crash = CrashPoints()
         codec.require_public_only()
-        self.store, self.codec = store, codec
+        self.store = store
+        # the public contexts by fingerprint: a round naming a new one (a key ceremony since
+        # this worker started) loads it from the store, no restart needed
+        self.contexts = contexts.ContextBook(store, codec, context_key)
         self.policy = policy or RoundPolicy()
         self.hospitals = tuple(hospitals)
         self.work_dir = work_dir
@@ -63,9 +80,20 @@ class AggregatorWorker(Worker):
         self._rescan = False
         self.lease = lease  # a cxr_mq.lease.Lease: active only while holding it (standby)
         self.lease_lost: str | None = None
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be 0 or more, got {prefetch}")
+        self.prefetch = prefetch + 1  # the broker's window: the message handled + those ahead
+        self.prefetcher = Prefetcher(store, work_dir, prefetch) if prefetch else None
 
     # -- start-up ---------------------------------------------------------------------------
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            if self.prefetcher is not None:
+                self.prefetcher.close()
+
+    def _run(self) -> None:
         """With a lease, stand by until it is ours, then consume (and tick deadlines) only
         while holding it. Losing it (paused past its TTL, a standby took over) stops this
         worker; what it was doing is redelivered to the new holder."""
@@ -104,11 +132,9 @@ class AggregatorWorker(Worker):
     def _restore(self, state: RoundState) -> None:
         """Rebuild an open round's running sum from the updates it already accepted."""
         self.states[state.round] = state
-        if state.status == OPEN:
-            total = self.codec.new_sum(state.n_params, max_updates=state.most_contributors)
+        if state.status == OPEN and self._open_sum(state):
             for accepted in state.accepted:
-                self._add_object(total, state.round, accepted)
-            self.sums[state.round] = total
+                self._add_object(self.sums[state.round], state.round, accepted)
         self.log.info("round_restored", round=state.round, status=state.status,
                       accepted=len(state.accepted))
         self._finish_if_due(state)
@@ -133,10 +159,35 @@ class AggregatorWorker(Worker):
         if state is None:  # the controller writes the record first; be robust anyway
             state = self._create(RoundState.from_round_start(message, self.clock()))
             self.states[state.round] = state
-        if state.status == OPEN and state.round not in self.sums:
-            self.sums[state.round] = self.codec.new_sum(state.n_params, max_updates=state.most_contributors)
+        if state.status == OPEN and state.round not in self.sums and not self._open_sum(state):
+            self._finish_if_due(state)  # announces round_aborted with the reason
+            return
         self.log.info("round_opened", round=state.round, quorum=state.quorum,
                       min_clients=state.min_clients, deadline=state.deadline)
+
+    @property
+    def codec(self):
+        """The newest public context this aggregator holds."""
+        return self.contexts.current
+
+    def _open_sum(self, state: RoundState) -> bool:
+        """Start the round's running sum under the context its signed ``round_start`` names
+        (loaded from the store if new). A context neither held nor in the store aborts the
+        round with the reason: no update of it could be added."""
+        held = state.key_fingerprint in self.contexts.known
+        try:
+            codec = self.contexts.get(state.key_fingerprint)
+        except contexts.UnknownContext as exc:
+            reason = f"round {state.round}: the aggregator cannot add its updates: {exc}"
+            self.log.warning("round_context_unknown", round=state.round, reason=reason)
+            state.status, state.reason, state.finished_at = ABORTED, reason, self.clock()
+            state.save(self.store)
+            return False
+        if not held:
+            self.log.info("public_context_loaded", round=state.round, profile=codec.profile,
+                          fingerprint=codec.fingerprint[:16])
+        self.sums[state.round] = codec.new_sum(state.n_params, max_updates=state.most_contributors)
+        return True
 
     def _create(self, state: RoundState) -> RoundState:
         """Write a new round's first record, or take the one another aggregator just wrote."""
@@ -163,6 +214,26 @@ class AggregatorWorker(Worker):
         self.states.pop(round_no, None)
         self.sums.pop(round_no, None)
         self._rescan = True  # deadlines of forgotten rounds are picked up again on the next tick
+
+    def prepare(self, delivery: Delivery) -> None:
+        """Start fetching the object of an ``update_ready`` that is still queued behind the
+        message being handled. Only a hint: nothing here counts, refuses or settles."""
+        if self.prefetcher is None:
+            return
+        try:
+            message = messages.decode(delivery.body)
+        except messages.MessageError:
+            return  # the handler dead-letters it
+        if message["schema"] != "update_ready":
+            return
+        state = self.states.get(message["round"])
+        if state is None or self.policy.is_duplicate(state, message) or \
+                self.policy.refuse_reason(state, message, self.clock()) is not None:
+            return  # the handler decides; nothing worth fetching yet
+
+        def verified() -> None:  # on the fetching thread: no download for a forged message
+            self.verifier.verify(message, broker_user=delivery.user_id)
+        self.prefetcher.start(message["key"], message["sha256"], before=verified)
 
     def on_update_ready(self, message: dict, delivery: Delivery) -> None:
         log = self.log.bind(round=message["round"], hospital=message["hospital"], key=message["key"])
@@ -192,7 +263,8 @@ class AggregatorWorker(Worker):
     def _accept(self, state: RoundState, update: dict) -> str | None:
         started = time.perf_counter()
         try:
-            download_seconds = self._add_object(self.sums[state.round], state.round, update)
+            download_seconds, prefetched = self._add_object(self.sums[state.round], state.round,
+                                                            update)
         except bound.BindingError as exc:
             return f"unbound update: {exc}"
         except IntegrityError as exc:
@@ -214,27 +286,37 @@ class AggregatorWorker(Worker):
             "size": update["size"], "accepted_at": self.clock()})
         state.timings["aggregate_seconds"] = (state.timings.get("aggregate_seconds", 0.0)
                                               + time.perf_counter() - started)
-        # of which fetching and hash-checking the object (the rest: the ciphertext add)
+        # of which getting the hash-checked object: fetching it, or waiting for its prefetch
+        # to finish (the rest: the ciphertext add)
         state.timings["download_seconds"] = (state.timings.get("download_seconds", 0.0)
                                              + download_seconds)
+        # of the accepted updates, how many were fetched ahead (while another was summed)
+        state.timings["prefetched_updates"] = (state.timings.get("prefetched_updates", 0)
+                                               + int(prefetched))
         state.save(self.store)  # durable before the ack
         self.crash.reached("aggregator.after_accept", round=state.round, hospital=update["hospital"])
         return None
 
-    def _add_object(self, total, round_no: int, update: dict) -> float:
+    def _add_object(self, total, round_no: int, update: dict) -> tuple[float, bool]:
         """Verify the object's hash on a local copy and that it is bound to this round and
-        hospital, then stream it into the sum; returns the seconds the download and hash
-        check took."""
-        fd, path = tempfile.mkstemp(prefix="update-", dir=self.work_dir)
-        os.close(fd)
+        hospital, then stream it into the sum; returns the seconds spent getting the checked
+        copy (downloading it, or waiting for its prefetch to finish) and whether it was
+        prefetched."""
+        started = time.perf_counter()
+        path = (self.prefetcher.take(update["key"], update["sha256"])
+                if self.prefetcher is not None else None)
+        fetch = path is None  # no checked copy fetched ahead: fetch and check it here
+        if fetch:
+            fd, path = tempfile.mkstemp(prefix="update-", dir=self.work_dir)
+            os.close(fd)
         try:
-            started = time.perf_counter()
-            self.store.download(update["key"], path, sha256=update["sha256"])
+            if fetch:
+                self.store.download(update["key"], path, sha256=update["sha256"])
             downloaded = time.perf_counter() - started
             with open(path, "rb") as fh:
                 bound.check_header(fh, round_no, update["hospital"])
                 total.add(fh)
-            return downloaded
+            return downloaded, not fetch
         finally:
             if os.path.exists(path):
                 os.unlink(path)
@@ -265,9 +347,7 @@ class AggregatorWorker(Worker):
         """Keep refusals that belong to no known round where ``cxr-mq status`` finds them.
         Best effort: failing to record must not change what happens to the message."""
         try:
-            kept = rounds.read_json(self.store, rounds.UNROUTED_REFUSALS_KEY) or {"refused": []}
-            kept["refused"] = (kept["refused"] + [entry])[-UNROUTED_REFUSALS_KEPT:]
-            rounds.write_json(self.store, rounds.UNROUTED_REFUSALS_KEY, kept)
+            rounds.append_refusal(self.store, rounds.UNROUTED_REFUSALS_KEY, entry, keep=UNROUTED_REFUSALS_KEPT)
         except Exception as exc:  # noqa: BLE001
             self.log.warning("refusal_not_recorded", error=repr(exc), reason=entry["reason"])
 

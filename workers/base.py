@@ -26,6 +26,7 @@ class Worker:
     handlers: dict[str, Callable[[dict, Delivery], None]]
 
     role: str = "worker"
+    prefetch: int = 1  # deliveries held at once; more than one only with a look-ahead (prepare)
 
     def __init__(self, broker: Broker, stop: threading.Event | None = None,
                  metrics: Metrics | None = None, *, identity: Identity, verifier: Verifier,
@@ -99,12 +100,19 @@ class Worker:
     def setup(self) -> None:
         """Declare topology, restore state: called once before consuming."""
 
+    def prepare(self, delivery: Delivery) -> None:
+        """Look-ahead: sees each delivery of a worker with ``prefetch`` > 1 when it arrives,
+        before earlier ones are handled (see ``Broker.consume``). Nothing it does may count."""
+
+    def consume_options(self) -> dict:
+        return {"prefetch": self.prefetch, "prepare": self.prepare if self.prefetch > 1 else None}
+
     def run(self) -> None:
         if self.stop.is_set():  # a signal during start-up: nothing taken, nothing to finish
             self.log.info("worker_stopped", before_start=True)
             return
         self.setup()
-        self.broker.consume(self.queue, self.on_delivery, prefetch=1)
+        self.broker.consume(self.queue, self.on_delivery, **self.consume_options())
         self.log.info("worker_started", queue=self.queue)
         self.broker.run(self.stop, tick=self._safe_tick, tick_interval=1.0)
         self.log.info("worker_stopped")

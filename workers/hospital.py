@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import sys
 import tempfile
 import threading
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_mq import bound, messages, rounds, strategies, training
+from cxr_mq import bound, contexts, evaluation, messages, rounds, strategies, training
 from cxr_mq.crypto import CodecError
 from cxr_mq.data import DataError
 from cxr_mq.faults import CrashPoints
@@ -58,16 +59,22 @@ class HospitalWorker(Worker):
     def __init__(self, broker: Broker, store: ObjectStore, codec, hospital_id: str, data_dir: str,
                  work_dir: str, stop=None, val_fraction: float = 0.2, skip_bad: bool = False,
                  clock=time.time, metrics=None, synthetic: bool = False,
-                 keep_plaintext_updates: int = 0, min_clients_floor: int = 3, *, identity, verifier, committee_timeout: float = 120.0):
+                 keep_plaintext_updates: int = 0, min_clients_floor: int = 3, *, identity, verifier, committee_timeout: float = 120.0,
+                 context_key: str = contexts.PUBLIC_CONTEXT_KEY):
         super().__init__(broker, stop, metrics=metrics, role="hospital", hospital=hospital_id,
                          identity=identity, verifier=verifier)
         if identity.id != hospital_id:
             raise ValueError(f"hospital {hospital_id!r} given the identity of {identity.id!r}")
         self.metrics.watch(self.role, store=store)
         self.crash = CrashPoints()
-        if not codec.has_secret_key and codec.profile != "threshold":
+        # codec None: no key yet; the hospital takes part in the key ceremony and adopts its
+        # public context (a first rollout under the threshold profile: docs/threshold.md)
+        if codec is not None and not codec.has_secret_key and codec.profile != "threshold":
             raise ValueError("a hospital needs the secret context to decrypt the global model")
-        self.store, self.codec, self.id = store, codec, hospital_id
+        self.store, self.id = store, hospital_id
+        # the contexts by fingerprint: a key ceremony's (ceremony_finalize, or a round naming
+        # it) is taken from the store without a restart
+        self.contexts = contexts.ContextBook(store, codec, context_key)
         self.data_dir, self.val_fraction, self.skip_bad = data_dir, val_fraction, skip_bad
         self.work_dir = Path(work_dir) / hospital_id
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -88,9 +95,33 @@ class HospitalWorker(Worker):
         self.status = "idle"  # idle, training, encrypting, uploading (read by the demo's view)
         self.timings: dict[int, dict] = {}
         self.models_applied: list[tuple[int, float]] = []  # (round, when), for benchmarks
+        self.decrypted_samples: dict[int, int] = {}  # threshold: round -> total the committee decrypted
 
     def setup(self) -> None:
         self.broker.declare_topology([self.id])
+
+    @property
+    def codec(self):
+        """The newest context this hospital holds (a key ceremony replaces it)."""
+        return self.contexts.current
+
+    def _context_for(self, round_no: int, fingerprint: str):
+        """The context a round names: held, or a threshold context in the store for which
+        this hospital keeps its committee share; else the round is refused with the reason."""
+        from cxr_mq import threshold_flow as flow
+
+        def usable(codec) -> str | None:
+            if codec.profile != "threshold":
+                return (f"a {codec.profile} context needs its secret context file: restart hospital "
+                        f"{self.id} with it (--secret-context)")
+            if not flow.share_path(self.work_dir, codec.ceremony_id).exists():
+                return (f"hospital {self.id} holds no committee share of ceremony {codec.ceremony_id!r} "
+                        "(was it a party, and running during the ceremony?)")
+            return None
+        try:
+            return self.contexts.get(fingerprint, accept=usable)
+        except contexts.UnknownContext as exc:
+            self._refuse(round_no, "round_start", f"round {round_no}: hospital {self.id} cannot take part: {exc}")
 
     def run(self) -> None:
         try:
@@ -118,12 +149,10 @@ class HospitalWorker(Worker):
     def on_round_start(self, message: dict, delivery: Delivery) -> None:
         round_no = message["round"]
         log = self.log.bind(round=round_no)
-        if message["key_fingerprint"] != self.codec.fingerprint:
-            raise Refuse(f"round {round_no} uses key {message['key_fingerprint'][:16]}…, "
-                         f"this hospital holds {self.codec.fingerprint[:16]}…")
         if message.get("hospitals") and self.id not in message["hospitals"]:
             log.info("round_not_for_this_hospital")
             return
+        self._context_for(round_no, message["key_fingerprint"])
         if message["min_clients"] < self.min_clients_floor:
             self._refuse(round_no, "round_start", (
                 f"round {round_no} accepts aggregates of {message['min_clients']} update(s), below "
@@ -149,7 +178,38 @@ class HospitalWorker(Worker):
             rounds.record_hospital_refusal(self.store, round_no, self.id, kind, reason, self.clock())
         except Exception as exc:  # noqa: BLE001
             self.log.warning("refusal_not_recorded", error=repr(exc), reason=reason)
-        raise Refuse(reason)
+        refusal = Refuse(reason)
+        refusal.recorded = True
+        raise refusal
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        """Every refusal is dead-lettered with its reason and kept where ``cxr-mq status``
+        shows it: those of a round the hospital takes part in in its record of the round
+        (``_refuse``), all others (a forged, undecodable or misdirected message) in
+        ``hospitals/<id>/refusals`` under the round the message claims."""
+        try:
+            super().on_delivery(delivery)
+        except Refuse as exc:
+            if not getattr(exc, "recorded", False):
+                self._record_unrouted(delivery, exc.reason)
+            raise
+
+    def _record_unrouted(self, delivery: Delivery, reason: str) -> None:
+        try:
+            claimed = messages.decode(delivery.body)
+        except Exception:  # noqa: BLE001 - what did not decode is recorded as such
+            claimed = None
+        if isinstance(claimed, dict):
+            entry = {"round": claimed.get("round") if isinstance(claimed.get("round"), int) else None,
+                     "message": str(claimed.get("schema") or "message"), "signer": claimed.get("signer")}
+        else:
+            entry = {"round": None, "message": "undecodable message", "size": len(delivery.body)}
+        entry.update(reason=reason, broker_user=delivery.user_id,
+                     routing_key=delivery.routing_key, at=self.clock())
+        try:
+            rounds.record_hospital_unrouted(self.store, self.id, entry)
+        except Exception as exc:  # noqa: BLE001 - recording must not change the message's fate
+            self.log.warning("refusal_not_recorded", error=repr(exc), reason=reason)
 
     def _take_part(self, message: dict, delivery: Delivery, log) -> None:
         round_no = message["round"]
@@ -236,11 +296,31 @@ class HospitalWorker(Worker):
         training.load_flat_weights(model, base)
         strategy, state = strategies.make(params), self._strategy_state(base)
         gradient = training.data_gradient(model, data) if strategy.needs_gradient else None
+        # FedSGD draws its minibatches from a CSPRNG and its epochs' permutations
+        # (shuffle_rounds) from a secret kept in the work dir: nobody can predict which images
+        # a hospital's gradient covers (DP-SGD's amplification by sampling assumes as much)
+        rng = epoch_rng = None
+        if params.strategy == "fedsgd":
+            rng = np.random.default_rng(secrets.randbits(128))
+            secret = self._sampling_secret()
+            epoch_rng = lambda epoch: np.random.default_rng([secret, epoch])  # noqa: E731
         train_metrics.update(training.train_local(model, data, params, round_seed=round_no,
-                                                  objective=strategy.local_objective(base, state)))
+                                                  objective=strategy.local_objective(base, state),
+                                                  rng=rng, epoch_rng=epoch_rng))
         weights = strategy.upload(base, training.flat_weights(model), state, gradient)
         state.save(self._state_path)  # e.g. SCAFFOLD's next client control, kept across a restart
         return weights, data.n_train, train_metrics
+
+    def _sampling_secret(self) -> int:
+        """128 random bits, made once and kept (mode 0600) in the work dir: the seed of this
+        hospital's FedSGD epoch permutations, the same across a restart mid-epoch."""
+        path = self.work_dir / "sampling-secret"
+        if not path.exists():
+            fd, tmp = tempfile.mkstemp(prefix=".secret-", dir=self.work_dir)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{secrets.randbits(128):032x}\n")
+            os.replace(tmp, path)  # mkstemp's file is 0600
+        return int(path.read_text().strip(), 16)
 
     def _train_and_upload(self, message: dict, params: training.TrainingParams) -> dict:
         round_no = message["round"]
@@ -258,6 +338,8 @@ class HospitalWorker(Worker):
                 bound.write_header(fh, round_no, self.id)  # covered by the signed sha256
                 self._encrypt(message, weights, n_train, fh)
             timings["encrypt_seconds"] = time.perf_counter() - started
+            # local log only: under the threshold profile the count travels encrypted
+            self.log.info("update_encrypted", round=round_no, local_samples=int(n_train))
             self.status = "uploading"
             started = time.perf_counter()
             info = self.store.put_file(rounds.update_key(round_no, self.id), path)
@@ -271,9 +353,9 @@ class HospitalWorker(Worker):
         self.metrics.bytes.labels(role=self.role, direction="uploaded").inc(info.size)
         update = self.sign(messages.make(
             "update_ready", round=round_no, hospital=self.id, key=info.key, sha256=info.sha256,
-            size=info.size, n_samples=self._clear_samples(n_train), n_params=int(weights.size),
+            size=info.size, n_samples=self._clear_samples(message, n_train), n_params=int(weights.size),
             start_sha256=train_metrics.pop("start_sha256"),
-            key_fingerprint=self.codec.fingerprint,
+            key_fingerprint=message["key_fingerprint"],
             metrics={"train": train_metrics, "global": self.last_global_metrics,
                      "timings": dict(timings)},
             sent_at=self.clock()))
@@ -301,7 +383,7 @@ class HospitalWorker(Worker):
 
     @property
     def _state_path(self) -> Path:
-        return self.work_dir / "strategy-state.npz"
+        return self.work_dir / evaluation.STATE_FILE
 
     def _strategy_state(self, model: np.ndarray) -> strategies.ServerState:
         """This hospital's strategy state (server optimizer moments, control variates) for a
@@ -315,16 +397,36 @@ class HospitalWorker(Worker):
         cache = self.work_dir / f"base-{message['base_model_sha256']}.npy"
         if cache.exists():
             return np.load(cache)
-        raw = self.store.get_bytes(message["base_model_key"], sha256=message["base_model_sha256"])
-        if message["base_model_encrypted"]:
+        handed = self._handed_over(message["base_model_sha256"]) if message["base_model_encrypted"] else None
+        if handed is not None:
+            weights, state = handed
+            if state is not None:  # the server step's state, so this hospital steps as the others do
+                state.save(self._state_path)
+        elif message["base_model_encrypted"]:
+            raw = self.store.get_bytes(message["base_model_key"], sha256=message["base_model_sha256"])
             average = self._decrypt(raw, message["base_total_samples"], min_clients=message["min_clients"])
             weights = self._server_step(average, message["base_model_sha256"], params)
         else:
+            raw = self.store.get_bytes(message["base_model_key"], sha256=message["base_model_sha256"])
             weights = np.load(io.BytesIO(raw), allow_pickle=False)
             strategies.ServerState(model=np.asarray(weights, np.float32)).save(self._state_path)
         weights = np.asarray(weights, dtype=np.float32)
         np.save(cache, weights)
         return weights
+
+    def _handed_over(self, aggregate_sha: str):
+        """A base model this hospital cannot decrypt because it joined the committee after
+        the round: (model, server state or None) as the other members handed them over in
+        the ceremony that added it; None if there is no handover."""
+        if self.codec.profile != "threshold":
+            return None
+        from cxr_mq import threshold_flow as flow
+
+        try:
+            return flow.take_over(self.store, self.codec.ceremony_id, self.identity, self.verifier.registry,
+                                  aggregate_sha)
+        except (flow.FlowError, CodecError) as exc:
+            raise CodecError(f"the handed-over base model: {exc}") from None
 
     def _server_step(self, average, aggregate_sha: str, params: training.TrainingParams) -> np.ndarray:
         """The next global model from a round's decrypted average: the strategy's server step,
@@ -332,7 +434,8 @@ class HospitalWorker(Worker):
         cache = self.work_dir / f"base-{aggregate_sha}.npy"
         if cache.exists():  # stepped already (a redelivery, possibly after a restart)
             return np.load(cache)
-        strategy = strategies.make(params)
+        sizes = training.tensor_sizes(self._model("train", params)) if params.server_clipnorm > 0 else None
+        strategy = strategies.make(params, sizes)
         average = np.asarray(average, dtype=np.float32)
         state = strategies.ServerState.load(self._state_path)
         if not strategy.stateful:
@@ -368,6 +471,11 @@ class HospitalWorker(Worker):
             self.verifier.verify_stored(record, role="controller")
         except messages.MessageError as exc:
             raise Refuse(f"round {round_no}'s record: {exc}") from None
+        if (message["key_fingerprint"] not in self.contexts.known and record.get("hospitals")
+                and self.id not in record["hospitals"]):
+            # e.g. a hospital removed from the committee: the round was not its, nor is the key
+            log.info("model_ready_not_for_this_hospital")
+            return
         contributors = len(message["contributors"])
         fewest = max(self.min_clients_floor, record["min_clients"])
         most = record.get("max_contributors") or record["quorum"]
@@ -378,7 +486,8 @@ class HospitalWorker(Worker):
         raw = self.store.get_bytes(message["key"], sha256=message["sha256"])
         try:
             weights = np.asarray(self._decrypt(raw, message["total_samples"], contributors=message["contributors"],
-                                               min_clients=record["min_clients"], outcome=True), dtype=np.float32)
+                                               min_clients=record["min_clients"], outcome=True,
+                                               fingerprint=message["key_fingerprint"]), dtype=np.float32)
         except UndecryptableRound as exc:
             self.status = "idle"
             log.warning("round_undecryptable", reason=str(exc))
@@ -388,7 +497,10 @@ class HospitalWorker(Worker):
         params = training.TrainingParams.from_dict(record["training"])
         weights = self._server_step(weights, message["sha256"], params)
         np.save(self.work_dir / f"base-{message['sha256']}.npy", weights)
-        np.save(self.work_dir / "global.npy", weights)
+        evaluation.save_hospital_model(self.work_dir, weights, round_no=round_no, aggregate_sha256=message["sha256"],
+                                       key_fingerprint=message["key_fingerprint"],
+                                       profile=self.contexts.known[message["key_fingerprint"]].profile,
+                                       strategy=params.strategy, at=self.clock())
         self.models_applied.append((round_no, self.clock()))
         if self.synthetic:
             self.status = "idle"
@@ -417,42 +529,49 @@ class HospitalWorker(Worker):
         except StoreError as exc:
             log.warning("evaluation_not_recorded", error=str(exc))
 
-    def _clear_samples(self, n_train: int) -> int:
+    def _clear_samples(self, round_start: dict, n_train: int) -> int:
         """The sample count update_ready shows: under the threshold profile the count travels
         only inside the encrypted stream, and the message says 1."""
-        return 1 if self.codec.profile == "threshold" else n_train
+        codec = self.contexts.known[round_start["key_fingerprint"]]
+        return 1 if codec.profile == "threshold" else n_train
 
     def _encrypt(self, round_start: dict, weights: np.ndarray, n_samples: int, out) -> None:
-        if self.codec.profile != "threshold":
-            self.codec.encrypt_update(weights, n_samples, out,
-                                      max_contributors=round_start.get("max_contributors") or round_start["quorum"])
+        codec = self.contexts.known[round_start["key_fingerprint"]]  # checked by on_round_start
+        if codec.profile != "threshold":
+            codec.encrypt_update(weights, n_samples, out,
+                                 max_contributors=round_start.get("max_contributors") or round_start["quorum"])
             return
         from cxr_mq import threshold_flow as flow
 
-        flow.encrypt_and_upload(self.store, self.codec, weights, n_samples, out,
-                                flow.round_encoding(self.codec, round_start), self.identity)
+        flow.encrypt_and_upload(self.store, codec, weights, n_samples, out,
+                                flow.round_encoding(codec, round_start), self.identity)
 
     def _decrypt(self, raw: bytes, total_samples: int, *, contributors=None, min_clients: int,
-                 outcome: bool = False) -> np.ndarray:
+                 outcome: bool = False, fingerprint: str | None = None) -> np.ndarray:
         """The FedAvg model in an aggregate. Threshold profile: through the committee
         (``threshold_flow.decrypt_round``); with ``outcome`` the result is recorded for
-        ``status``, and a round the committee cannot decrypt raises UndecryptableRound."""
-        if self.codec.profile != "threshold":
+        ``status``, and a round the committee cannot decrypt raises UndecryptableRound.
+        ``fingerprint``: the context the round names (default: the newest held)."""
+        if fingerprint is None and self.codec is None:
+            raise CodecError(f"hospital {self.id} holds no key context yet (run 'cxr-mq keys init')")
+        codec = self.contexts.known.get(fingerprint or self.codec.fingerprint)
+        if codec is None:
+            raise CodecError(f"the aggregate is under context {fingerprint[:16]}…, which hospital {self.id} does not hold")
+        if codec.profile != "threshold":
             # a round's aggregate: exactly its contributors, at least its minimum and the floor;
             # a base model (no contributors given): at least the floor
             if contributors is None:
-                return self.codec.decrypt_aggregate(io.BytesIO(raw), total_samples,
-                                                    min_updates=self.min_clients_floor)
-            return self.codec.decrypt_aggregate(io.BytesIO(raw), total_samples, n_updates=len(contributors),
-                                                min_updates=max(self.min_clients_floor, min_clients))
+                return codec.decrypt_aggregate(io.BytesIO(raw), total_samples, min_updates=self.min_clients_floor)
+            return codec.decrypt_aggregate(io.BytesIO(raw), total_samples, n_updates=len(contributors),
+                                           min_updates=max(self.min_clients_floor, min_clients))
         from cxr_mq import threshold_flow as flow
         from cxr_mq.crypto.committee import CommitteeRefusal, Ledger
 
-        header, key_sum = self.codec.read_prefix(io.BytesIO(raw))
+        header, key_sum = codec.read_prefix(io.BytesIO(raw))
         round_no = header.encoding.round
         try:
-            weights, _ = flow.decrypt_round(
-                self.store, self.codec, flow.load_share(self.work_dir, self.codec), round_no,
+            weights, total = flow.decrypt_round(
+                self.store, codec, flow.load_share(self.work_dir, codec), round_no,
                 contributors or key_sum.contributors, raw, self.identity, self.verifier.registry,
                 Ledger(self.work_dir / "committee-ledger"),
                 min_clients=max(self.min_clients_floor, min_clients),
@@ -463,6 +582,7 @@ class HospitalWorker(Worker):
             raise UndecryptableRound(str(exc)) from None
         if outcome:
             flow.record_outcome(self.store, round_no, self.identity, None)
+        self.decrypted_samples[round_no] = int(total)
         return weights
 
     def on_round_aborted(self, message: dict, delivery: Delivery) -> None:
@@ -478,8 +598,15 @@ class HospitalWorker(Worker):
             if message["schema"] == "ceremony_start":
                 outcome = flow.on_ceremony_start(self.store, message, self.identity, self.verifier.registry)
             else:
+                previous = self.codec if self.codec is not None and self.codec.profile == "threshold" else None
                 outcome = flow.on_ceremony_finalize(self.store, message, self.identity, self.verifier.registry,
-                                                    self.work_dir)
+                                                    self.work_dir, previous=previous)
+                if outcome != "not a party":  # rounds under the new committee key from now on
+                    self.contexts.adopt(flow.ceremony_context(self.store, message["ceremony_id"],
+                                                              self.verifier.registry, message["public_sha256"]))
+                    self.contexts.retire(keep=self.codec)  # their shares were just deleted
+                    self.log.info("public_context_taken", ceremony=message["ceremony_id"],
+                                  fingerprint=self.codec.fingerprint[:16])
         except (flow.FlowError, CodecError, ObjectNotFound) as exc:
             raise Refuse(f"ceremony {message['ceremony_id']}: {exc}") from None
         self.log.info(message["schema"], ceremony=message["ceremony_id"], outcome=outcome)

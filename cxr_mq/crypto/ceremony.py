@@ -42,6 +42,11 @@ class CeremonyError(CodecError):
     """A ceremony input that is inconsistent, incomplete or not addressed to this party."""
 
 
+def majority(n_parties: int) -> int:
+    """The default threshold: the fewest members that are more than half of ``n_parties``."""
+    return n_parties // 2 + 1
+
+
 @dataclass(frozen=True)
 class CeremonyParams:
     """Who takes part, the threshold, and a ceremony id that makes the common ``a`` fresh."""

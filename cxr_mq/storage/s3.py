@@ -11,10 +11,17 @@ aggregator refuses that update, a hospital gives up that round); the worker goes
 Test hook: ``CXR_MQ_FAULTS`` (read when a store is built; never set in production) injects S3
 faults through a botocore ``before-send`` handler, so the fault-injection tests exercise the
 real retry path of a worker process. See :func:`parse_faults` for the syntax.
+
+Audit hook: ``CXR_MQ_S3_AUDIT=<file>`` appends one JSON line per S3 API call the process makes
+(``{"op": "PutObject", "bucket": ..., "key": ...}``, ``prefix`` for listings), as botocore is
+about to send it. The deployment's IAM policies are checked against what each role really does
+with it (``tests/integration/iam.py``); it is off unless set.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -39,6 +46,7 @@ NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 PRECONDITION_CODES = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 FAULTS_ENV = "CXR_MQ_FAULTS"
+AUDIT_ENV = "CXR_MQ_S3_AUDIT"
 
 
 def _error_code(exc: BaseException) -> str:
@@ -47,12 +55,24 @@ def _error_code(exc: BaseException) -> str:
     return ""
 
 
+_ERROR_CODE_IN_MESSAGE = re.compile(r"An error occurred \(([^)]*)\)")
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectionClosedError,
                         bex.ReadTimeoutError, bex.ConnectTimeoutError, ConnectionError)):
         return True
     if isinstance(exc, S3UploadFailedError):
-        return any(code in str(exc) for code in TRANSIENT_CODES) or "reset" in str(exc).lower()
+        # boto3 raises it inside ``except ClientError``: the client error it replaces is its
+        # context, and that error's code decides. Never search the whole message for a code:
+        # it holds the file's path, the bucket and the key (a temporary file named
+        # ``/tmp/tmpx503ab`` made a permanent AccessDenied look like a 503, so a hospital
+        # retried a round it had to give up).
+        inner = exc.__cause__ or exc.__context__
+        if inner is not None and inner is not exc:
+            return is_transient(inner)
+        found = _ERROR_CODE_IN_MESSAGE.search(str(exc))
+        return bool(found) and found.group(1) in TRANSIENT_CODES
     if isinstance(exc, bex.ResponseStreamingError):
         return True
     return _error_code(exc) in TRANSIENT_CODES
@@ -132,6 +152,32 @@ class FaultInjector:
                            _RawBody(b"" if request.method == "HEAD" else body))
 
 
+class _AuditLog:
+    """A botocore ``before-parameter-build`` handler writing each call's operation and object to a file
+    (one ``O_APPEND`` write per line, so processes may share the file)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, model=None, params=None, **_):
+        params = params or {}
+        entry = {"op": getattr(model, "name", "unknown"), "bucket": params.get("Bucket")}
+        if "Key" in params:
+            entry["key"] = params["Key"]
+        if "Prefix" in params:
+            entry["prefix"] = params["Prefix"]
+        if "ServerSideEncryption" in params:  # what a bucket policy's SSE conditions see
+            entry["sse"] = params["ServerSideEncryption"]
+        if "SSEKMSKeyId" in params:
+            entry["sse_kms_key_id"] = params["SSEKMSKeyId"]
+        line = (json.dumps(entry) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+
 class S3Store(ObjectStore):
     def __init__(self, bucket: str, kms_key_id: str, endpoint_url: str | None = None,
                  region: str | None = None, attempts: int = 5, max_backoff: float = 8.0,
@@ -159,6 +205,8 @@ class S3Store(ObjectStore):
                 self.faults = FaultInjector(rules, self._log)
                 self.client.meta.events.register("before-send.s3", self.faults)
                 self._log.warning("s3_fault_injection_enabled", rules=os.environ[FAULTS_ENV])
+        if os.environ.get(AUDIT_ENV):
+            self.client.meta.events.register("before-parameter-build.s3", _AuditLog(os.environ[AUDIT_ENV]))
 
     def _count(self, operation: str) -> None:
         with self._retries_lock:

@@ -114,8 +114,17 @@ class Broker(abc.ABC):
         after retries."""
 
     @abc.abstractmethod
-    def consume(self, queue: str, handler: Handler, prefetch: int = 1) -> None:
-        """Register ``handler`` for ``queue``; deliveries are dispatched by :meth:`run`."""
+    def consume(self, queue: str, handler: Handler, prefetch: int = 1,
+                prepare: Handler | None = None) -> None:
+        """Register ``handler`` for ``queue``; deliveries are dispatched by :meth:`run`, one
+        at a time and in order, each settled by its handler's outcome.
+
+        ``prepare`` (optional) sees each delivery as soon as it is in this consumer's
+        prefetch window, in arrival order, before its handler runs: it may start background
+        work the handler will use (the aggregator downloads the next updates while it sums
+        the current one). It settles nothing and its exceptions are logged and ignored; a
+        delivery it saw may still never reach the handler (a lost connection: the broker
+        delivers it again), so what it starts must be bounded and disposable."""
 
     @abc.abstractmethod
     def run(self, stop: threading.Event, tick: Callable[[], None] | None = None,

@@ -71,6 +71,7 @@ class _Consumer:
     prefetch: int
     buffer: deque = field(default_factory=deque)  # (tag, message) prefetched, not yet handled
     in_flight: int = 0
+    prepare: Handler | None = None  # sees each message when it enters the buffer
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
@@ -267,14 +268,15 @@ class EmbeddedBroker(Broker):
 
     # -- consuming ----------------------------------------------------------------------------
 
-    def consume(self, queue: str, handler: Handler, prefetch: int = 1) -> None:
+    def consume(self, queue: str, handler: Handler, prefetch: int = 1,
+                prepare: Handler | None = None) -> None:
         self._check_open()
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         self._require("read", queue)
         with self.server.cond:
             self._usable_queue(queue)
-            self._consumers.append(_Consumer(queue, handler, prefetch))
+            self._consumers.append(_Consumer(queue, handler, prefetch, prepare=prepare))
 
     def run(self, stop: threading.Event, tick: Callable[[], None] | None = None,
             tick_interval: float = 1.0) -> None:
@@ -300,15 +302,22 @@ class EmbeddedBroker(Broker):
                 self._running = False
 
     def _next_delivery(self, wait: float) -> tuple[_Consumer, int, _Message] | None:
+        arrived: list = []
         with self.server.cond:
-            work = self._take()
+            work = self._take(arrived)
             if work is None and wait > 0:
                 self.server.cond.wait(wait)
-                work = self._take()
-            return work
+                work = self._take(arrived)
+        for consumer, tag, message in arrived:  # outside the lock, like handlers
+            try:
+                consumer.prepare(self._delivery(consumer.queue, message, tag))
+            except Exception:  # noqa: BLE001 - an optimisation only: the handler decides
+                self._log.warning("prepare_failed", queue=consumer.queue, exc_info=True)
+        return work
 
-    def _take(self) -> tuple[_Consumer, int, _Message] | None:
-        """Top up every consumer's prefetch window, then hand out the next buffered message,
+    def _take(self, arrived: list) -> tuple[_Consumer, int, _Message] | None:
+        """Top up every consumer's prefetch window (collecting the new messages of consumers
+        with a ``prepare`` step in ``arrived``), then hand out the next buffered message,
         rotating between consumers so one busy queue cannot starve another."""
         if self._closed:
             return None
@@ -320,6 +329,8 @@ class EmbeddedBroker(Broker):
                 message = queue.messages.popleft()
                 self._unacked[tag] = (consumer.queue, message)
                 consumer.buffer.append((tag, message))
+                if consumer.prepare is not None:
+                    arrived.append((consumer, tag, message))
         for i, consumer in enumerate(self._consumers):
             if consumer.buffer:
                 self._consumers.append(self._consumers.pop(i))
@@ -415,6 +426,12 @@ class EmbeddedBroker(Broker):
                 if remaining <= 0:
                     return None
                 self.server.cond.wait(remaining)
+
+    def unsettled(self) -> int:
+        """Messages delivered to this connection's consumers and not yet acked, requeued or
+        dead-lettered (its prefetch buffers and the one being handled)."""
+        with self.server.cond:
+            return len(self._unacked)
 
     def queue_depth(self, queue: str) -> int:
         with self.server.cond:

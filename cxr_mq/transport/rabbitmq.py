@@ -19,6 +19,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -114,7 +115,10 @@ class RabbitMQBroker(Broker):
         self._passive = False  # set once the broker refuses this login to configure: check only
         # the login's name; None with EXTERNAL (certificate) authentication
         self.user = getattr(self._params.credentials, "username", None)
-        self._consumers: dict[str, tuple[Handler, int]] = {}
+        self._consumers: dict[str, tuple[Handler, int, Handler | None]] = {}
+        # deliveries of consumers with a ``prepare`` step: prepared on arrival, handled in
+        # order by run() between polls of the connection
+        self._waiting: deque = deque()
         self._temporary: dict[str, tuple[str, ...]] = {}
         self._conn: pika.BlockingConnection | None = None
         self._ch = None
@@ -156,8 +160,8 @@ class RabbitMQBroker(Broker):
             ch.queue_declare(queue, exclusive=True, auto_delete=True)
             for key in keys:
                 ch.queue_bind(queue, self.topology.control_exchange, routing_key=key)
-        for queue, (handler, prefetch) in self._consumers.items():
-            self._start_consumer(queue, handler, prefetch)
+        for queue, consumer in self._consumers.items():
+            self._start_consumer(queue, *consumer)
 
     def _channel(self):
         if self._ch is None or not self._ch.is_open or not self._conn.is_open:
@@ -172,6 +176,7 @@ class RabbitMQBroker(Broker):
 
     def _drop(self) -> None:
         conn, self._conn, self._ch = self._conn, None, None
+        self._waiting.clear()  # their channel is gone: the broker delivers them again
         if conn is not None and conn.is_open:
             try:
                 conn.close()
@@ -203,11 +208,12 @@ class RabbitMQBroker(Broker):
         so exclusive queues (which belong to the connection) survive."""
         if self._conn is None or not self._conn.is_open:
             return
+        self._waiting.clear()  # they were on the closed channel: the broker delivers them again
         try:
             self._ch = self._conn.channel()
             self._ch.confirm_delivery()
-            for queue, (handler, prefetch) in self._consumers.items():
-                self._start_consumer(queue, handler, prefetch)
+            for queue, consumer in self._consumers.items():
+                self._start_consumer(queue, *consumer)
         except CONNECTION_ERRORS:
             self._drop()
 
@@ -314,28 +320,45 @@ class RabbitMQBroker(Broker):
         ch.basic_ack(method.delivery_tag)
 
     # -- consuming ------------------------------------------------------------------------
-    def consume(self, queue: str, handler: Handler, prefetch: int = 1) -> None:
+    def consume(self, queue: str, handler: Handler, prefetch: int = 1,
+                prepare: Handler | None = None) -> None:
         if self._ch is not None and self._ch.is_open:
             try:
-                self._start_consumer(queue, handler, prefetch)
+                self._start_consumer(queue, handler, prefetch, prepare)
             except pex.ChannelClosedByBroker as exc:
                 self._reopen_channel()
                 raise TransportError(f"cannot consume from {queue}: {exc.reply_text}") from exc
-        self._consumers[queue] = (handler, prefetch)
+            except CONNECTION_ERRORS as exc:
+                if not is_transient(exc):
+                    raise
+                # the connection died since its last use (a broker restart while the worker
+                # set up): run() reconnects and starts every consumer, this one included
+                self._log.warning("broker_connection_lost", error=repr(exc))
+                self._drop()
+        self._consumers[queue] = (handler, prefetch, prepare)
 
-    def _start_consumer(self, queue: str, handler: Handler, prefetch: int) -> None:
+    def _start_consumer(self, queue: str, handler: Handler, prefetch: int,
+                        prepare: Handler | None = None) -> None:
         ch = self._ch
         ch.basic_qos(prefetch_count=prefetch)
 
         def on_message(channel, method, props, body):
-            self._dispatch(channel, method, props, body, queue, handler)
+            delivery = Delivery(body=body, routing_key=method.routing_key, queue=queue,
+                                headers=dict(props.headers or {}), redelivered=method.redelivered,
+                                message_id=props.message_id, tag=method.delivery_tag,
+                                user_id=props.user_id)
+            if prepare is None:
+                self._dispatch(channel, method, props, delivery, handler)
+                return
+            try:
+                prepare(delivery)
+            except Exception as exc:  # noqa: BLE001 - an optimisation only: the handler decides
+                self._log.warning("prepare_failed", queue=queue, error=repr(exc))
+            self._waiting.append((channel, method, props, delivery, handler))
         ch.basic_consume(queue, on_message, auto_ack=False)
 
-    def _dispatch(self, ch, method, props, body, queue: str, handler: Handler) -> None:
-        delivery = Delivery(body=body, routing_key=method.routing_key, queue=queue,
-                            headers=dict(props.headers or {}), redelivered=method.redelivered,
-                            message_id=props.message_id, tag=method.delivery_tag,
-                            user_id=props.user_id)
+    def _dispatch(self, ch, method, props, delivery: Delivery, handler: Handler) -> None:
+        body, queue = delivery.body, delivery.queue
         try:
             handler(delivery)
         except Refuse as exc:
@@ -382,7 +405,11 @@ class RabbitMQBroker(Broker):
         while not stop.is_set():
             try:
                 self._channel()
-                self._conn.process_data_events(time_limit=min(0.5, tick_interval))
+                # prepared deliveries waiting: only collect what has arrived, then handle one
+                self._conn.process_data_events(
+                    time_limit=0 if self._waiting else min(0.5, tick_interval))
+                if self._waiting:
+                    self._dispatch(*self._waiting.popleft())
                 if tick is not None and time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + tick_interval
                     tick()

@@ -122,6 +122,22 @@ class Recorder:
         return list(self.deliveries)
 
 
+def consume_until_drained(consumer, publisher, queue: str, recorder: "Recorder", count: int,
+                          timeout: float = WAIT, **consume_options) -> list[Delivery]:
+    """Consume ``queue`` with ``recorder`` until it holds ``count`` deliveries and ``publisher``
+    sees the queue empty, stop ``run()``, then close ``consumer`` (its acks must be final by
+    then: closing returns nothing to the queue). Returns the deliveries."""
+    consumer.consume(queue, recorder, **consume_options)
+    runner = Runner(consumer).start()
+    try:
+        delivered = recorder.wait_for(count, timeout=timeout)
+        assert wait_until(lambda: publisher.queue_depth(queue) == 0)
+    finally:
+        runner.finish(timeout=timeout)
+    consumer.close()
+    return delivered
+
+
 def wait_until(predicate, timeout: float = WAIT, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while True:
@@ -215,15 +231,7 @@ def test_handled_message_is_acked_and_gone(broker_factory):
     for payload in payloads:
         publisher.publish("update_ready", payload)
 
-    recorder = Recorder()
-    consumer.consume(queue, recorder, prefetch=2)
-    runner = Runner(consumer).start()
-    try:
-        delivered = recorder.wait_for(3)
-        assert wait_until(lambda: publisher.queue_depth(queue) == 0)
-    finally:
-        runner.finish()
-    consumer.close()  # acks must already be final: closing returns nothing to the queue
+    delivered = consume_until_drained(consumer, publisher, queue, Recorder(), 3, prefetch=2)
 
     assert sorted(d.body for d in delivered) == sorted(payloads)
     assert not any(d.redelivered for d in delivered)
@@ -274,14 +282,7 @@ def test_requeued_or_failed_message_is_redelivered_not_lost(broker_factory, fail
             raise failure("not now")
 
     recorder = Recorder(fail_first_time)
-    consumer.consume(queue, recorder)
-    runner = Runner(consumer).start()
-    try:
-        first, second = recorder.wait_for(2, timeout=RETRY_WAIT)[:2]
-        assert wait_until(lambda: publisher.queue_depth(queue) == 0)
-    finally:
-        runner.finish(timeout=RETRY_WAIT)
-    consumer.close()
+    first, second = consume_until_drained(consumer, publisher, queue, recorder, 2, timeout=RETRY_WAIT)[:2]
 
     assert (first.body, first.redelivered) == (b"flaky", False)
     assert (second.body, second.redelivered, second.message_id) == (b"flaky", True, "flaky-1")
@@ -390,6 +391,52 @@ def test_prefetched_messages_return_when_consumer_closes(broker_factory):
     assert wait_until(lambda: publisher.queue_depth(queue) == 3), "prefetched messages were lost"
     got = [publisher.get(queue, timeout=WAIT) for _ in range(3)]
     assert sorted(d.body for d in got) == [b"m0", b"m1", b"m2"]
+
+
+def test_prepare_looks_ahead_while_handlers_stay_one_at_a_time_in_order(broker_factory):
+    """``prepare`` sees each delivery before its handler and, with a prefetch window, while
+    an earlier one is still being handled; handlers still run one at a time in order and
+    settle as usual; a failing ``prepare`` changes nothing about its message."""
+    publisher, consumer = broker_factory(), broker_factory()
+    queue = broker_factory.topology.aggregator_queue
+    payloads = [f"m{i}".encode() for i in range(5)]
+    for payload in payloads:
+        publisher.publish("update_ready", payload)
+
+    prepared: list[bytes] = []
+    seen_ahead: dict[bytes, list[bytes]] = {}  # handled message -> what was prepared by then
+    busy = threading.Lock()
+
+    def prepare(delivery):
+        prepared.append(delivery.body)
+        if delivery.body == b"m2":
+            raise RuntimeError("a look-ahead that fails")
+
+    def work(delivery, n):
+        assert busy.acquire(blocking=False), "two handlers at once"
+        try:
+            seen_ahead[delivery.body] = list(prepared)
+            if delivery.body == b"m0":
+                time.sleep(0.2)  # the work during which the next ones arrive
+            if delivery.body == b"m3":
+                raise Refuse("refused as usual")
+        finally:
+            busy.release()
+
+    delivered = consume_until_drained(consumer, publisher, queue, Recorder(work), 5,
+                                      prefetch=3, prepare=prepare)
+
+    assert [d.body for d in delivered] == payloads  # in order, each once
+    assert prepared == payloads  # each prepared once, in arrival order
+    for body, ahead in seen_ahead.items():
+        assert body in ahead, f"{body!r} handled before it was prepared"
+    assert any(len(ahead) > payloads.index(body) + 1 for body, ahead in seen_ahead.items()), \
+        f"no handler ran with a later message prepared: {seen_ahead}"
+    dead = publisher.get(broker_factory.topology.dead_letter_queue, timeout=WAIT)
+    assert dead is not None and dead.body == b"m3", dead
+    assert dead.headers[REASON_HEADER] == "refused as usual"
+    assert publisher.queue_depth(broker_factory.topology.dead_letter_queue) == 0
+    assert publisher.get(queue, timeout=0.5) is None  # the rest were acked: nothing came back
 
 
 # -- temporary queues and get -----------------------------------------------------------------

@@ -9,27 +9,34 @@ import sys
 import time
 from pathlib import Path
 
-import socket
-
 import boto3
 import pika
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from .ports import reusable_port
 
 
 class Cluster:
-    """One federation: a bucket, a broker namespace, keys, and worker processes."""
+    """One federation: a bucket, a broker namespace, keys, and worker processes.
+
+    ``profile`` is the codec profile ``init_keys`` sets up: ``threshold`` (the default, as in
+    production) runs ``cxr-mq keys init`` with no profile flag, the key ceremony through the
+    hospital workers it starts first; ``compact``/``seed`` (``keys init --profile P --out``)
+    give every hospital ``secret.ctx``. Tests about something other than the profile may pin
+    ``compact`` to save the ceremony and the committee's time, and say so."""
 
     def __init__(self, tmp_path: Path, amqp_url: str, s3: dict, namespace: str,
                  hospitals=("h1", "h2", "h3"), metrics: bool = False, synthetic: bool = False,
                  retain: bool = True, controller_id: str = "controller",
-                 aggregator_id: str = "aggregator"):
+                 aggregator_id: str = "aggregator", profile: str = "threshold",
+                 audit: bool = False):
         """``retain`` (the default here, not in production) keeps every update object and
-        each hospital's plaintext updates, from which the tests compute reference sums."""
+        each hospital's plaintext updates, from which the tests compute reference sums.
+        ``audit``: every process records its S3 calls (``CXR_MQ_S3_AUDIT``) in
+        ``s3-audit/<worker>.jsonl``, the CLI's (the controller's) in ``s3-audit/cli.jsonl``."""
+        self.audit_dir = tmp_path / "s3-audit" if audit else None
+        if self.audit_dir is not None:
+            self.audit_dir.mkdir(parents=True, exist_ok=True)
+        self.profile = profile
         self.metrics = metrics
         self.synthetic = synthetic  # hospitals run with --synthetic: no TensorFlow, no images
         self.controller_id, self.aggregator_id = controller_id, aggregator_id
@@ -61,12 +68,20 @@ class Cluster:
         }
         self.procs: dict[str, subprocess.Popen] = {}
         self.spawn_env: dict[str, dict] = {}  # extra environment each worker was started with
+        self.spawn_mark: dict[str, int] = {}  # each worker's event mark when it was last started
         self.keys_dir = tmp_path / "keys"
         self.identities: dict = {}  # party id -> cxr_mq.identity.Identity
 
     # -- commands ---------------------------------------------------------------------------
     def cli(self, *args, timeout=300, check=True, env=None) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "cxr_mq.cli", *args], env=env or self.env,
+        env = dict(env or self.env)
+        if self.audit_dir is not None:
+            # evaluate/predict --hospital run on that hospital's host, under its role; every
+            # other command is an operator's on the controller host
+            party = (args[args.index("--hospital") + 1]
+                     if args and args[0] in ("evaluate", "predict") and "--hospital" in args else "cli")
+            env["CXR_MQ_S3_AUDIT"] = str(self.audit_dir / f"{party}.jsonl")
+        result = subprocess.run([sys.executable, "-m", "cxr_mq.cli", *args], env=env,
                                 capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"cxr-mq {' '.join(args)} exited {result.returncode}:\n"
@@ -74,10 +89,22 @@ class Cluster:
         return result
 
     def init_keys(self, *extra) -> dict:
-        """The CKKS keys (``keys init``) and one registered identity per party."""
-        keys = json.loads(self.cli("keys", "init", "--out", str(self.keys_dir), *extra).stdout)
+        """One registered identity per party and the keys (``keys init``; what it printed).
+        Threshold profile: as at a first rollout, the hospital workers start first (they hold
+        no key yet; synthetic, or on ``make_data``'s directories, made here if missing) and
+        ``keys init`` runs the ceremony through them; start the aggregator afterwards."""
+        if self.profile != "threshold":
+            keys = json.loads(self.cli("keys", "init", "--profile", self.profile, "--out", str(self.keys_dir),
+                                       *extra).stdout)
+            self.init_identities()
+            return keys
         self.init_identities()
-        return keys
+        if not self.synthetic and not getattr(self, "data_dirs", None):
+            self.make_data()
+        for hospital in self.hospitals:
+            if not self.running(hospital):
+                self.start_hospital(hospital)
+        return json.loads(self.cli("keys", "init", *extra).stdout)
 
     def init_identities(self) -> None:
         """Play the key authority in-process (as ``identity init`` + ``identity register``
@@ -128,11 +155,13 @@ class Cluster:
         (kept across restarts; see ``metrics_url``)."""
         if self.metrics:
             if name not in self.metrics_ports:
-                self.metrics_ports[name] = _free_port()
+                self.metrics_ports[name] = reusable_port()  # kept across restarts
             args = [*args, "--metrics-port", str(self.metrics_ports[name])]
+        self.spawn_mark[name] = self.mark(name)
         log = open(self.tmp / f"{name}.log", "ab")
+        audit = {"CXR_MQ_S3_AUDIT": str(self.audit_dir / f"{name}.jsonl")} if self.audit_dir else {}
         proc = subprocess.Popen([sys.executable, "-m", "cxr_mq.cli", *args],
-                                env={**self.env, **(env or {})},
+                                env={**self.env, **audit, **(env or {})},
                                 stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.procs[name] = proc
@@ -147,15 +176,18 @@ class Cluster:
     def start_hospital(self, hospital: str, *extra, env: dict | None = None,
                        name: str | None = None) -> subprocess.Popen:
         data = ["--synthetic"] if self.synthetic else ["--data", str(self.data_dirs[hospital])]
-        return self._spawn(name or hospital, ["hospital", "--id", hospital, *data,
-                                      "--secret-context", str(self.keys_dir / "secret.ctx"),
-                                      "--identity", str(self.identity_path(hospital)),
-                                      *extra], env)
+        secret = [] if self.profile == "threshold" else ["--secret-context", str(self.keys_dir / "secret.ctx")]
+        return self._spawn(name or hospital, ["hospital", "--id", hospital, *data, *secret,
+                                              "--identity", str(self.identity_path(hospital)),
+                                              *extra], env)
 
     def start_all(self) -> None:
+        """The aggregator, and every hospital not running yet (under the threshold profile
+        ``init_keys`` started them for the ceremony)."""
         self.start_aggregator()
         for hospital in self.hospitals:
-            self.start_hospital(hospital)
+            if not self.running(hospital):
+                self.start_hospital(hospital)
 
     def running(self, name: str) -> bool:
         proc = self.procs.get(name)
@@ -224,15 +256,27 @@ class Cluster:
             time.sleep(0.1)
         raise AssertionError(f"{name} never logged {event} {fields}:\n{self.log(name)[-4000:]}")
 
+    def wait_models_applied(self, round_no: int, hospitals=None, timeout: float = 180) -> None:
+        """Wait until each hospital has applied the round's global model (decrypted it, taken
+        the server step, saved ``base-<sha>.npy``, its strategy state and ``global.json``):
+        ``start-round --wait`` returns when ``model_ready`` reaches the controller (under the
+        threshold profile, at the first decrypted committee outcome), while each hospital may
+        still be working on it."""
+        event = "global_model_applied" if self.synthetic else "global_model_evaluated"
+        for hospital in hospitals or self.hospitals:
+            self.wait_for_event(hospital, event, round=round_no, timeout=timeout)
+
     def wait_exit(self, name: str, timeout: float = 60) -> int:
         """Wait for a worker that is expected to end by itself (e.g. at a crash point)."""
         proc = self.procs.pop(name)
         return proc.wait(timeout=timeout)
 
-    def terminate(self, name: str, timeout: float = 60) -> int:
+    def terminate(self, name: str, timeout: float = 60, signalled: bool = False) -> int:
+        """SIGTERM ``name`` (unless ``signalled`` already) and wait for it to exit; its exit code."""
         proc = self.procs.pop(name)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            if not signalled:
+                proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -246,7 +290,14 @@ class Cluster:
         proc.wait()
 
     def stop_all(self) -> dict[str, int]:
-        return {name: self.terminate(name) for name in list(self.procs)}
+        """SIGTERM every worker at once, then wait for each: their exits (about a second each
+        of interpreter and TensorFlow teardown once the worker has stopped) overlap instead
+        of adding up. Their exit codes."""
+        names = list(self.procs)
+        for name in names:
+            if self.procs[name].poll() is None:
+                self.procs[name].send_signal(signal.SIGTERM)
+        return {name: self.terminate(name, signalled=True) for name in names}
 
     # -- inspection -------------------------------------------------------------------------
     def s3_client(self):

@@ -13,7 +13,10 @@ from cxr_mq.transport.rabbitmq import RabbitMQBroker
 from tests.conftest import new_bucket, new_namespace
 from .cluster import Cluster
 
-ROUND_ARGS = ("--quorum", "3", "--image-size", "32", "--epochs", "1", "--deadline", "300")
+# --max-samples: the threshold encoding's weight-1 count, close to the largest hospital's (48
+# images) for precision
+ROUND_ARGS = ("--quorum", "3", "--image-size", "32", "--epochs", "1", "--deadline", "300",
+              "--max-samples", "60")
 
 
 @dataclass
@@ -26,14 +29,16 @@ class TwoRounds:
 
 @pytest.fixture(scope="session")
 def two_rounds(tmp_path_factory, amqp_url, moto_endpoint, aws_env):
-    """An aggregator and three hospitals as OS processes, two encrypted FedAvg rounds (the
-    second with server learning rate 1.5 and no class balancing), every hospital having
-    evaluated round 2's model. Tests that stop the workers may; the store stays."""
+    """An aggregator and three hospitals as OS processes under the default (threshold)
+    profile: ``keys init`` runs the key ceremony through the hospitals, then two encrypted
+    FedAvg rounds (the second with server learning rate 1.5 and no class balancing), the
+    committee decrypting each, every hospital having evaluated round 2's model. Tests that
+    stop the workers may; the store stays."""
     cluster = Cluster(tmp_path_factory.mktemp("two-rounds"), amqp_url, new_bucket(moto_endpoint),
-                      new_namespace())
+                      new_namespace(), audit=True)  # test_iam_policies.py checks the S3 calls
     try:
-        keys = cluster.init_keys()
         cluster.make_data()
+        keys = cluster.init_keys()  # the hospitals start, then the ceremony runs through them
         cluster.start_all()
         first = cluster.start_round(*ROUND_ARGS)
         second = cluster.start_round(*ROUND_ARGS, "--server-lr", "1.5", "--balance", "none")

@@ -23,13 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from .ports import reusable_port
+
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -51,8 +47,9 @@ class RabbitNode:
                  channel_tick_ms: int | None = None, tls=None, cookie: str | None = None):
         self.base = Path(base_dir)
         self.name = f"cxrtest-{secrets.token_hex(4)}@localhost"
-        self.port = _free_port()
-        self.dist_port = _free_port()
+        # outside the ephemeral range: bound again after every restart (see ports.py)
+        self.port = reusable_port()
+        self.dist_port = reusable_port()
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -95,7 +92,7 @@ class RabbitNode:
     def _tls_config(self, pki) -> str:
         """An AMQPS listener on ``tls_port`` (127.0.0.1, and 127.0.0.2 for host-name tests)
         with ``pki``'s server certificate, requiring a client certificate from the same CA."""
-        self.tls_port = _free_port()
+        self.tls_port = reusable_port()
         return (f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}\n"
                 f"listeners.ssl.2 = 127.0.0.2:{self.tls_port}\n"
                 f"ssl_options.cacertfile = {pki.ca}\n"

@@ -33,12 +33,47 @@ def run_cli(args, work_dir, timeout=600):
 
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory):
+    """The default profile (threshold) against plaintext; ``--store`` keeps the objects (under
+    each run's prefix) for the tests to read."""
     out = tmp_path_factory.mktemp("demo") / "report"
     result = run_cli(["--hospitals", "3", "--rounds", "2", "--n", "150", "--image-size", "32",
-                      "--epochs", "1", *SMALL_MODEL, "--compare", "--json", "--report", str(out)],
-                     out.parent)
+                      "--epochs", "1", *SMALL_MODEL, "--compare", "--json", "--report", str(out),
+                      "--store", str(out.parent / "store")], out.parent)
     assert result.returncode == 0, result.stderr[-4000:]
     return out, result
+
+
+def test_the_default_run_is_threshold_end_to_end(compare_run):
+    """The key ceremony through the hospitals made the store's public context (the collective
+    key, no secret anywhere), and every round's model is what the committee decrypted."""
+    from cxr_mq import crypto, rounds, threshold_flow
+    from cxr_mq.demo import PrefixedStore
+    from cxr_mq.storage.local import LocalStore
+
+    out, result = compare_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["profile"] == report["settings"]["codec_profile"] == "threshold"
+    store = PrefixedStore(LocalStore(out.parent / "store"), report["settings"]["store_prefix"])
+    public = crypto.load_context(store.get_bytes("keys/public-context"))
+    assert public.profile == "threshold" and not public.has_secret_key
+    ceremony = report["ceremony"]
+    assert ceremony["fingerprint"] == public.fingerprint and ceremony["threshold"] == 2
+    assert ceremony["dealt"] == ceremony["kept"] == list(ceremony["parties"]) == HOSPITALS
+    assert public.ceremony_id == ceremony["ceremony_id"]
+    assert not list((out.parent).rglob("secret.ctx"))  # the demo made no secret key file
+    for row in report["rounds"]:
+        r, committee = row["round"], row["committee"]
+        assert json.loads(store.get_bytes(rounds.round_key(r)))["codec_profile"] == "threshold"
+        assert len(committee["active"]) == 2 and committee["partials"] == committee["active"]
+        assert committee["decrypted_by"] == HOSPITALS and committee["result"].endswith("decrypted")
+        outcomes = threshold_flow.outcomes(store, r)
+        assert {h: o["decrypted"] for h, o in outcomes.items()} == {h: True for h in HOSPITALS}
+        assert committee["model_from"] in HOSPITALS
+        # the committee decrypted the sample count, which no message carried in clear
+        assert row["total_samples"] == committee["total_samples"] > len(HOSPITALS)
+    # the live view's lines without a terminal: the ceremony, then each round's committee
+    assert f"key ceremony {ceremony['ceremony_id']}: 3/3 hospitals dealt" in result.stderr
+    assert result.stderr.count("committee: active hospital-") == 2
 
 
 def test_report_json_has_two_rounds_of_three_contributors(compare_run):
@@ -46,7 +81,7 @@ def test_report_json_has_two_rounds_of_three_contributors(compare_run):
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == "encrypted"
     assert report["settings"]["hospitals"] == 3 and report["settings"]["rounds"] == 2
-    assert report["settings"]["codec_profile"] in ("seed", "compact")
+    assert report["settings"]["codec_profile"] == "threshold"
     assert len(report["partition"]["hospitals"]) == 3
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     for row in report["rounds"]:
@@ -130,7 +165,9 @@ def test_plaintext_alone_runs_without_encryption(tmp_path):
     (["--n", "6", "--hospitals", "5"], "--hospitals"),
     (["--hospitals", "0"], "--hospitals"),
     (["--broker", "http://localhost"], "--broker"),
-], ids=["missing-data", "unknown-model", "more-hospitals-than-patients", "zero-hospitals", "bad-broker"])
+    (["--hospitals", "2"], "--hospitals"),  # the threshold committee decrypts sums of 3 or more
+], ids=["missing-data", "unknown-model", "more-hospitals-than-patients", "zero-hospitals", "bad-broker",
+        "threshold-below-the-committee-floor"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, flag):
     result = run_cli(args, tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]

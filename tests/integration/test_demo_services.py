@@ -1,5 +1,5 @@
-"""`cxr-mq demo --broker amqp://... --store s3://BUCKET`: the same demo on the real RabbitMQ and
-moto's S3+KMS server. Every object the run leaves is SSE-KMS encrypted, it stays under its own
+"""`cxr-mq demo --broker amqp://... --store s3://BUCKET`: the same demo (default profile:
+threshold, its ceremony and committee) on the real RabbitMQ and moto's S3+KMS server. Every object the run leaves is SSE-KMS encrypted, it stays under its own
 prefix (a bucket holding other rounds does not confuse it), and its broker namespace is gone
 afterwards.
 """
@@ -19,7 +19,7 @@ from cxr_mq.transport.rabbitmq import RabbitMQBroker
 
 pytestmark = pytest.mark.integration
 
-HOSPITALS = ["hospital-1", "hospital-2"]
+HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]  # the threshold committee's floor
 
 
 def test_demo_on_rabbitmq_and_s3(tmp_path, amqp_url, s3_settings):
@@ -32,7 +32,7 @@ def test_demo_on_rabbitmq_and_s3(tmp_path, amqp_url, s3_settings):
            "CXR_MQ_KMS_KEY_ID": s3_settings["kms_key_id"], "AWS_REGION": s3_settings["region"]}
     result = subprocess.run(
         [sys.executable, "-m", "cxr_mq.cli", "demo", "--broker", amqp_url,
-         "--store", f"s3://{s3_settings['bucket']}", "--hospitals", "2", "--rounds", "1",
+         "--store", f"s3://{s3_settings['bucket']}", "--hospitals", "3", "--rounds", "1",
          "--n", "100", "--image-size", "32", "--epochs", "1", "--model", "small-cnn", "--json"],
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -52,6 +52,13 @@ def test_demo_on_rabbitmq_and_s3(tmp_path, amqp_url, s3_settings):
         Bucket=s3_settings["bucket"]) for obj in page.get("Contents", [])]
     ours = {k[len(prefix):] for k in keys if k.startswith(prefix)}
     assert {"rounds/000001/round", "rounds/000001/state", "rounds/000001/aggregate"} <= ours, sorted(keys)
+    # the default profile over the real services: the key ceremony's objects, the collective
+    # public key as the run's public context, the committee's partials for round 1
+    ceremony = report["ceremony"]
+    assert settings["codec_profile"] == "threshold" and ceremony["kept"] == HOSPITALS
+    assert {f"keys/ceremony/{ceremony['ceremony_id']}/public", "keys/public-context"} <= ours
+    assert {f"rounds/1/committee/partials/{m}" for m in report["rounds"][0]["committee"]["active"]} <= ours
+    assert report["rounds"][0]["committee"]["decrypted_by"] == HOSPITALS
     # retention (the default): the individual updates went once the aggregate was announced
     assert not [k for k in ours if "/updates/" in k], sorted(keys)
     for key in keys:

@@ -89,7 +89,9 @@ def provisioned(moto_endpoint, aws_env):
     ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     given = {"aws_endpoint_url": moto_endpoint, "cxr_mq_aws_region": PROVISION_REGION, "provision_name": name,
              "cxr_mq_s3_bucket": f"{name}-bucket", "provision_hospitals": ["hospital-a", "hospital-b"],
-             "provision_ami_id": ami}
+             "provision_ami_id": ami,
+             # moto's server reports the lifecycle rule back at once: no 30 s of re-reading it
+             "provision_lifecycle_wait": False}
     args = ["-i", "localhost,", "provision.yml", "-e", json.dumps(given)]
     first = _playbook(args)
     assert not _failures(first), _failures(first)
@@ -159,8 +161,21 @@ def test_provisioned_roles_least_privilege(provisioned):
         role = f"{name}-hospital-{own}"
         statements = _role_policy(iam, role)
         puts = _resources(statements, "s3:PutObject")
-        assert puts and all(p.startswith(f"arn:aws:s3:::{bucket}/rounds/??????/updates/{own}") for p in puts), puts
-        assert not any(other in r or r.endswith("/*") for r in puts + _resources(statements, "s3:GetObject"))
+        gets = _resources(statements, "s3:GetObject")
+        # its own update, and (threshold profile) its own ceremony and committee objects; the
+        # round's active set is the one shared object (written once, If-None-Match)
+        # (and, since the IAM policies were checked against the workers' calls: its refusals
+        # of a round and their list, its evaluations, its reshare handovers to newcomers)
+        mine = re.compile(rf"arn:aws:s3:::{bucket}/(rounds/\?{{6}}/updates/{own}(\.msg|\.refused)?"
+                          rf"|hospitals/{own}/refusals|rounds/\?{{6}}/evaluations/{own}"
+                          rf"|keys/ceremony/\*/handover/{own}/\*"
+                          rf"|keys/ceremony/\*/(contributions|received)/{own}(\.sig)?|keys/ceremony/\*/shares/{own}/\*"
+                          rf"|rounds/\*/(keys|committee/(ready|partials|outcome))/{own}(\.sig)?"
+                          rf"|rounds/\*/committee/active(\.sig)?)$")
+        assert puts and all(mine.match(p) for p in puts), [p for p in puts if not mine.match(p)]
+        assert f"arn:aws:s3:::{bucket}/rounds/??????/updates/{own}" in puts
+        assert not any(other in r for r in puts + gets)
+        assert not any("/updates/*" in r for r in gets), "a hospital reads another's update"
         profile = iam.get_instance_profile(InstanceProfileName=role)["InstanceProfile"]
         assert [r["RoleName"] for r in profile["Roles"]] == [role]
     aggregator = _role_policy(iam, f"{name}-aggregator")
@@ -278,6 +293,10 @@ def sandbox(tmp_path_factory, moto_endpoint, aws_env, amqp_url):
         "cxr_mq_namespace": f"t{uuid.uuid4().hex[:10]}", "cxr_mq_metrics_port": 0,
         "cxr_mq_s3_bucket": bucket, "cxr_mq_kms_key_id": key_id, "cxr_mq_s3_endpoint_url": moto_endpoint,
         "cxr_mq_aws_region": aws_env["AWS_REGION"],
+        # compact: this sandbox checks the vault secret's path to the hospital (issue 10 item
+        # 10); services are not managed here, so the threshold profile's ceremony (a task on
+        # the controller, tests/unit/test_deploy_assets.py) would be skipped anyway
+        "cxr_mq_codec_profile": "compact",
     }
     # The secret reaches the hospital host only (the aggregator's guard refuses to see it).
     (root / "host_vars").mkdir()
@@ -400,7 +419,7 @@ def test_sandbox_aggregator_unit_starts_and_connects(sandbox, moto_endpoint, aws
     # The key ceremony's public context in the bucket, where the aggregator reads it.
     keys_env = {**os.environ, **aws_env, **{k: v for k, v in unit_env.items() if k.startswith("CXR_MQ_S3") or k.startswith("CXR_MQ_KMS")}}
     ceremony = subprocess.run([str(BIN / "cxr-mq"), "--config", str(root / "aggregator/etc/cxr-mq/config.toml"),
-                               "keys", "init", "--out", str(root / "ceremony")],
+                               "keys", "init", "--profile", "compact", "--out", str(root / "ceremony")],
                               env=keys_env, capture_output=True, text=True, timeout=300)
     assert ceremony.returncode == 0, ceremony.stderr[-3000:]
     # What systemd would run: the unit's environment plus the instance-profile credentials.

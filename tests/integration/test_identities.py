@@ -85,8 +85,10 @@ def federation(tmp_path, amqp_url, s3_settings):
     sfx = uuid.uuid4().hex[:8]
     h1, h2, h3 = (f"{h}-{sfx}" for h in ("h1", "h2", "h3"))
     namespace = f"t{sfx}"
+    # compact: this module is about broker users and identities, not the codec profile (the threshold
+    # profile's ceremony and committee are test_round.py's and test_threshold_rounds.py's)
     cluster = Cluster(tmp_path, amqp_url, s3_settings, namespace, hospitals=(h1, h2, h3),
-                      controller_id=f"ctl-{sfx}", aggregator_id=f"agg-{sfx}")
+                      controller_id=f"ctl-{sfx}", aggregator_id=f"agg-{sfx}", profile="compact")
     users = BrokerUsers(namespace)
     try:
         # the admin (guest) declares the topology; nobody else may
@@ -254,6 +256,24 @@ def test_forged_replayed_redirected_and_impersonating_updates_are_refused(federa
     assert [a["hospital"] for a in state2["accepted"]] == [h3]
     assert cluster.state(round1)["accepted"] == state["accepted"]  # round 1 untouched
 
+    # the aggregator's broker password, say stolen by h3, is not the aggregator's key: a
+    # model_ready that h3 signs and sends with that login is refused by each running hospital
+    record1 = json.loads(cluster.get(rounds.round_key(round1)))
+    forged_ready = identity.sign(messages.make(
+        "model_ready", round=round1, key=rounds.aggregate_key(round1),
+        sha256=state["accepted"][0]["sha256"], contributors=[h1, h2, h3], total_samples=state["total_samples"],
+        n_params=record1["n_params"], key_fingerprint=record1["key_fingerprint"], metrics={},
+        finished_at=time.time()), cluster.identities[h3])
+    _publish(cluster, cluster.aggregator_id, messages.encode(forged_ready), routing_key="model_ready")
+    wrong_role = (f"wrong role: model_ready from '{h3}', registered as hospital; only the aggregator "
+                  "role may send it")
+    taken, deadline = [], time.monotonic() + 60
+    while len(taken) < 2 and time.monotonic() < deadline:  # h1's and h2's, with the same body
+        taken += cluster.dead_letters()
+        time.sleep(0.3)
+    assert [d["headers"][REASON_HEADER] for d in taken] == [wrong_role] * 2
+    assert all(d["headers"][USER_HEADER] == cluster.aggregator_id for d in taken)
+
     # cxr-mq status shows every refusal with its reason, under the round it claimed
     rows = {row["round"]: row for row in cluster.status()}
     reasons1 = [r["reason"] for r in rows[round1]["refused"]]
@@ -261,8 +281,12 @@ def test_forged_replayed_redirected_and_impersonating_updates_are_refused(federa
         assert sum(bool(re.search(pattern, r)) for r in reasons1) == 1, (pattern, reasons1)
     assert [r["reason"] for r in rows[round2]["refused"]] == [
         f"bad signature on update_ready from '{h1}'"]
+    by_hospitals = sorted((r["hospital"], r["message"], r["reason"], r["broker_user"])
+                          for r in rows[round1]["refused_by_hospitals"])
+    assert by_hospitals == [(h, "model_ready", wrong_role, cluster.aggregator_id) for h in (h1, h2)]
     text = cluster.cli("status").stdout
     assert f"refused {h1}: broker user '{h3}' published a update_ready signed by '{h1}'" in text
+    assert f"{h2} refused model_ready: {wrong_role}" in text
     # and the honest hospitals went on: each applied round 1's model
     cluster.wait_for_event(h1, "global_model_evaluated", round=round1)
 

@@ -45,8 +45,8 @@ def _settings(s3_settings, **extra):
 
 
 def test_keys_init_kms_wrap_loads_transparently_and_the_wrong_key_is_refused(tmp_path, s3_settings, kms):
-    result = CliRunner().invoke(main, ["keys", "init", "--out", str(tmp_path), "--no-upload",
-                                       "--kms-wrap"], env=_env(s3_settings))
+    result = CliRunner().invoke(main, ["keys", "init", "--profile", "compact", "--out", str(tmp_path),
+                                       "--no-upload", "--kms-wrap"], env=_env(s3_settings))
     assert result.exit_code == 0, result.output
     made = json.loads(result.output)
     secret = tmp_path / "secret.ctx"

@@ -48,8 +48,10 @@ def _bucket(endpoint: str) -> dict:
 
 
 def _start(tmp, amqp_url: str, endpoint: str, before_workers=None) -> Cluster:
+    # compact: this module is about limits on messages and objects, not the codec profile (the threshold
+    # profile's ceremony and committee are test_round.py's and test_threshold_rounds.py's)
     cluster = Cluster(tmp, amqp_url, _bucket(endpoint), f"t{uuid.uuid4().hex[:10]}", HOSPITALS,
-                      synthetic=True)
+                      synthetic=True, profile="compact")
     cluster.init_keys()
     if before_workers:
         before_workers(cluster)

@@ -29,8 +29,10 @@ KEEP_ONE = {"CXR_MQ_KEEP_PLAINTEXT_UPDATES": "1"}
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, amqp_url, s3_settings_module):
+    # compact: this module is about retention (with a KMS-wrapped secret key file), not the codec profile (the threshold
+    # profile's ceremony and committee are test_round.py's and test_threshold_rounds.py's)
     cluster = Cluster(tmp_path_factory.mktemp("retention"), amqp_url, s3_settings_module,
-                      f"t{uuid.uuid4().hex[:10]}", HOSPITALS, synthetic=True, retain=False)
+                      f"t{uuid.uuid4().hex[:10]}", HOSPITALS, synthetic=True, retain=False, profile="compact")
     cluster.init_keys()
     # the hospitals' secret key is KMS-wrapped in place, as a deployment keeps it at rest
     secret = str(cluster.keys_dir / "secret.ctx")

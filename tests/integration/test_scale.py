@@ -136,10 +136,43 @@ def test_a_stale_aggregator_cannot_overwrite_the_round_record(kind, tmp_path, re
     assert RoundState.load(store, 3).contributors == ["h1", "h2"]
 
 
+def test_a_round_claimed_by_a_killed_controller_shows_as_abandoned_after_its_deadline(
+        tmp_path, amqp_url, moto_endpoint, aws_env):
+    """A controller SIGKILLed between claiming round 1's number and publishing its
+    ``round_start`` leaves a round record no aggregator will ever see: ``status`` shows it as
+    ``started`` until its deadline, then ``abandoned`` with the reason, and the next
+    ``start-round`` opens round 2."""
+    cluster = _synthetic_federation(tmp_path, amqp_url, moto_endpoint)
+    try:
+        # the deadline is set just before the claim, the crash follows it at once: 8 s leave the
+        # in-process status below several seconds to read the record; then the test waits them out
+        killed = cluster.cli("start-round", "--json", "--deadline", "8", "--synthetic-params",
+                             SYNTHETIC_PARAMS, check=False,
+                             env={**cluster.env, "CXR_MQ_FAULTS": "crash:controller.after_claim"})
+        assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
+        (row,) = controller.status(cluster.store())  # in process: well within the deadline
+        assert (row["round"], row["state"], row["reason"]) == (1, "started", None), row
+        while time.time() <= row["deadline"]:
+            time.sleep(0.2)
+        (row,) = cluster.status()
+        assert row["state"] == "abandoned", row
+        assert row["reason"].startswith("no aggregator record by the round's deadline"), row
+        assert cluster.open_round("--deadline", "60", "--synthetic-params", SYNTHETIC_PARAMS) == 2
+        states = {r["round"]: r["state"] for r in cluster.status()}
+        assert states == {1: "abandoned", 2: "started"}, states
+    finally:
+        from cxr_mq.transport.rabbitmq import RabbitMQBroker
+        broker = RabbitMQBroker(amqp_url, Topology(cluster.namespace), reconnect_for=10)
+        broker.delete_topology(cluster.hospitals)
+        broker.close()
+
+
 # -- item 1: the controller survives broker restarts ------------------------------------------
 def _synthetic_federation(tmp_path, amqp_url: str, endpoint: str, hospitals=("h1", "h2")) -> Cluster:
+    # compact: this module is about scale (and runs rounds of two hospitals), not the codec profile (the threshold
+    # profile's ceremony and committee are test_round.py's and test_threshold_rounds.py's)
     cluster = Cluster(tmp_path, amqp_url, _bucket(endpoint), f"t{uuid.uuid4().hex[:10]}",
-                      hospitals, synthetic=True)
+                      hospitals, synthetic=True, profile="compact")
     cluster.env["CXR_MQ_MIN_CLIENTS_FLOOR"] = "1"  # two hospitals: rounds below the default floor of 3
     cluster.init_keys()
     return cluster
@@ -364,3 +397,93 @@ def test_bench_federation_smoke(amqp_url, moto_endpoint, aws_env):
         assert figures["aggregator_peak_rss_mb"] > 0 and figures["bytes_moved"]["total"] > 0
     assert result["rounds"][1]["bytes_moved"]["base_down"] == 0  # round 2 starts from round 1's model
     assert "| 3 | 3,000 | 2 |" in bench_federation.table(result)
+
+
+# -- item 6 step 1: the aggregator fetches the next updates while it adds one -----------------
+def test_look_ahead_still_refuses_bad_updates_between_good_ones_and_sums_byte_identically(
+        tmp_path, amqp_url, moto_endpoint, aws_env):
+    """Three bad ``update_ready`` messages from h4, queued between h1's, h2's and h3's, reach
+    the aggregator in one prefetch window, so each is seen (and, where it passes the cheap
+    checks, fetched) ahead while another is summed: a hash-correct copy of h1's upload under
+    h4's key (the binding check refuses it after the prefetch succeeded), one whose object
+    does not hash to what its message says (the prefetch fails; the handler's own fetch
+    refuses it) and one with a broken signature (never fetched). The round completes from
+    the three honest updates, each summed from its prefetched copy, to the aggregate a
+    fault-free run gives."""
+    import hashlib
+    import re
+
+    from cxr_mq import messages
+    from cxr_mq.transport.base import REASON_HEADER
+
+    # compact: the look-ahead is the same for every profile, and h4 must not run (with the
+    # threshold profile init_keys starts every hospital for the key ceremony)
+    cluster = Cluster(tmp_path, amqp_url, _bucket(moto_endpoint), f"t{uuid.uuid4().hex[:10]}",
+                      ("h1", "h2", "h3", "h4"), synthetic=True, profile="compact")
+    cluster.init_keys()
+    assert not cluster.running("h4")
+    queue = f"{cluster.namespace}.aggregator"
+    try:
+        cluster.start_aggregator(env={"CXR_MQ_AGGREGATOR_PREFETCH": "3"})
+        cluster.wait_for_event("aggregator", "worker_started", timeout=120)
+        round_no = cluster.open_round("--quorum", "3", "--min-clients", "3", "--deadline", "300",
+                                      "--synthetic-params", SYNTHETIC_PARAMS)
+        cluster.wait_for_event("aggregator", "round_opened", round=round_no, timeout=120)
+        assert cluster.terminate("aggregator") == 0  # the updates queue up meanwhile
+        for hospital in ("h1", "h2", "h3"):
+            cluster.start_hospital(hospital)
+        deadline = time.monotonic() + 180
+        while cluster.queue_depths()[queue] < 3:
+            assert time.monotonic() < deadline, cluster.queue_depths()
+            time.sleep(0.3)
+        honest = {messages.decode(m["body"])["hospital"]: m["body"] for m in cluster.drain(queue)}
+        assert sorted(honest) == ["h1", "h2", "h3"]
+
+        template = messages.decode(honest["h1"])
+        key = rounds.update_key(round_no, "h4")  # the one place h4's update may live
+        copy = cluster.get(rounds.update_key(round_no, "h1"))  # bound to (round, h1)
+        cluster.put(key, copy)
+
+        def h4(**fields) -> dict:
+            unsigned = {k: v for k, v in template.items() if k not in ("signer", "signature")}
+            return identity.sign({**unsigned, "hospital": "h4", "key": key, "size": len(copy),
+                                  "sent_at": time.time(), **fields}, cluster.identities["h4"])
+        replayed = h4(sha256=hashlib.sha256(copy).hexdigest())
+        mismatched = h4(sha256=hashlib.sha256(copy + b"!").hexdigest())
+        forged = {**h4(sha256=hashlib.sha256(copy).hexdigest()), "n_samples": 10 ** 6}
+        bad = {"replayed": messages.encode(replayed), "mismatched": messages.encode(mismatched),
+               "forged": messages.encode(forged)}
+        order = [honest["h1"], bad["replayed"], honest["h2"], bad["mismatched"], bad["forged"],
+                 honest["h3"]]
+        for body in order:
+            cluster.publish_raw("update_ready", body)
+        assert cluster.queue_depths()[queue] == len(order)
+
+        mark = cluster.mark("aggregator")
+        cluster.start_aggregator(env={"CXR_MQ_AGGREGATOR_PREFETCH": "3"})
+        state = cluster.wait_finished(round_no, timeout=180)
+        assert state["status"] == "complete", state
+        assert [a["hospital"] for a in state["accepted"]] == ["h1", "h2", "h3"]
+        assert state["timings"]["prefetched_updates"] == 3, state["timings"]
+        assert cluster.get(state["model_key"]) == cluster.fault_free_aggregate(
+            round_no, ["h1", "h2", "h3"])
+
+        letters = []
+        deadline = time.monotonic() + 30
+        while len(letters) < 3 and time.monotonic() < deadline:
+            letters += cluster.dead_letters()
+            time.sleep(0.3)
+        reasons = {letter["body"]: letter["headers"][REASON_HEADER] for letter in letters}
+        assert len(letters) == 3 and set(reasons) == set(bad.values()), reasons
+        assert re.match(r"^unbound update: .*h1", reasons[bad["replayed"]]), reasons
+        assert re.match(r"^sha256 mismatch", reasons[bad["mismatched"]]), reasons
+        assert re.match(r"^bad signature on update_ready from 'h4'", reasons[bad["forged"]]), reasons
+        refused = {(r["hospital"], r["reason"].split(":")[0]) for r in state["refused"]}
+        assert refused == {("h4", "unbound update"), ("h4", "sha256 mismatch")}, state["refused"]
+        assert not cluster.find_events("aggregator", "prepare_failed", after=mark)
+    finally:
+        cluster.stop_all()
+        from cxr_mq.transport.rabbitmq import RabbitMQBroker
+        broker = RabbitMQBroker(amqp_url, Topology(cluster.namespace), reconnect_for=10)
+        broker.delete_topology(cluster.hospitals)
+        broker.close()

@@ -1,12 +1,13 @@
 """Threshold rounds with real processes over the real RabbitMQ and moto's S3/KMS: the key
-ceremony through the running hospital workers (``cxr-mq keys init --threshold 2``), then
+ceremony through the running hospital workers, started without a key (``cxr-mq keys init
+--threshold 2``), then
 rounds under fresh keys where the committee decrypts the key sum; n - t hospitals killed
 after uploading do not stop a round; fewer than t alive make it undecryptable (``start-round
 --wait`` exits 1 with the reason, ``status`` shows it), and the next round completes."""
 from __future__ import annotations
 
 import json
-import re
+import signal
 import subprocess
 import sys
 import time
@@ -35,13 +36,14 @@ def test_threshold_rounds_survive_dropouts_over_rabbitmq(tmp_path, amqp_url, s3_
     cluster = Cluster(tmp_path, amqp_url, s3_settings, f"t{uuid.uuid4().hex[:10]}", HOSPITALS, synthetic=True)
     cluster.env["CXR_MQ_COMMITTEE_TIMEOUT"] = "8"
     store = cluster.store()
-    round_args = ("--max-samples", "200", "--deadline", "120")
+    # a synthetic first model, as the hospitals train synthetically: start-round builds no
+    # Keras model (its TensorFlow import took 4-8 s of the test)
+    round_args = ("--max-samples", "200", "--deadline", "120", "--synthetic-params", "20000")
     try:
-        cluster.init_keys()  # the single-key context the workers start with, and the identities
-        cluster.start_all()
-        ceremony = json.loads(cluster.cli("keys", "init", "--threshold", "2", "--timeout", "120").stdout)
+        # a first rollout: the hospital workers start without a key, the ceremony runs through
+        # them and they adopt its public key; the aggregator starts on it
+        ceremony = cluster.init_keys("--threshold", "2", "--timeout", "120")
         assert ceremony["profile"] == "threshold" and ceremony["threshold"] == 2
-        cluster.stop_all()  # the workers restart on the new public context
         cluster.start_all()
 
         code, result = cluster.start_round(*round_args)
@@ -54,22 +56,24 @@ def test_threshold_rounds_survive_dropouts_over_rabbitmq(tmp_path, amqp_url, s3_
         cluster.kill("h3")
         _wait(lambda: _decrypted(store, 2) == ["h1", "h2"], "round 2's committee")
 
-        # two die after uploading: one member left, fewer than t: undecryptable, exit 1
-        cluster.start_hospital("h3")
+        # two die after uploading, before round 3's model_ready: one member left, fewer than t:
+        # undecryptable, exit 1. Each kills itself right after publishing its update (a crash
+        # point): killed from here once all three updates were accepted, they had volunteered
+        # and answered already whenever this process came 1.5 s late, and round 3 was decrypted
+        assert cluster.terminate("h2") == 0
+        for hospital in ("h2", "h3"):
+            cluster.start_hospital(hospital, env={"CXR_MQ_FAULTS": "crash:hospital.after_publish"})
         waiting = subprocess.Popen([sys.executable, "-m", "cxr_mq.cli", "start-round", "--wait", "--json",
                                     "--committee-timeout", "60", *round_args], env=cluster.env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait(lambda: _accepted(store, 3) == set(HOSPITALS), "the aggregator accepting round 3's updates")
-        cluster.kill("h2")
-        cluster.kill("h3")
+        for hospital in ("h2", "h3"):
+            assert cluster.wait_exit(hospital, timeout=240) == -signal.SIGKILL
         out, err = waiting.communicate(timeout=240)
         assert waiting.returncode == 1, (out, err[-3000:])
         result = json.loads(out.strip().splitlines()[-1])
-        # which reason depends on whether the active set was chosen before the kills (a chosen
-        # member that died never answers) or after (too few members alive to choose one)
+        assert _accepted(store, 3) == set(HOSPITALS)  # their updates were in before they died
         assert result["status"] == "undecryptable", result
-        assert ("only 1 of the 2 committee members" in result["reason"]
-                or re.search(r"active member\(s\) h[23](, h[23])? did not answer", result["reason"])), result
+        assert "only 1 of the 2 committee members" in result["reason"], result
         rows = {row["round"]: row for row in json.loads(cluster.cli("status", "--json").stdout)}
         assert rows[3]["state"] == "undecryptable"
 

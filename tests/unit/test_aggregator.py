@@ -249,3 +249,44 @@ def test_a_restarted_aggregator_restores_open_rounds_and_announces_finished_ones
     fed.aggregator()
     assert [m["schema"] for m in fed.announced("h1")] == ["model_ready"], \
         "a completed, unannounced round was not announced after a restart"
+
+
+def test_a_round_naming_a_new_context_loads_it_from_the_store_and_an_unknown_one_is_aborted(fed):
+    """A key ceremony (or a new ``keys init``) while the aggregator runs: the round that
+    names the new context is summed under it, read from the store, without a restart; a
+    round naming a context the store does not hold is aborted with the reason, and the
+    aggregator goes on."""
+    from cxr_mq import crypto
+
+    agg = fed.aggregator()
+    fed.open_round(round_no=1, quorum=1, min_clients=1, key_fingerprint="f" * 64)
+    fed.drain(agg)
+    state = fed.state(1)
+    assert state.status == ABORTED and "the aggregator cannot add its updates: context ffffffffffffffff… is not " \
+        "held here and the store has no usable public context" in state.reason
+    assert [m["schema"] for m in fed.announced()] == ["round_start", "round_aborted"]
+
+    pair = crypto.generate_keys("compact")
+    fed.store.put_bytes("keys/public-context", pair.public)
+    new = crypto.load_context(pair.secret)
+    fed.open_round(round_no=2, quorum=2, key_fingerprint=new.fingerprint)
+    for i, hospital in enumerate(("h1", "h2")):
+        buf = io.BytesIO()
+        bound.write_header(buf, 2, hospital)
+        new.encrypt_update(_weights(i), 10 + i, buf)
+        info = fed.store.put_bytes(rounds.update_key(2, hospital), buf.getvalue())
+        fed.publish(fed.sign(messages.make(
+            "update_ready", round=2, hospital=hospital, key=info.key, sha256=info.sha256, size=info.size,
+            n_samples=10 + i, n_params=N_PARAMS, key_fingerprint=new.fingerprint, metrics={}, sent_at=fed.now)))
+    fed.drain(agg)
+    state = fed.state(2)
+    assert state.status == COMPLETE, state.reason
+    raw = fed.store.get_bytes(state.model_key, sha256=state.model_sha256)
+    average = new.decrypt_aggregate(io.BytesIO(raw), state.total_samples)
+    assert np.max(np.abs(average - _fedavg((_weights(0), 10), (_weights(1), 11)))) < 1e-6
+    assert agg.codec.fingerprint == new.fingerprint
+
+    fed.open_round(round_no=3, quorum=1, min_clients=1, key_fingerprint="e" * 64)  # the store holds another
+    fed.drain(agg)
+    assert fed.state(3).status == ABORTED
+    assert f"and the store's public context (keys/public-context) is {new.fingerprint[:16]}…" in fed.state(3).reason

@@ -273,7 +273,7 @@ def _one(unit, section, key) -> str:
 
 
 def test_hospital_unit_template():
-    variables = _host_vars("common", "hospital")
+    variables = _host_vars("common", "hospital", cxr_mq_codec_profile="compact")
     unit = _unit(_render(ROLES / "hospital/templates/cxr-mq-hospital.service.j2", variables))
     service = unit["Service"]
     assert _one(unit, "Service", "Restart") == "on-failure"
@@ -287,6 +287,29 @@ def test_hospital_unit_template():
     assert argv[argv.index("--id") + 1] == "hospital-a" and "--data" in argv
     assert not any("amqp" in a or "p@ss" in a or a == "--secret-context" for a in argv), "secret on the command line"
     assert _one(unit, "Install", "WantedBy") == "multi-user.target"
+
+
+def test_threshold_hospitals_get_no_secret_and_the_ceremony_runs_before_the_aggregator():
+    """The default profile: no secret context in the hospital's unit nor installed; the
+    aggregator play runs the key ceremony (keys init --if-absent, on the controller) before its
+    roles, after the hospital play has started the hospitals."""
+    variables = _host_vars("common", "hospital")
+    assert variables["cxr_mq_codec_profile"] == "threshold"
+    text = _render(ROLES / "hospital/templates/cxr-mq-hospital.service.j2", variables)
+    assert "CXR_MQ_SECRET_CONTEXT" not in text and "secret.ctx" not in text
+    main = _tasks(_load(ROLES / "hospital/tasks/main.yml"))
+    install = [t for t in main if t.get("ansible.builtin.import_tasks") == "secret.yml"]
+    assert install and install[0]["when"] == "cxr_mq_codec_profile != 'threshold'"
+    plays = _load(ANSIBLE / "site.yml")
+    order = [play["hosts"] for play in plays]
+    assert order.index("hospital") < order.index("aggregator")
+    pre = _plays()["aggregator"]["pre_tasks"]
+    assert [t["ansible.builtin.import_role"].get("tasks_from") for t in pre] == ["guard.yml", "ceremony.yml"]
+    ceremony = _tasks(_load(ROLES / "controller/tasks/ceremony.yml"))
+    assert len(ceremony) == 1 and ceremony[0]["run_once"] is True
+    argv = ceremony[0]["ansible.builtin.command"]["argv"]
+    assert "keys init --if-absent" in argv[2] and "amqp" not in " ".join(map(str, argv))
+    assert "cxr_mq_codec_profile == 'threshold'" in ceremony[0]["when"]
 
 
 def test_aggregator_unit_template_has_no_secret():

@@ -93,8 +93,34 @@ def test_a_round_start_under_another_key_is_dead_lettered(fed, data_dir, trainin
     fed.publish(messages.validate(message))
     fed.drain(hospital)
     dead = [d for d in fed.dead_letters() if d["queue"] == fed.topology.hospital_queue("h1")]
-    assert len(dead) == 1 and "uses key ffffffffffffffff" in dead[0]["reason"], dead
+    assert len(dead) == 1 and "cannot take part: context ffffffffffffffff… is not held here" in dead[0]["reason"], dead
     assert training_starts == [] and _updates_published(fed) == []
+
+
+def test_a_round_naming_a_context_the_hospital_cannot_use_is_refused_with_the_reason(fed, data_dir, training_starts):
+    """A new context in the store, named by a round, is taken only if this hospital can use
+    it: a threshold one needs its committee share, a single-key one its secret file."""
+    from cxr_mq import crypto
+    from cxr_mq.crypto.ceremony import CeremonyParams, run_local
+    from cxr_mq.crypto.threshold import ThresholdCodec
+
+    hospital = fed.hospital("h1", data_dir)
+    params = CeremonyParams("fed", ("h1", "h2", "h3"), 2, "c-9")
+    committee = ThresholdCodec(run_local(params)[0], federation="fed", parties=params.parties, threshold=2,
+                               ceremony_id="c-9")
+    single = crypto.load_context(crypto.generate_keys("compact").public)
+    for round_no, codec in ((1, committee), (2, single)):
+        fed.store.put_bytes("keys/public-context", codec.public_bytes())
+        fed.open_round(round_no=round_no, quorum=1, key_fingerprint=codec.fingerprint)
+        fed.drain(hospital)
+    reasons = [d["reason"] for d in fed.dead_letters() if d["queue"] == fed.topology.hospital_queue("h1")]
+    assert reasons == [
+        f"round 1: hospital h1 cannot take part: context {committee.fingerprint[:16]}… (threshold): hospital h1 "
+        "holds no committee share of ceremony 'c-9' (was it a party, and running during the ceremony?)",
+        f"round 2: hospital h1 cannot take part: context {single.fingerprint[:16]}… (compact): a compact context "
+        "needs its secret context file: restart hospital h1 with it (--secret-context)"], reasons
+    assert hospital.codec.fingerprint == fed.secret.fingerprint and training_starts == []
+    assert "holds no committee share" in rounds.hospital_refusals(fed.store, 1)[0]["reason"]
 
 
 def test_a_round_for_other_hospitals_or_already_finished_is_acked_without_training(fed, data_dir, training_starts):
@@ -150,6 +176,17 @@ def test_forged_redirected_or_stale_outcomes_are_refused_before_decrypting(fed, 
     dead = [d["reason"] for d in fed.dead_letters() if d["queue"] == fed.topology.hospital_queue("h1")]
     assert dead == [reason for *_, reason in cases]
     assert training_starts == [] and hospital._applied_model is None
+    # and `cxr-mq status` shows each, with its reason, under the round it claimed; an
+    # undecodable one under "malformed"
+    fed.publish(ready, body=b"\xc1 not msgpack", login="aggregator")
+    fed.drain(hospital)
+    rows = {row["round"]: row for row in controller.status(fed.store, now=fed.now)}
+    shown = [(r["hospital"], r["message"], r["reason"]) for n in (1, 2) for r in rows[n]["refused_by_hospitals"]]
+    assert shown == [("h1", "model_ready", reason) for *_, reason in cases]
+    assert rows[1]["refused_by_hospitals"][0]["broker_user"] == "aggregator"
+    (garbage,) = rows[0]["refused_by_hospitals"]
+    assert rows[0]["state"] == "malformed" and garbage["message"] == "undecodable message"
+    assert garbage["reason"].startswith("not msgpack")
 
 
 def test_a_round_it_cannot_train_for_is_dead_lettered_once_with_the_reason(fed, tmp_path, training_starts):
@@ -173,3 +210,67 @@ def test_a_round_it_cannot_train_for_is_dead_lettered_once_with_the_reason(fed, 
     assert training_starts == [] and _updates_published(fed) == []
     left = list(fed.server.queue(fed.topology.hospital_queue("h1")).messages)
     assert left == [], ("round_start was requeued", [(m.routing_key, m.headers) for m in left])
+
+
+def test_the_hospital_trains_with_the_local_options_round_start_carries(fed, data_dir, monkeypatch):
+    """local_optimizer, local_momentum, epoch_fraction and logit_adjust travel in round_start
+    and are what the hospital trains with: SGD with that momentum, that many steps, the local
+    prior in the loss."""
+    seen = []
+    real = training.train_local
+
+    def spy(model, data, params, **kwargs):
+        out = real(model, data, params, **kwargs)
+        seen.append((params, type(model.optimizer).__name__, float(getattr(model.optimizer, "momentum", -1)),
+                     int(model.optimizer.iterations.numpy()), training.local_steps_per_epoch(params, data.n_train),
+                     model._cxr_mq_terms.log_prior.numpy().copy(), training.local_log_prior(data)))
+        return out
+    monkeypatch.setattr(training, "train_local", spy)
+    params = training.TrainingParams(**{**PARAMS.to_dict(), "local_optimizer": "sgd", "local_momentum": 0.5,
+                                        "epoch_fraction": 0.5, "logit_adjust": 2.0, "epochs": 2})
+    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=params,
+                                      min_clients_floor=1)
+    controller.open_round(fed.control, fed.store, fed.public, request, fed.identities["controller"],
+                          clock=fed.clock)
+    fed.drain(fed.hospital("h1", data_dir))
+    assert len(seen) == 1
+    got, optimizer, momentum, steps, per_epoch, log_prior, local_prior = seen[0]
+    assert got == params and optimizer == "SGD" and momentum == 0.5
+    assert steps == 2 * per_epoch == 2 * int(np.ceil(0.5 * np.ceil(_n_train(data_dir) / 8)))
+    assert np.allclose(log_prior, 2.0 * local_prior) and np.any(log_prior)
+    assert [(u["round"], u["hospital"]) for u in _updates_published(fed)] == [(1, "h1")]
+
+
+def _n_train(data_dir) -> int:
+    """Training images the hospital holds (its local split, as LocalData makes it)."""
+    return training.LocalData.from_dir(data_dir, PARAMS).n_train
+
+
+def test_fedsgd_draws_come_from_a_secret_kept_across_restarts(fed, data_dir, monkeypatch):
+    """FedSGD: a hospital's minibatch draws are CSPRNG-seeded, and its epoch permutations
+    (shuffle_rounds) come from 128 random bits it keeps in its work dir (mode 0600): the same
+    after a restart mid-epoch, another hospital's different, nothing in round_start to predict
+    them from."""
+    seen = []
+    real = training.train_local
+
+    def spy(model, data, params, **kwargs):
+        seen.append((kwargs["rng"], kwargs["epoch_rng"]))
+        return real(model, data, params, **kwargs)
+    monkeypatch.setattr(training, "train_local", spy)
+    params = training.TrainingParams(**{**PARAMS.to_dict(), "strategy": "fedsgd", "lr": 1.0,
+                                        "balance": "none", "shuffle_rounds": 2})
+    request = controller.RoundRequest(quorum=1, min_clients=1, deadline_seconds=60, training=params,
+                                      min_clients_floor=1)
+    controller.open_round(fed.control, fed.store, fed.public, request, fed.identities["controller"],
+                          clock=fed.clock)
+    fed.drain(fed.hospital("h1", data_dir))
+    secret = fed.root / "work" / "h1" / "sampling-secret"
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_text().strip()) == 32
+    (rng, epoch_rng), = seen
+    restarted = fed.hospital("h1", data_dir)._sampling_secret()
+    other = fed.hospital("h2", data_dir)._sampling_secret()
+    assert restarted == int(secret.read_text(), 16) != other
+    assert np.array_equal(epoch_rng(5).permutation(50), np.random.default_rng([restarted, 5]).permutation(50))
+    assert not np.array_equal(epoch_rng(5).permutation(50), np.random.default_rng([other, 5]).permutation(50))
+    assert rng.bit_generator.seed_seq.entropy.bit_length() > 64  # not params.seed and the round

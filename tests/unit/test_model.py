@@ -193,6 +193,21 @@ def test_local_steps_fix_the_step_count(tiny_data):
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-5, rel=1e-3)
 
 
+def test_epoch_fraction_and_local_sgd(tiny_data):
+    """epoch_fraction f: ceil(f * batches) steps per local epoch from a repeating shuffle;
+    local_optimizer sgd: a fresh SGD with the asked momentum, recompiled only on a change."""
+    batches = int(np.ceil(tiny_data.n_train / 8))
+    assert batches >= 2
+    params = TrainingParams(**{**TINY.to_dict(), "epochs": 3, "epoch_fraction": 0.5,
+                               "local_optimizer": "sgd", "local_momentum": 0.5})
+    model = build_model(params)
+    train_local(model, tiny_data, params)
+    assert type(model.optimizer).__name__ == "SGD" and float(model.optimizer.momentum) == 0.5
+    assert int(model.optimizer.iterations.numpy()) == 3 * int(np.ceil(0.5 * batches))
+    train_local(model, tiny_data, TrainingParams(**{**TINY.to_dict(), "epochs": 1}))  # back to Adam
+    assert type(model.optimizer).__name__ == "Adam" and int(model.optimizer.iterations.numpy()) == batches
+
+
 def test_bench_federated_command_writes_json(tmp_path):
     """``cxr-mq bench-federated`` forwards its options; --federated-only skips the central run."""
     import json
@@ -206,11 +221,136 @@ def test_bench_federated_command_writes_json(tmp_path):
         "bench-federated", "--n", "36", "--hospitals", "2", "--alpha", "1.0", "--rounds", "1",
         "--plaintext", "--classes", "binary", "--model", "small-cnn", "--image-size", "32",
         "--server-lr", "1.5", "--federated-only", "--json", str(out),
+        "--strategy", "fedavg:epoch_fraction=0.5,local_optimizer=sgd,lr=0.05,batch_size=4",
     ])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["central"] is None and data["accuracy_gap_points"] is None
     assert data["setup"]["server_lr"] == 1.5 and data["setup"]["total_epochs"] == 1
+    # half a local epoch per round: two rounds make central's one epoch
+    assert data["setup"]["rounds"] == 2 and len(data["federated"]["history"]) == 2
+    assert data["setup"]["strategy_params"] == {"epoch_fraction": 0.5, "local_optimizer": "sgd", "lr": 0.05,
+                                                "batch_size": 4}
+    assert isinstance(data["setup"]["strategy_params"]["batch_size"], int) and data["setup"]["batch_size"] == 16
     assert 0.0 <= data["federated"]["summary"]["accuracy"] <= 1.0
     bad = CliRunner().invoke(main, ["bench-federated", "--server-lr", "0"])
     assert bad.exit_code == 2 and "server_lr" in bad.output
+    for spec, field in (("fedavg:epoch_fraction=0.3", "epoch_fraction"), ("fedavg:local_optimizer=lbfgs",
+                                                                         "local_optimizer"),
+                        ("fedavg:batch_size=2.5", "batch_size"), ("fedavg:bogus=1", "bogus")):
+        bad = CliRunner().invoke(main, ["bench-federated", "--rounds", "1", "--strategy", spec])
+        assert bad.exit_code == 2 and field in bad.output, bad.output
+
+
+def test_bench_runs_fedsgd_for_the_same_total_epochs_and_anneals_the_server_rate():
+    """FedSGD in the bench: rounds = epochs x training set / samples per round (every hospital
+    contributes min(batch, its size) per step), the test set scored once per epoch, the
+    hospitals' SGD rate constant and the server's Adam rate annealed (round_start's server_lr)."""
+    from cxr_mq import central_bench
+
+    seen = []
+    real = central_bench.strategies.make
+
+    def spy(params, sizes=None):
+        seen.append((params.lr, params.server_lr))
+        return real(params, sizes)
+
+    central_bench.strategies.make = spy
+    try:
+        out = central_bench.run_central_vs_federated(
+            n=36, hospitals=2, alpha=1.0, rounds=2, encrypted=False, classes="binary", model="small-cnn",
+            image_size=32, central=False, strategy="fedsgd", server_lr=0.01,
+            strategy_params={"lr": 1.0, "batch_size": 4, "bias_correction": True}, log=lambda *_: None)
+    finally:
+        central_bench.strategies.make = real
+    per_round = sum(min(4, h["images"]) for h in out["hospitals"])
+    rounds = round(2 * out["setup"]["n_train"] / per_round)
+    assert out["setup"]["rounds"] == rounds > 2
+    assert [e["epoch"] for e in out["federated"]["history"]][-1] == 2
+    assert len(out["federated"]["history"]) in (2, 3)
+    rates = [r for _, r in seen[1:]]  # the first make() is the run's own
+    assert {lr for lr, _ in seen} == {1.0}
+    assert rates[0] == pytest.approx(0.01) and rates[-1] < 0.002 and rates == sorted(rates, reverse=True)
+
+
+def test_a_federated_only_grid_skips_central_training_for_every_seed(monkeypatch):
+    """``--federated-only`` with several seeds: no central run at all (it used to apply to
+    the first seed only)."""
+    from cxr_mq import central_bench
+
+    calls = []
+    monkeypatch.setattr(central_bench, "run_central", lambda *a, **k: calls.append(1) or {})
+    results = central_bench.run_grid(["fedavg"], [1.0], [0, 1], None, log=lambda *_: None, n=36, hospitals=2,
+                                     rounds=1, encrypted=False, classes="binary", model="small-cnn",
+                                     image_size=32, central=False)
+    assert calls == [] and [r["central"] for r in results] == [None, None]
+
+
+def test_bench_fedsgd_with_central_sample_rate_runs_centrals_step_count():
+    """``sample_rate=central``: each image of the pool in a round's batch with probability
+    B / N, so a round processes B samples in expectation and the run takes epochs x N / B
+    rounds (central's steps); the spec keeps the word, the setup records it."""
+    from cxr_mq import central_bench
+
+    name, values = central_bench.parse_strategy("fedsgd:lr=1,sample_rate=central")
+    assert (name, values) == ("fedsgd", {"lr": 1.0, "sample_rate": "central"})
+    with pytest.raises(ValueError, match="sample_rate"):
+        central_bench.parse_strategy("fedavg:sample_rate=central")
+    out = central_bench.run_central_vs_federated(
+        n=36, hospitals=2, alpha=1.0, rounds=2, encrypted=False, classes="binary", model="small-cnn",
+        image_size=32, central=False, strategy="fedsgd", batch_size=4, server_lr=0.01,
+        strategy_params=values, log=lambda *_: None)
+    assert out["setup"]["rounds"] == round(2 * out["setup"]["n_train"] / 4)
+    assert out["setup"]["strategy_params"]["sample_rate"] == "central"
+    # shuffle_rounds=central: central training's steps per epoch (N / B rounded up) a round each
+    name, values = central_bench.parse_strategy("fedsgd:lr=1,shuffle_rounds=central")
+    assert values == {"lr": 1.0, "shuffle_rounds": "central"}
+    out = central_bench.run_central_vs_federated(
+        n=36, hospitals=2, alpha=1.0, rounds=2, encrypted=False, classes="binary", model="small-cnn",
+        image_size=32, central=False, strategy="fedsgd", batch_size=4, server_lr=0.01,
+        strategy_params=values, log=lambda *_: None)
+    assert out["setup"]["rounds"] == 2 * -(-out["setup"]["n_train"] // 4)
+
+
+def test_bench_repeats_train_again_on_the_same_data_split_and_test_set(monkeypatch):
+    """``repeat`` r: the same synthetic data, test patients and hospitals as the seed's first
+    run, but training seed ``seed + 1000 r`` (the models start from other weights)."""
+    from cxr_mq import central_bench
+
+    built = []
+    real = central_bench.build_model
+    monkeypatch.setattr(central_bench, "build_model", lambda p: built.append(p.seed) or real(p))
+    runs = [central_bench.run_central_vs_federated(
+        n=36, hospitals=2, alpha=1.0, rounds=1, encrypted=False, classes="binary", model="small-cnn",
+        image_size=32, central=False, seed=3, repeat=r, log=lambda *_: None) for r in (0, 1)]
+    assert built == [3, 1003]
+    assert runs[0]["hospitals"] == runs[1]["hospitals"]
+    assert [r["setup"]["n_test"] for r in runs] == [runs[0]["setup"]["n_test"]] * 2
+    assert [(r["setup"]["repeat"], r["setup"]["train_seed"]) for r in runs] == [(0, 3), (1, 1003)]
+
+
+def test_repeat_table_compares_the_means_over_repeats_per_seed():
+    from cxr_mq import central_bench
+
+    def run(seed, repeat, central, federated, alpha=0.5):
+        setup = {"seed": seed, "repeat": repeat, "alpha": alpha, "strategy": "fedsgd", "strategy_params": {},
+                 "server_lr": 0.002, "n": 720, "total_epochs": 16}
+        return {"setup": setup, "central": {"summary": {"accuracy": central}},
+                "federated": {"test": {"accuracy": federated}}}
+
+    table = central_bench.repeat_table([run(0, 0, 0.94, 0.92), run(0, 1, 0.96, 0.95), run(0, 2, 0.95, 0.97),
+                                        run(1, 0, 0.90, 0.80), run(1, 0, 0.90, 0.85)])  # a rerun replaces
+    rows = table.splitlines()[2:]
+    assert rows[0] == "| 0.5 | fedsgd server_lr=0.002 | 0 | 3 | 95.00 (94.00-96.00) | 94.67 (92.00-97.00) | 0.33 |"
+    assert rows[1] == "| 0.5 | fedsgd server_lr=0.002 | 1 | 1 | 90.00 (90.00-90.00) | 85.00 (85.00-85.00) | 5.00 |"
+
+
+def test_repeats_option_takes_a_count_or_a_range():
+    import argparse
+
+    from cxr_mq.central_bench import _repeats
+
+    assert (_repeats("3"), _repeats("1-2"), _repeats("2-2")) == (range(3), range(1, 3), range(2, 3))
+    for bad in ("0", "2-1", "x", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _repeats(bad)

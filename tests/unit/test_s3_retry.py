@@ -64,6 +64,29 @@ def test_a_permanent_fault_fails_one_operation_fast_and_the_store_goes_on(s3_set
                                                     "rounds/000001/updates/h3"]
 
 
+@pytest.mark.parametrize("name", ["tmp503xk", "u500", "bucket-504"])
+def test_a_permanent_fault_uploading_a_file_whose_path_holds_a_5xx_is_not_retried(
+        s3_settings, monkeypatch, tmp_path, name):
+    # put_file's error (boto3's S3UploadFailedError) names the file, bucket and key: a path
+    # such as /tmp/tmp503xk once made AccessDenied look like a 503 (a hospital retried the
+    # round it had to give up, and its update was accepted in a CI run)
+    store = _store(s3_settings, monkeypatch, "s3:PutObject:403:1:updates/h3")
+    source = tmp_path / name / "update-503.bin"
+    source.parent.mkdir()
+    source.write_bytes(DATA)
+    with pytest.raises(StoreError) as caught:
+        store.put_file("rounds/000503/updates/h3", source)
+    assert caught.value.transient is False
+    assert "AccessDenied" in str(caught.value) and "rounds/000503/updates/h3" in str(caught.value)
+    assert store.faults.injected == 1
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("rounds/000503/updates/h3")
+    # and a transient fault on the same upload path is still retried to success
+    store2 = _store(s3_settings, monkeypatch, "s3:PutObject:503:6:updates/h3", max_backoff=0.3)
+    info = store2.put_file("rounds/000503/updates/h3", source)
+    assert store2.faults.injected == 6 and store2.get_bytes(info.key) == DATA
+
+
 def test_a_fault_that_never_clears_fails_with_a_transient_error(s3_settings, monkeypatch):
     store = _store(s3_settings, monkeypatch, "s3:GetObject:503:*", attempts=2, max_backoff=0.2)
     store.client.meta.events.unregister("before-send.s3", store.faults)

@@ -71,9 +71,11 @@ def test_ceremony_through_the_hospital_workers(running):
 
 class Federation:
     """Hospital workers (synthetic training) and an aggregator under the threshold profile,
-    in process on the embedded broker; workers can be stopped (dropouts) and restarted."""
+    in process on the embedded broker; workers can be stopped (dropouts) and restarted.
+    The committee waits 10 s for partials: 4 s once ran out for a live member on a loaded
+    2-core machine, turning a decryptable round undecryptable."""
 
-    def __init__(self, store, parties, server, topology, work, codec, committee_timeout=4.0):
+    def __init__(self, store, parties, server, topology, work, codec, committee_timeout=10.0):
         self.store, self.parties, self.server, self.topology, self.work = store, parties, server, topology, work
         self.codec, self.committee_timeout = codec, committee_timeout
         self.running: dict[str, tuple] = {}
@@ -85,11 +87,11 @@ class Federation:
         for h in HOSPITALS:
             self.start(h)
 
-    def start(self, h):
+    def start(self, h, committee_timeout=None):
         worker = HospitalWorker(EmbeddedBroker(self.server, self.topology, user=h), self.store, self.codec, h,
                                 str(self.work / "data"), str(self.work), synthetic=True, identity=self.parties[h],
                                 verifier=identity.Verifier(identity.Registry(self.store)),
-                                committee_timeout=self.committee_timeout)
+                                committee_timeout=committee_timeout or self.committee_timeout)
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()
         self.running[h] = (worker, thread)
@@ -165,11 +167,15 @@ def test_rounds_under_the_threshold_profile_survive_dropouts(running):
         _wait(lambda: {h for h, o in flow.outcomes(store, 2).items() if o["decrypted"]} == {"h1", "h2"}, "round 2")
         # round 3: h3 back; then h2 and h3 die after uploading: below t, undecryptable, with the reason
         fed.start("h3")
+        # h1, left alone, cannot decrypt round 3 however long it waits: 2 s for the committee, not 10
+        h1 = fed.running["h1"][0]
+        h1.committee_timeout = 2.0
         _open(store, parties, server, topology, codec)
         _wait(lambda: all(store.exists(rounds.update_message_key(3, h)) for h in HOSPITALS), "round 3's updates")
         fed.stop("h2")
         fed.stop("h3")
         _wait(lambda: "h1" in flow.outcomes(store, 3), "h1's round 3 outcome")
+        h1.committee_timeout = fed.committee_timeout
         outcome = flow.outcomes(store, 3)["h1"]
         assert not outcome["decrypted"] and "only 1 of the 2 committee members" in outcome["reason"]
         # what start-round --wait and status report
@@ -179,9 +185,15 @@ def test_rounds_under_the_threshold_profile_survive_dropouts(running):
         rows = {row["round"]: row for row in controller.status(store)}
         assert rows[3]["state"] == controller.UNDECRYPTABLE and "only 1 of the 2" in rows[3]["reason"]
         assert rows[2]["state"] == "complete" and rows[2]["committee"]["decrypted"]
-        # round 4: everyone back; it starts from round 2's model (round 3's is no base) and completes
-        fed.start("h2")
-        fed.start("h3")
+        # round 4: everyone back; it starts from round 2's model (round 3's is no base) and completes.
+        # h2 and h3 first take round 3's model_ready, which no committee decrypts any more: 2 s
+        # for that (not 10, which round 4 would wait behind), then the usual 10 s again
+        for h in ("h2", "h3"):
+            fed.start(h, committee_timeout=2.0)
+        _wait(lambda: {"h2", "h3"} <= set(flow.outcomes(store, 3)), "h2's and h3's round 3 outcomes")
+        assert not any(o["decrypted"] for o in flow.outcomes(store, 3).values()), flow.outcomes(store, 3)
+        for h in ("h2", "h3"):
+            fed.running[h][0].committee_timeout = fed.committee_timeout
         start = _open(store, parties, server, topology, codec)
         assert start["base_model_key"] == rounds.aggregate_key(2)
         _wait(lambda: len([o for o in flow.outcomes(store, 4).values() if o["decrypted"]]) == 3,

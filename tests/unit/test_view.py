@@ -37,3 +37,28 @@ def test_panels_are_drawn_under_the_view_and_can_hide():
     shares["n"] = 3
     drawn = text_of(view.render())
     assert "key ceremony" in drawn and "ceremony: 3/3 shares" in drawn
+
+
+def test_the_committee_panel_tells_partials_refusals_and_missing_members_apart():
+    from cxr_mq.threshold_view import CommitteeRound, render_committee
+
+    parties = ["h1", "h2", "h3"]
+    decrypted = CommitteeRound(1, ready=parties, active=["h1", "h2"], partials=["h1", "h2"],
+                               outcomes={h: None for h in parties})
+    refused = CommitteeRound(2, ready=parties, active=["h1", "h2"], partials=["h1"],
+                             outcomes={"h1": "round 2: h2 refused", "h2": "committee refused: second decryption",
+                                       "h3": "round 2: active member(s) h2 did not answer by the deadline"})
+    missing = CommitteeRound(3, ready=["h1"], outcomes={
+        "h1": "round 3: only 1 of the 2 committee members needed were alive by the deadline (h1)"})
+    view = LiveView(console=Console(file=open("/dev/null", "w")))
+    view.add_panel(lambda: render_committee([decrypted, refused, missing], parties))
+    drawn = text_of(view.render())
+    assert "check coefficients ok: decrypted" in drawn
+    assert [refused.member_state(h) for h in parties] == [
+        "partial given", "refused", "ready, not needed"]
+    assert refused.result() == "undecryptable: committee refused: second decryption"
+    assert "committee refused: second" in drawn and "refused" in drawn
+    assert [missing.member_state(h) for h in parties] == ["ready, not needed", "not ready", "not ready"]
+    assert missing.result().startswith("undecryptable: round 3: only 1 of the 2")
+    assert decrypted.line() == ("round 1 committee: active h1+h2 (h1 partial given, h2 partial given, "
+                                "h3 ready, not needed); check coefficients ok: decrypted by 3 hospital(s)")

@@ -112,7 +112,7 @@ class Federation:
             def handler(delivery, _handle=worker.on_delivery):
                 _handle(delivery)
                 before_ack(delivery)
-        worker.broker.consume(worker.queue, handler, prefetch=1)
+        worker.broker.consume(worker.queue, handler, **worker.consume_options())
         return worker
 
     def drain(self, worker, timeout: float = DRAIN_SECONDS) -> None:
@@ -124,10 +124,12 @@ class Federation:
         def tick():
             worker._safe_tick()
             depth["now"] = self.server.queue(worker.queue).messages
-            if not depth["now"] or time.monotonic() > deadline:
+            # prefetched (a worker with a look-ahead) counts as not yet handled
+            if (not depth["now"] and not worker.broker.unsettled()) or time.monotonic() > deadline:
                 stop.set()
         worker.broker.run(stop, tick=tick, tick_interval=0.001)  # a delivery between ticks
         assert not depth.get("now"), f"{worker.queue} still holds {len(depth['now'])} message(s) after {timeout}s"
+        assert not worker.broker.unsettled(), f"{worker.broker.unsettled()} message(s) unhandled after {timeout}s"
 
     # -- messages -----------------------------------------------------------------------------
     def publish(self, message: dict, body: bytes | None = None, login: str | None = None) -> None:
@@ -151,7 +153,7 @@ class Federation:
             base_model_sha256="0" * 64, base_model_encrypted=False, base_total_samples=0,
             quorum=quorum, min_clients=quorum if min_clients is None else min_clients,
             deadline=self.now + deadline, training=training.to_dict(),
-            key_fingerprint=self.secret.fingerprint, codec_profile=self.secret.profile,
+            key_fingerprint=fields.pop("key_fingerprint", self.secret.fingerprint), codec_profile=self.secret.profile,
             n_params=n_params, hospitals=list(self.hospitals if hospitals is None else hospitals),
             issued_at=self.now, **fields))
         rounds.write_json(self.store, rounds.round_key(round_no), message)
