@@ -3,7 +3,8 @@
 ``CXR_MQ_FAULTS`` holds ``;``-separated rules. The ``s3:`` ones are S3 faults (see
 :mod:`cxr_mq.storage.s3`); ``crash:<point>[:<n>]`` makes the process SIGKILL itself the
 ``n``-th time (default: first) it reaches ``point``. Points are named after the step just
-completed, e.g. ``hospital.after_publish`` (``update_ready`` is confirmed, ``round_start`` is
+completed, e.g. ``hospital.after_training`` (local training done, nothing encrypted or
+uploaded), ``hospital.after_publish`` (``update_ready`` is confirmed, ``round_start`` is
 not yet acked) or ``aggregator.after_accept`` (the round state with the update is durable,
 ``update_ready`` is not yet acked). The fault-injection tests use them to kill a worker in
 the exact window a guarantee is about, which an outside ``kill`` can only hit by chance.
@@ -16,7 +17,7 @@ import signal
 from .log import get_logger
 
 FAULTS_ENV = "CXR_MQ_FAULTS"
-POINTS = ("controller.after_claim", "hospital.after_upload", "hospital.after_publish", "aggregator.after_accept",
+POINTS = ("controller.after_claim", "hospital.after_training", "hospital.after_upload", "hospital.after_publish", "aggregator.after_accept",
           "aggregator.after_aggregate", "aggregator.after_complete", "aggregator.after_announce")
 
 

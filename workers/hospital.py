@@ -329,6 +329,7 @@ class HospitalWorker(Worker):
         started = time.perf_counter()
         weights, n_train, train_metrics = self._train(message, params)
         timings["train_seconds"] = time.perf_counter() - started
+        self.crash.reached("hospital.after_training", round=round_no)
         self.metrics.duration.labels(role=self.role, phase="train").observe(timings["train_seconds"])
         self.status = "encrypting"
         started = time.perf_counter()
