@@ -50,10 +50,15 @@ def test_threshold_rounds_survive_dropouts_over_rabbitmq(tmp_path, amqp_url, s3_
         assert code == 0 and result["status"] == "complete", result
         assert result["committee"]["decrypted"] and result["total_samples"] > 0
 
-        # n - t = 1 hospital dies once its update is in: the other two decrypt
+        # n - t = 1 hospital dies once its update is out: the other two decrypt. It kills
+        # itself right after publishing (a crash point): killed from here once the aggregator
+        # had accepted its update, it could have answered the committee already if this
+        # process came late, as round 3's two did
+        assert cluster.terminate("h3") == 0
+        cluster.start_hospital("h3", env={"CXR_MQ_FAULTS": "crash:hospital.after_publish"})
         cluster.open_round(*round_args)
+        assert cluster.wait_exit("h3", timeout=240) == -signal.SIGKILL
         _wait(lambda: "h3" in _accepted(store, 2), "the aggregator accepting h3's round 2 update")
-        cluster.kill("h3")
         _wait(lambda: _decrypted(store, 2) == ["h1", "h2"], "round 2's committee")
 
         # two die after uploading, before round 3's model_ready: one member left, fewer than t:
