@@ -144,14 +144,18 @@ def test_a_round_claimed_by_a_killed_controller_shows_as_abandoned_after_its_dea
     ``start-round`` opens round 2."""
     cluster = _synthetic_federation(tmp_path, amqp_url, moto_endpoint)
     try:
-        # the deadline is set just before the claim, the crash follows it at once: 8 s leave the
-        # in-process status below several seconds to read the record; then the test waits them out
+        # the deadline is set just before the claim: status as of a moment before the claim is
+        # before the deadline, however late this process reads the record (on the clock, a
+        # stall of 8 s between the claim and the read would show it abandoned already); then
+        # the test waits the deadline out
+        before = time.time()
         killed = cluster.cli("start-round", "--json", "--deadline", "8", "--synthetic-params",
                              SYNTHETIC_PARAMS, check=False,
                              env={**cluster.env, "CXR_MQ_FAULTS": "crash:controller.after_claim"})
         assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
-        (row,) = controller.status(cluster.store())  # in process: well within the deadline
+        (row,) = controller.status(cluster.store(), now=before)
         assert (row["round"], row["state"], row["reason"]) == (1, "started", None), row
+        assert row["deadline"] >= before + 8, row
         while time.time() <= row["deadline"]:
             time.sleep(0.2)
         (row,) = cluster.status()
