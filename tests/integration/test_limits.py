@@ -90,7 +90,10 @@ def federation(shared: Cluster):
     return shared
 
 
-def _round_args(quorum: int = 4, min_clients: int = 3, deadline: float = 120) -> tuple:
+def _round_args(quorum: int = 4, min_clients: int = 3, deadline: float = 600) -> tuple:
+    """Every round here ends at its quorum: the deadline is only a backstop, far enough away
+    that a round kept open on purpose (h4 stopped while the forgeries are refused, each one
+    waited for, then h4 started again) does not close without h4 on a loaded host."""
     return ("--quorum", str(quorum), "--min-clients", str(min_clients), "--deadline", str(deadline),
             *PARAMS)
 
