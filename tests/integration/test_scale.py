@@ -280,6 +280,10 @@ def test_standby_aggregator_takes_over_a_killed_one_to_a_byte_identical_aggregat
             cluster.start_hospital(hospital)
         for hospital in cluster.hospitals:
             cluster.wait_for_event(hospital, "worker_started", timeout=120)
+        # aggregator_active comes before the active one's set-up (topology, restoring rounds
+        # from the store) and its consumer: wait for that consumer, or the count below may
+        # be taken before it exists (agg-a's listing slowed by S3 retries: 0 consumers)
+        cluster.wait_for_event("agg-a", "worker_started", timeout=120)
         assert _consumers(cluster, f"{cluster.namespace}.aggregator") == 1  # the standby waits
         round_no = cluster.open_round("--quorum", "3", "--deadline", "300",
                                       "--synthetic-params", SYNTHETIC_PARAMS)
