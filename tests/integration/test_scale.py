@@ -249,7 +249,10 @@ def test_controller_wait_survives_broker_restart_and_sigkill(rabbit_node_factory
 
 
 # -- item 3: a standby aggregator -------------------------------------------------------------
-LEASE = "3"
+# the active aggregator renews every LEASE / 3 s: a process stalled for longer than two
+# renewals' worth on a loaded host loses it to the standby (3 s: a 5 s stall of agg-a before the
+# round handed the lease over, and agg-a stopped with exit 3 instead of reaching its crash point)
+LEASE = "10"
 
 
 def _consumers(cluster: Cluster, queue: str) -> int:
