@@ -101,6 +101,27 @@ class Federation:
         worker.stop.set()
         thread.join(timeout=30)
 
+    def stop_after_publishing(self, h, round_no):
+        """``h`` stops right after publishing its update_ready of ``round_no``, before that
+        round's model_ready can reach it (it acks round_start first, and takes one message at a
+        time): the in-process counterpart of the crash point ``hospital.after_publish``. A stop
+        from the test thread once the update was in came too late whenever that thread was
+        0.2 s behind: the dropout had taken model_ready and joined the committee already."""
+        worker, _ = self.running[h]
+        publish = worker._publish
+
+        def publish_then_stop(update):
+            publish(update)
+            if update["round"] == round_no:
+                worker.stop.set()
+        worker._publish = publish_then_stop
+
+    def wait_stopped(self, h, timeout=60):
+        """Wait for a worker that stops by itself (``stop_after_publishing``)."""
+        _, thread = self.running.pop(h)
+        thread.join(timeout)
+        assert not thread.is_alive(), f"{h} did not stop"
+
     def close(self):
         for h in list(self.running):
             self.stop(h)
@@ -160,20 +181,23 @@ def test_rounds_under_the_threshold_profile_survive_dropouts(running):
         for h in HOSPITALS:  # the sample count is not in clear: update_ready says 1
             update = messages.decode(store.get_bytes(rounds.update_message_key(1, h)))
             assert update["n_samples"] == 1 and counts[h] > 1
-        # round 2: h3 dies once its update is in (n - t = 1): h1 and h2 still decrypt
+        # round 2: h3 dies once its update is out (n - t = 1): h1 and h2 still decrypt
+        fed.stop_after_publishing("h3", 2)
         _open(store, parties, server, topology, codec)
-        _wait(lambda: store.exists(rounds.update_message_key(2, "h3")), "h3's update")
-        fed.stop("h3")
+        fed.wait_stopped("h3")
+        assert store.exists(rounds.update_message_key(2, "h3"))
         _wait(lambda: {h for h, o in flow.outcomes(store, 2).items() if o["decrypted"]} == {"h1", "h2"}, "round 2")
         # round 3: h3 back; then h2 and h3 die after uploading: below t, undecryptable, with the reason
         fed.start("h3")
         # h1, left alone, cannot decrypt round 3 however long it waits: 2 s for the committee, not 10
         h1 = fed.running["h1"][0]
         h1.committee_timeout = 2.0
+        for h in ("h2", "h3"):
+            fed.stop_after_publishing(h, 3)
         _open(store, parties, server, topology, codec)
+        for h in ("h2", "h3"):
+            fed.wait_stopped(h)
         _wait(lambda: all(store.exists(rounds.update_message_key(3, h)) for h in HOSPITALS), "round 3's updates")
-        fed.stop("h2")
-        fed.stop("h3")
         _wait(lambda: "h1" in flow.outcomes(store, 3), "h1's round 3 outcome")
         h1.committee_timeout = fed.committee_timeout
         outcome = flow.outcomes(store, 3)["h1"]
