@@ -534,7 +534,8 @@ def round_overhead(options=None, settings=None, repeats: int = 2, log=None, roun
     from .demo import DemoOptions, run_demo
 
     log = log or (lambda *_: None)
-    options = options or DemoOptions()
+    # 720 images: the demo's default when docs/performance.md's ratios were measured (now 1440)
+    options = options or DemoOptions(n=720)
     settings = settings or Settings()
     rounds, warm = max(rounds, warm + 1), max(0, warm)
     walls: dict[str, list[float]] = {"plaintext": [], "encrypted": []}
